@@ -12,6 +12,9 @@ __all__ = [
     "main",
 ]
 
+import fcntl
+import os
+import struct
 import sys
 
 # Constants and errors ########################################################
@@ -43,6 +46,31 @@ class TunnelError(SinfoniaError):
 
 
 # Datapath event loop #########################################################
+
+_TUNSETIFF = 0x400454CA
+_IFF_TUN = 0x0001
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+
+
+def _open_tun(name, vnet_hdr=False):
+    """Create (or attach to) TUN device `name` in the current network namespace.
+
+    Returns the non-blocking file descriptor. With `vnet_hdr` every packet read
+    or written carries a virtio_net_hdr first, which is what lets the datapath
+    write many TCP segments to the kernel in one call.
+    """
+    flags = _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if vnet_hdr else 0)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise TunnelError(f"cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+    except OSError as e:
+        os.close(fd)
+        raise TunnelError(f"cannot create TUN device {name}: {e.strerror}") from None
+    return fd
 
 
 # Namespace runner ############################################################
