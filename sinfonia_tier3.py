@@ -869,16 +869,21 @@ def _deployments_json(deployments, keypair):
     return json.dumps(documents, indent=2)
 
 
-def _print_qrcode(text, style):
-    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
-    squares), as upstream draws it for the WireGuard Android app."""
+def _segno():
+    """The optional QR code library, or one line saying how to get it."""
     try:
         import segno
     except ImportError:
         raise UnavailableError(
             "--qrcode needs segno: pip install 'sinfonia-tier3[qr]'"
         ) from None
-    code = segno.make(text, mode="byte", encoding="utf-8", eci=True)
+    return segno
+
+
+def _print_qrcode(text, style):
+    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
+    squares), as upstream draws it for the WireGuard Android app."""
+    code = _segno().make(text, mode="byte", encoding="utf-8", eci=True)
     if style == "compact":
         code.terminal(out=sys.stdout, compact=True)
     else:
@@ -925,8 +930,10 @@ def _run(
             "running an application needs the tunnel, which this version cannot "
             "set up yet; --config-debug, --json and --qrcode work"
         )
-    if qrcode is not None and qrcode not in ("compact", "alt"):
-        raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+    if qrcode is not None:
+        if qrcode not in ("compact", "alt"):
+            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _segno()  # before deploying: the deployment would be wasted
     keypair = _load_or_create_keypair(uuid)
     print(f"sinfonia-tier3: deploying {uuid}...", file=sys.stderr)
     deployments = _request_deployments(
