@@ -715,7 +715,7 @@ def _post_before(url, timeout, clock):
     worker = threading.Thread(target=work, name="sinfonia-tier1", daemon=True)
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
+    if worker.is_alive() or isinstance(outcome.get("error"), DeadlineError):
         raise DeadlineError(f"no complete answer from Tier 1 within {timeout:g} s")
     if "error" in outcome:
         raise outcome["error"]
