@@ -7,8 +7,9 @@ that machine noise hits both alike), and the ratio ours / upstream.
 Upstream has no --json, so its deploy is measured with --config-debug (deploy,
 write wg.conf and resolv.conf, exit); ours is measured both ways.
 
-Upstream is installed with pip into a venv under the temp directory, kept
-between runs (keyed by version) and never inside the repository.
+Each client runs from its own venv under the temp directory (upstream's
+keyed by version, ours holding only pynacl and pyroute2 and running this
+checkout's file), kept between runs and never inside the repository.
 
     python tests/benchmarks/bench_startup.py [--runs N]
 """
@@ -30,32 +31,20 @@ from cloudlet import Cloudlet
 UPSTREAM_VERSION = "0.7.4"
 
 
-def upstream_python():
-    """The python of a venv holding upstream sinfonia-tier3, made on first use."""
-    venv = (
-        pathlib.Path(tempfile.gettempdir())
-        / f"sinfonia-bench-upstream-{UPSTREAM_VERSION}"
-    )
+def venv_python(name, requirements):
+    """The python of a venv under the temp directory holding `requirements`,
+    made on first use and kept for later runs."""
+    venv = pathlib.Path(tempfile.gettempdir()) / f"sinfonia-bench-{name}"
     python = venv / "bin" / "python"
     ready = venv / ".installed"
-    if not ready.exists():
-        print(
-            f"installing upstream sinfonia-tier3 {UPSTREAM_VERSION} into {venv} ...",
-            file=sys.stderr,
-        )
+    wanted = " ".join(requirements)
+    if not ready.exists() or ready.read_text() != wanted:
+        print(f"installing {wanted} into {venv} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                f"sinfonia-tier3=={UPSTREAM_VERSION}",
-            ],
-            check=True,
+            [str(python), "-m", "pip", "install", "-q", *requirements], check=True
         )
-        ready.write_text("")
+        ready.write_text(wanted)
     return str(python)
 
 
@@ -78,12 +67,19 @@ def main():
     parser = argparse.ArgumentParser(description="start-up time, ours vs upstream")
     parser.add_argument("--runs", type=int, default=11)
     options = parser.parse_args()
-    upstream = [upstream_python(), "-m", "sinfonia_tier3"]
-    ours = [sys.executable, str(ROOT / "sinfonia_tier3.py")]
+    # Both run from a clean venv of their own, so neither pays for packages
+    # that happen to be installed next to the interpreter.
+    upstream_requirements = [f"sinfonia-tier3=={UPSTREAM_VERSION}"]
+    upstream = [venv_python(f"upstream-{UPSTREAM_VERSION}", upstream_requirements)]
+    upstream += ["-m", "sinfonia_tier3"]
+    # Both as `python -m`, so both import compiled bytecode (a script is
+    # compiled afresh on every run, an imported module is not).
+    ours = [venv_python("ours-deps", ["pynacl", "pyroute2"]), "-m", "sinfonia_tier3"]
 
     with tempfile.TemporaryDirectory() as scratch, Cloudlet() as cloudlet:
         env = dict(os.environ, XDG_CACHE_HOME=os.path.join(scratch, "cache"))
         env.pop("PYTHONPATH", None)
+        our_env = dict(env, PYTHONPATH=str(ROOT))
         cases = [
             ("--version", ours + ["--version"], upstream + ["--version"]),
             (
@@ -102,11 +98,11 @@ def main():
         )
         print(f"{'case':48} {'ours ms':>9} {'upstream ms':>12} {'ratio':>7}")
         for name, our_command, their_command in cases:
-            for command in (our_command, their_command):  # warm caches, create keys
-                wall_time(command, scratch, env)
+            wall_time(our_command, scratch, our_env)  # warm caches, create keys
+            wall_time(their_command, scratch, env)
             ours_times, theirs_times = [], []
             for _ in range(options.runs):
-                ours_times.append(wall_time(our_command, scratch, env))
+                ours_times.append(wall_time(our_command, scratch, our_env))
                 theirs_times.append(wall_time(their_command, scratch, env))
             ours_ms = statistics.median(ours_times) * 1000
             theirs_ms = statistics.median(theirs_times) * 1000
