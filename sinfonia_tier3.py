@@ -398,13 +398,18 @@ def _deploy_url(tier1_url, uuid, public_key, results):
 
 
 def _is_domain_name(text):
-    """Whether `text` is a syntactically valid DNS name (LDH labels)."""
+    """Whether `text` is a syntactically valid DNS name (LDH labels, the
+    last one not all digits, so that a bad IPv4 address is no name)."""
     import re
 
     name = text.removesuffix(".")
-    return 0 < len(name) <= 253 and all(
-        re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
-        for label in name.split(".")
+    return (
+        0 < len(name) <= 253
+        and not name.rpartition(".")[2].isdigit()
+        and all(
+            re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
+            for label in name.split(".")
+        )
     )
 
 
@@ -412,7 +417,8 @@ class _Validator:
     """Turns the parsed JSON of a deploy answer into Deployments; every
     problem is a BadResponseError naming the field's path."""
 
-    def __init__(self, client_public_key):
+    def __init__(self, uuid, client_public_key):
+        self.uuid = uuid
         self.client_public_key = client_public_key
 
     @staticmethod
@@ -464,6 +470,8 @@ class _Validator:
             app_uuid = str(uuid.UUID(self.member(obj, path, "UUID", str)))
         except ValueError:
             self.fail(f"{path}.UUID", "not a uuid")
+        if app_uuid != self.uuid:
+            self.fail(f"{path}.UUID", "not the requested application")
         application_key = self.key(obj, path, "ApplicationKey")
         if application_key != self.client_public_key:
             self.fail(f"{path}.ApplicationKey", "not this client's public key")
@@ -527,7 +535,7 @@ class _Validator:
         import ipaddress
 
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             self.fail(f"{path}.endpoint", "not host:port with a port 1-65535")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -535,8 +543,12 @@ class _Validator:
                 ipaddress.IPv6Address(host)
             except ValueError:
                 self.fail(f"{path}.endpoint", "not an IPv6 address in brackets")
-        elif not _is_domain_name(host):
-            self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
+            return host, int(port)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _is_domain_name(host):
+                self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
         return host, int(port)
 
 
@@ -548,7 +560,7 @@ def _json_type(value):
     return names.get(type(value), "number")
 
 
-def _parse_deployments(body, client_public_key):
+def _parse_deployments(body, uuid, client_public_key):
     """The deployments in a 200 answer's body (bytes); BadResponseError if
     the body is not UTF-8 JSON of the expected shape."""
     import json
@@ -572,7 +584,7 @@ def _parse_deployments(body, client_public_key):
         raise BadResponseError(
             "bad response from Tier 1: JSON nested too deeply"
         ) from None
-    return _Validator(client_public_key).deployments(data)
+    return _Validator(uuid, client_public_key).deployments(data)
 
 
 def _error_detail(content_type, body):
@@ -758,7 +770,7 @@ def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=Fa
         raise BadResponseError(
             f"bad response from Tier 1: {_printable(content_type, 60)} instead of JSON"
         )
-    return _parse_deployments(body, keypair.public)
+    return _parse_deployments(body, uuid, keypair.public)
 
 
 def _debug(message):
@@ -1028,7 +1040,7 @@ def _argument_parser():
         return value
 
     def count(text):
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
         return int(text)
 

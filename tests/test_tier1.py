@@ -216,7 +216,7 @@ GOOD = {
 
 
 def parse(document):
-    return st._parse_deployments(json.dumps(document).encode(), KEY)
+    return st._parse_deployments(json.dumps(document).encode(), HELLOWORLD, KEY)
 
 
 def with_field(path, value):
@@ -242,6 +242,7 @@ FIELD_ERRORS = [
     ("UUID", DELETE, f"{P}.UUID: missing"),
     ("UUID", 7, f"{P}.UUID: expected a string, got number"),
     ("UUID", "not-a-uuid", f"{P}.UUID: not a uuid"),
+    ("UUID", "11111111-2222-3333-4444-555555555555", f"{P}.UUID: not the requested"),
     ("ApplicationKey", DELETE, f"{P}.ApplicationKey: missing"),
     ("ApplicationKey", "short", f"{P}.ApplicationKey: not a 32-byte base64 key"),
     (
@@ -288,6 +289,8 @@ FIELD_ERRORS = [
         f"{TC}.endpoint: not an IPv6 address",
     ),
     ("TunnelConfig.endpoint", "bad host:1", f"{TC}.endpoint: host is not a name"),
+    ("TunnelConfig.endpoint", "10.0.0.256:1", f"{TC}.endpoint: host is not a name"),
+    ("TunnelConfig.endpoint", "host:²", f"{TC}.endpoint: not host:port"),
     ("TunnelConfig.endpoint", ":51820", f"{TC}.endpoint: host is not a name"),
     ("TunnelConfig.address", DELETE, f"{TC}.address: missing"),
     ("TunnelConfig.address", [], f"{TC}.address: empty list"),
@@ -365,4 +368,4 @@ def test_field_error_through_the_cloudlet(cloudlet):
 
 def test_deeply_nested_json_is_a_bad_response():
     with pytest.raises(st.BadResponseError, match="nested too deeply|not JSON"):
-        st._parse_deployments(b"[" * 100000 + b"]" * 100000, KEY)
+        st._parse_deployments(b"[" * 100000 + b"]" * 100000, HELLOWORLD, KEY)

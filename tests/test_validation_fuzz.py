@@ -9,6 +9,7 @@ from hypothesis import strategies as s
 
 import sinfonia_tier3 as st
 
+HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 KEY = bytes(range(32))
 KEY_TEXT = base64.b64encode(KEY).decode()
 
@@ -25,7 +26,7 @@ json_values = s.recursive(
 # the deeper fields are reached too, not only the top-level type check.
 field_values = s.one_of(
     json_values,
-    s.sampled_from([KEY_TEXT, "00000000-0000-0000-0000-000000000000", "1.2.3.4:5"]),
+    s.sampled_from([KEY_TEXT, HELLOWORLD, "1.2.3.4:5", "[::1]:٥", "h:²"]),
     s.lists(
         s.sampled_from(["10.0.0.1", "::/0", "a.b", "x y", "[::1]:1", ""]), max_size=3
     ),
@@ -53,7 +54,7 @@ documents = json_values | s.lists(deployments, max_size=3)
 
 def check(document_bytes):
     try:
-        result = st._parse_deployments(document_bytes, KEY)
+        result = st._parse_deployments(document_bytes, HELLOWORLD, KEY)
     except st.BadResponseError as e:
         line = str(e)
         assert "\n" not in line and line.startswith("bad response from Tier 1: ")
