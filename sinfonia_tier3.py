@@ -285,13 +285,13 @@ def _store_keypair(path, keypair, replace):
         raise KeyCacheError(f"key file {path}: {e.strerror}") from None
 
 
-def _load_or_create_keypair(uuid, cache_dir=None):
+def _load_or_create_keypair(uuid):
     """The keypair cached for application `uuid`, created on first use.
 
     Reusing it means the Tier 1 hands back the same deployment. `uuid` must
     be canonical (it names a file).
     """
-    directory = cache_dir or _key_cache_dir()
+    directory = _key_cache_dir()
     _prepare_key_cache_dir(directory)
     path = os.path.join(directory, uuid)
     for _attempt in range(3):
