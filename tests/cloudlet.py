@@ -25,6 +25,7 @@ import http.server
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -131,8 +132,9 @@ class Cloudlet:
     """The deploy API on a loopback port, in a background thread."""
 
     def __init__(
-        self, wireguard=None, backends=(HELLOWORLD,), host="127.0.0.1", port=0
+        self, wireguard=None, backends=(HELLOWORLD,), host="127.0.0.1", port=0, tls=None
     ):
+        """`tls`: (certificate file, key file) to serve HTTPS instead of HTTP."""
         self.wireguard = wireguard or StaticWireGuard()
         self.backends = set(backends)
         self.misbehaviour = None  # a key of MISBEHAVIOURS, or None to behave
@@ -142,12 +144,19 @@ class Cloudlet:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server((host, port), self._handler_class())
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True
+            )
         self._thread = None
 
     @property
     def url(self):
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def start(self):
         self._thread = threading.Thread(

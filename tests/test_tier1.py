@@ -4,13 +4,15 @@ misbehaviour of a hostile server, and validation of every response field."""
 import base64
 import copy
 import json
+import shutil
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from cloudlet import HELLOWORLD, MISBEHAVIOURS
+from cloudlet import HELLOWORLD, MISBEHAVIOURS, Cloudlet
 
 import sinfonia_tier3 as st
 
@@ -169,6 +171,42 @@ def test_connection_refused_is_unreachable():
         port = probe.getsockname()[1]
     with pytest.raises(st.UnreachableError, match=f"127.0.0.1:{port}.*refused"):
         st.deploy(f"http://127.0.0.1:{port}", "helloworld", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    """A certificate for 127.0.0.1 that no CA store trusts: (cert, key)."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+         "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+def test_https_with_an_untrusted_certificate_is_refused(self_signed):
+    with (
+        Cloudlet(tls=self_signed) as cloudlet,
+        pytest.raises(st.UnreachableError) as caught,
+    ):
+        st.deploy(cloudlet.url, "helloworld", timeout=10)
+    assert str(caught.value).startswith(f"TLS with {cloudlet.url[8:]} failed: ")
+    assert "certificate" in str(caught.value)
+
+
+def test_https_trusts_the_system_ca_store(self_signed, monkeypatch):
+    # OpenSSL's default verify paths (what urllib uses) honour SSL_CERT_FILE:
+    # this makes the test certificate part of "the system's CA store".
+    monkeypatch.setenv("SSL_CERT_FILE", self_signed[0])
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with Cloudlet(tls=self_signed) as cloudlet:
+        (deployment,) = st.deploy(cloudlet.url, "helloworld", timeout=10)
+    assert deployment.uuid == HELLOWORLD
 
 
 def test_tls_to_a_plain_http_server_fails_cleanly(cloudlet):
