@@ -362,3 +362,53 @@ def test_upstream_entry_point_returns_125_with_one_line(cloudlet, capsys):
 def test_upstream_entry_point_zeroconf_is_not_pretended(cloudlet, capsys):
     assert st.sinfonia_tier3(cloudlet.url, HELLOWORLD, [], zeroconf=True) == 125
     assert "--zeroconf" in capsys.readouterr().err
+
+
+# Other ways users reach the module ---------------------------------------------
+
+
+def test_vendored_copy_under_another_package_name(cloudlet, tmp_path):
+    vendor = tmp_path / "myapp" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(ROOT / "sinfonia_tier3.py", vendor / "sinfonia_tier3.py")
+    probe = (
+        "from myapp._vendor import sinfonia_tier3 as s\n"
+        f"(d,) = s.deploy({cloudlet.url!r}, 'helloworld')\n"
+        "print(d.uuid, d.tunnel_config.endpoint)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{HELLOWORLD} {cloudlet.wireguard.endpoint}\n"
+
+
+def test_zipapp(cloudlet, tmp_path):
+    source = tmp_path / "app"
+    source.mkdir()
+    shutil.copy(ROOT / "sinfonia_tier3.py", source / "sinfonia_tier3.py")
+    (source / "__main__.py").write_text(
+        "import sys\nimport sinfonia_tier3\nsys.exit(sinfonia_tier3.main())\n"
+    )
+    archive = tmp_path / "sinfonia-tier3.pyz"
+    subprocess.run(
+        [sys.executable, "-m", "zipapp", str(source), "-o", str(archive)],
+        check=True,
+        timeout=60,
+    )
+    result = subprocess.run(
+        [sys.executable, str(archive), "--json", cloudlet.url, "helloworld"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["UUID"] == HELLOWORLD
