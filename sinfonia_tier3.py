@@ -938,6 +938,8 @@ def _run(
             "--zeroconf: discovery of a local Tier 2 is not built yet"
         )
     if not (config_debug or qrcode or as_json):
+        # Until the namespace runner is wired in here, nothing can run through
+        # a tunnel: say so before deploying anything.
         raise TunnelError(
             "running an application needs the tunnel, which this version cannot "
             "set up yet; --config-debug, --json and --qrcode work"
