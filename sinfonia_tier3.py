@@ -1125,6 +1125,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("sinfonia-tier3: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of --json or --qrcode went away (`| head`): end quietly,
+        # with the status of a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -157,6 +157,18 @@ def test_json_failure_is_json_too(cloudlet, setup, kind):
     assert f"sinfonia-tier3: {error['message']}" == line
 
 
+def test_reader_going_away_is_no_traceback(cloudlet, tmp_path):
+    reader = subprocess.Popen(
+        [sys.executable, str(ROOT / "sinfonia_tier3.py"), "--json", "--results", "3",
+         cloudlet.url, "helloworld"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reader.stdout.close()  # like `| head -0`
+    stderr = reader.stderr.read()
+    assert reader.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and "Exception" not in stderr
+
+
 def test_unreachable_tier1():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
