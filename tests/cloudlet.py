@@ -7,11 +7,12 @@ path as a Tier 2 does. Setting `misbehaviour` to one of MISBEHAVIOURS turns it
 into one kind of hostile server; `rewrite` edits the deployments it sends, for
 tests of single fields.
 
-The WireGuard side is pluggable: the cloudlet asks `wireguard.tunnel_config_for
-(uuid, client_public_key)` for each new deployment's TunnelConfig. The default,
-StaticWireGuard, returns a valid configuration whose endpoint is a loopback
-port nobody listens on; a real WireGuard server object with the same method
-replaces it where a tunnel must come up.
+The WireGuard side is pluggable: for each new deployment the cloudlet asks
+`wireguard.tunnel_config_for(uuid, client_public_key)` (the key as 32 bytes)
+for its TunnelConfig dict. The default, StaticWireGuard, returns a valid
+configuration whose endpoint is a loopback port nobody listens on; pass
+`Cloudlet(wireguard=...)` an object with the same method (a real WireGuard
+peer, a backend behind it) where a tunnel must come up.
 
     python3 tests/cloudlet.py serve [--port N] [--misbehave NAME]
 """
