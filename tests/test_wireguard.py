@@ -606,3 +606,96 @@ def test_cffi_and_bindings_ciphers_agree():
         assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
                            cipher.slot(out, 0)) == -1
     assert sealed[0] == sealed[1]
+
+
+# The Datapath between two namespaces ###########################################
+
+
+def _namespaces():
+    """tests/netns.py (the shared namespace helpers), or a skip saying why not."""
+    try:
+        import netns
+    except ImportError:
+        pytest.skip("tests/netns.py (shared namespace helpers) is not in this checkout")
+    reason = netns.missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    return netns
+
+
+def _udp_echo_once(address, port):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((address, port))
+        sock.settimeout(10)
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(data[::-1], peer)
+    return data
+
+
+def _udp_ask(address, port, payload):
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sock.sendto(payload, (address, port))
+            try:
+                return sock.recvfrom(2048)[0]
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain-tun", "vnet-hdr"])
+def test_datapath_between_namespaces(vnet_hdr):
+    netns = _namespaces()
+    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    with netns.Namespace("st3wa") as ns_a, netns.Namespace("st3wb") as ns_b:
+        with netns.OurDatapath(ns_b, [f"{B_IP}/24"], b_private, a_public,
+                               allowed_ips=[f"{A_IP}/32"], vnet_hdr=vnet_hdr) as b:
+            with netns.OurDatapath(ns_a, [f"{A_IP}/24"], a_private, b_public,
+                                   allowed_ips=[f"{B_IP}/32"], endpoint=b.endpoint,
+                                   vnet_hdr=vnet_hdr) as a:
+                b.start()
+                a.start()
+                a.datapath.wait_for_handshake(10)
+                echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
+                answer = ns_a.fork(_udp_ask, B_IP, 7007, b"hello through the tunnel")
+                assert answer.result(20) == b"lennut eht hguorht olleh"
+                assert echo.result(5) == b"hello through the tunnel"
+                netns.exchange(ns_b, B_IP, ns_a, 8 << 20)  # TCP, checksummed, both ways
+                stats = a.datapath.stats()
+                assert stats["endpoint"] == b.endpoint
+                assert stats["tx_bytes"] > 8 << 20 and stats["rx_bytes"] > 8 << 20
+                assert stats["last_handshake"] is not None
+                assert b.datapath.stats()["endpoint"] == a.endpoint
+                workers = list(a.datapath._workers)
+                a.datapath.stop()
+                a.datapath.stop()  # idempotent
+                for pid in workers:
+                    with pytest.raises(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+
+
+def test_wait_for_handshake_has_a_deadline():
+    import socket
+    import time
+
+    netns = _namespaces()
+    (a_private, _), (_, b_public) = _keypair(), _keypair()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # takes datagrams, never answers
+        with netns.Namespace("st3wa") as ns_a, netns.OurDatapath(
+                ns_a, [f"{A_IP}/24"], a_private, b_public, allowed_ips=[f"{B_IP}/32"],
+                endpoint=silent.getsockname()) as a:
+            a.start()
+            started = time.monotonic()
+            with pytest.raises(st3.TunnelError, match="no WireGuard handshake"):
+                a.datapath.wait_for_handshake(1.5)
+            assert 1.4 <= time.monotonic() - started < 5
+            assert silent.recv(2048)[0] == 1  # it did try: an initiation
+            assert a.datapath.stats()["last_handshake"] is None
