@@ -10,6 +10,7 @@ import ipaddress
 import os
 import struct
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -654,31 +655,34 @@ def _udp_ask(address, port, payload):
 def test_datapath_between_namespaces(vnet_hdr):
     netns = _namespaces()
     (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
-    with netns.Namespace("st3wa") as ns_a, netns.Namespace("st3wb") as ns_b:
-        with netns.OurDatapath(ns_b, [f"{B_IP}/24"], b_private, a_public,
-                               allowed_ips=[f"{A_IP}/32"], vnet_hdr=vnet_hdr) as b:
-            with netns.OurDatapath(ns_a, [f"{A_IP}/24"], a_private, b_public,
-                                   allowed_ips=[f"{B_IP}/32"], endpoint=b.endpoint,
-                                   vnet_hdr=vnet_hdr) as a:
-                b.start()
-                a.start()
-                a.datapath.wait_for_handshake(10)
-                echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
-                answer = ns_a.fork(_udp_ask, B_IP, 7007, b"hello through the tunnel")
-                assert answer.result(20) == b"lennut eht hguorht olleh"
-                assert echo.result(5) == b"hello through the tunnel"
-                netns.exchange(ns_b, B_IP, ns_a, 8 << 20)  # TCP, checksummed, both ways
-                stats = a.datapath.stats()
-                assert stats["endpoint"] == b.endpoint
-                assert stats["tx_bytes"] > 8 << 20 and stats["rx_bytes"] > 8 << 20
-                assert stats["last_handshake"] is not None
-                assert b.datapath.stats()["endpoint"] == a.endpoint
-                workers = list(a.datapath._workers)
-                a.datapath.stop()
-                a.datapath.stop()  # idempotent
-                for pid in workers:
-                    with pytest.raises(ChildProcessError):
-                        os.waitpid(pid, os.WNOHANG)
+    with ExitStack() as stack:
+        ns_a = stack.enter_context(netns.Namespace("st3wa"))
+        ns_b = stack.enter_context(netns.Namespace("st3wb"))
+        b = stack.enter_context(netns.OurDatapath(
+            ns_b, [f"{B_IP}/24"], b_private, a_public, allowed_ips=[f"{A_IP}/32"],
+            vnet_hdr=vnet_hdr))
+        a = stack.enter_context(netns.OurDatapath(
+            ns_a, [f"{A_IP}/24"], a_private, b_public, allowed_ips=[f"{B_IP}/32"],
+            endpoint=b.endpoint, vnet_hdr=vnet_hdr))
+        b.start()
+        a.start()
+        a.datapath.wait_for_handshake(10)
+        echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
+        answer = ns_a.fork(_udp_ask, B_IP, 7007, b"hello through the tunnel")
+        assert answer.result(20) == b"lennut eht hguorht olleh"
+        assert echo.result(5) == b"hello through the tunnel"
+        netns.exchange(ns_b, B_IP, ns_a, 8 << 20)  # TCP, checksummed, both ways
+        stats = a.datapath.stats()
+        assert stats["endpoint"] == b.endpoint
+        assert stats["tx_bytes"] > 8 << 20 and stats["rx_bytes"] > 8 << 20
+        assert stats["last_handshake"] is not None
+        assert b.datapath.stats()["endpoint"] == a.endpoint
+        workers = list(a.datapath._workers)
+        a.datapath.stop()
+        a.datapath.stop()  # idempotent
+        for pid in workers:
+            with pytest.raises(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def test_wait_for_handshake_has_a_deadline():
