@@ -63,6 +63,8 @@ _REPLAY_WINDOW = 8192  # counters, a power of two; the whitepaper asks for >= 20
 _INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
 _UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
 _QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
+_GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
+_GSO_BYTES = 65000  # and at most this many bytes
 
 _MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
 _INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
@@ -364,7 +366,8 @@ class _Sender:
         ]
         self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
                         for i in range(self.BATCH)]
-        self.full_views = {}  # message size -> per-slot views of that size
+        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_views = [view[:self.full_size] for view in self.slot_views]
 
     def install(self, keypair):
         """Use `keypair` from now on (None: forget keys); flush what waited."""
@@ -405,47 +408,44 @@ class _Sender:
             self._ask_for_handshake(now)
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
         key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
+        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
         counter = keypair.send_counter
-        views, segment, sent, data = [], 0, 0, False
+        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
         for i in range(count):
-            size = sizes[i]
-            padded = (size + 15) & ~15
-            if padded > mtu:
-                padded = max(mtu, size)
-            if padded != size:
-                start = i * capacity + _TRANSPORT_HEADER
-                buffer[start + size:start + padded] = bytes(padded - size)
-            data = data or size > 0
-            _TRANSPORT_HEAD.pack_into(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            size = padded = sizes[i]
+            if size & 15:
+                padded = (size + 15) & ~15
+                if padded > mtu:
+                    padded = max(mtu, size)
+                if padded != size:
+                    start = i * capacity + _TRANSPORT_HEADER
+                    buffer[start + size:start + padded] = bytes(padded - size)
+            if size:
+                data = True
+            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
             seal(handles[i], padded, key, counter)
             counter += 1
             message = padded + _TRANSPORT_HEADER + _TAG
             sent += message
-            if views and (message > segment or len(views) * segment + message > 65000):
-                self.emit(views, segment, self.endpoint)
-                views = []
-            if not views:
-                segment = message
-            views.append(self._view(i, message))
+            if run and (message > segment or run == limit):
+                emit(views, segment, endpoint)
+                views, run = [], 0
+            if not run:
+                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
+            views.append(full_views[i] if message == full_size else slot_views[i][:message])
+            run += 1
             if message < segment:  # a shorter message ends a GSO run
-                self.emit(views, segment, self.endpoint)
-                views = []
-        if views:
-            self.emit(views, segment, self.endpoint)
+                emit(views, segment, endpoint)
+                views, run = [], 0
+        if run:
+            emit(views, segment, endpoint)
         keypair.send_counter = counter
         counters = self.counters
         counters[_TX_BYTES] += sent
         counters[_LAST_SENT] = now
         if data:
             counters[_LAST_DATA_SENT] = now
-
-    def _view(self, i, size):
-        views = self.full_views.get(size)
-        if views is None:
-            if len(self.full_views) > 8:
-                return self.slot_views[i][:size]
-            views = self.full_views[size] = [view[:size] for view in self.slot_views]
-        return views[i]
 
     def _hold(self, sizes, count, now):
         for i in range(count):
@@ -579,27 +579,26 @@ class _Peer:
         inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
         open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
         packet_length, plain = self.allowed.packet_length, self.plain
-        window, too_many = _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
+        ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
         received = data = 0
-        last_index = None
+        keypair = None
         for start in range(0, size, segment):
-            end = start + segment
-            end = min(end, size)
+            end = min(start + segment, size)
             if end - start < _KEEPALIVE_SIZE:
                 continue
             kind, index, counter = unpack(inbox, start)
             if kind != _MSG_TRANSPORT:
                 if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
                     self._receive_handshake(bytes(inbox[start:end]), address, now)
-                    last_index = None  # keypairs may have changed
+                    keypair = None  # keypairs may have changed
                 continue
-            if index != last_index:
+            if keypair is None or index != keypair.local_index:
                 keypair = keypairs.get(index)
                 if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
-                    last_index = None
+                    keypair = None
                     continue
-                last_index, key, ring = index, keypair.receive_key, keypair.replay_ring
-            place = counter & (window - 1)
+                key, ring, unconfirmed = keypair.receive_key, keypair.replay_ring, keypair is self.next
+            place = counter & ring_mask
             if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
                 continue  # replayed, too old, or past the limit
             length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
@@ -609,7 +608,8 @@ class _Peer:
             ring[place] = counter
             keypair.replay_top = max(keypair.replay_top, counter)
             received += end - start
-            if keypair is self.next:
+            if unconfirmed:
+                unconfirmed = False
                 self._confirm_next(now)
             if length:
                 data = True
@@ -909,6 +909,26 @@ class _TunWriter:
     With a virtio_net_hdr on the device, consecutive segments of one TCP flow
     are coalesced into one GSO packet: one write instead of dozens.
     """
+
+    __slots__ = (
+        "buffer",
+        "fd",
+        "header_size",
+        "ip_size",
+        "key",
+        "layout",
+        "layouts",
+        "next_seq",
+        "plain",
+        "plain_view",
+        "segment",
+        "segments",
+        "seq_at",
+        "single_header",
+        "size",
+        "view",
+        "vnet_hdr",
+    )
 
     def __init__(self, tun_fd, plain, vnet_hdr):
         self.fd = tun_fd
