@@ -62,6 +62,7 @@ _COOKIE_REFRESH_TIME = 120.0
 _REPLAY_WINDOW = 8192  # counters, a power of two; the whitepaper asks for >= 2048
 _INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
 _UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
+_HANDSHAKES_PER_SOURCE, _HANDSHAKE_BURST = 20, 5  # under load, per source host
 _QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
 _GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
 _GSO_BYTES = 65000  # and at most this many bytes
@@ -522,6 +523,7 @@ class _Peer:
         self.load_window_start = -1e9
         self.load_count = 0
         self.under_load_until = -1e9
+        self.rate_buckets = {}  # source host -> (tokens, time), used under load
         # timer inputs (what was sent is in `counters`: the sender writes it)
         self.last_handshake = None  # monotonic time of the last completed handshake
         self.last_received = -1e9
@@ -787,7 +789,7 @@ class _Peer:
             self.cookie_secret, self.cookie_secret_born = self.random(32), now
         cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
         if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
-            return True
+            return self._within_rate(address[0], now)
         from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
         nonce = self.random(24)
@@ -796,6 +798,19 @@ class _Peer:
         reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
         self.transmit(reply, address)
         return False
+
+    def _within_rate(self, host, now):
+        """Under load, even sources that proved their address get at most
+        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
+        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
+        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
+        if len(self.rate_buckets) >= 4096:
+            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
+        if tokens < 1:
+            self.rate_buckets[host] = (tokens, now)
+            return False
+        self.rate_buckets[host] = (tokens - 1, now)
+        return True
 
     # -- timers ---------------------------------------------------------------
 
@@ -869,6 +884,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
+_TUNSETOFFLOAD = 0x400454D0
 
 
 def _open_tun(name, vnet_hdr=False):
@@ -1256,6 +1272,14 @@ class Datapath:
         self._clock = clock or time.monotonic
         self._tun_fd = tun_fd
         self._vnet_hdr = vnet_hdr
+        if vnet_hdr:
+            # Offloads off: the kernel hands us MTU-sized packets, whose
+            # encryption needs no splitting in Python (splitting costs more
+            # than the offload saves); writes may still carry GSO packets.
+            try:
+                fcntl.ioctl(tun_fd, _TUNSETOFFLOAD, 0)
+            except OSError as e:
+                raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
         self._mtu = mtu
         self._socket = sock = _udp_socket(listen, endpoint)
         self.listen_port = sock.getsockname()[1]
@@ -1300,11 +1324,21 @@ class Datapath:
 
         deadline = time.monotonic() + timeout
         while not self._counters[_LAST_HANDSHAKE_WALL]:
-            if not self._workers or any(os.waitpid(pid, os.WNOHANG)[0] for pid in self._workers):
+            if not self._workers or not self._running():
                 raise TunnelError("the WireGuard datapath is not running")
             if time.monotonic() >= deadline:
                 raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
             time.sleep(0.01)
+
+    def _running(self):
+        """Whether both workers are alive (one that ended is reaped)."""
+        for pid in list(self._workers):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self._workers.remove(pid)
+            except ChildProcessError:
+                self._workers.remove(pid)
+        return len(self._workers) == 2
 
     def stats(self):
         """Last handshake (epoch seconds or None), bytes both ways, peer endpoint."""
@@ -1321,16 +1355,16 @@ class Datapath:
         import signal
         import time
 
+        self._running()  # reap what already ended
         for pid in self._workers:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 2.0
+        while self._workers and time.monotonic() < deadline:
+            self._running()
+            time.sleep(0.005)
         for pid in self._workers:
-            while not os.waitpid(pid, os.WNOHANG)[0]:
-                if time.monotonic() >= deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.005)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         self._workers = []
         self._socket.close()
 
@@ -1350,6 +1384,12 @@ def _fork_worker(other_end, function, *args):
         signal.signal(signal.SIGTERM, _leave)
         function(*args)
         status = 0
+    except SystemExit:
+        status = 0
+    except BaseException:  # noqa: BLE001 - a worker must never return into the caller
+        import traceback
+
+        traceback.print_exc()
     finally:
         os._exit(status)
 
