@@ -338,8 +338,6 @@ class _Sender:
     a short queue and `request_handshake()` asks for one.
     """
 
-    BATCH = 64
-
     def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
                  clock=None, endpoint=None, headroom=0):
         import time
@@ -357,16 +355,18 @@ class _Sender:
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
         capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
         self.capacity = capacity
-        self.buffer = bytearray(capacity * self.BATCH)
+        # As many packets as fit one GSO send when they are all MTU-sized.
+        self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
+        self.buffer = bytearray(capacity * batch)
         view = memoryview(self.buffer)
-        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(self.BATCH)]
+        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
         self.read_views = [
             [view[i * capacity + _TRANSPORT_HEADER - headroom:
                   i * capacity + _TRANSPORT_HEADER + mtu]]
-            for i in range(self.BATCH)
+            for i in range(batch)
         ]
         self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
-                        for i in range(self.BATCH)]
+                        for i in range(batch)]
         self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
         self.full_views = [view[:self.full_size] for view in self.slot_views]
 
@@ -1208,7 +1208,7 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
     link_fd = link.fileno()
     for fd in (tun_fd, link_fd):
         poller.register(fd, select.POLLIN)
-    batch = sender.BATCH
+    batch = sender.batch
     sizes = [0] * batch
     read_views = sender.read_views
     readv, seal_batch = os.readv, sender.seal_batch
