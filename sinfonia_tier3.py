@@ -385,6 +385,9 @@ class _Sender:
     def set_endpoint(self, endpoint):
         self.endpoint = endpoint
 
+    def drop_queue(self):
+        self.queue = []
+
     def keepalive(self):
         """Send an empty transport message (if there is a keypair to seal it)."""
         self.seal_batch([0], 1)
@@ -469,7 +472,8 @@ class _Peer:
     the hooks, so tests drive two instances against each other in one process.
     Hooks (set by the owner): `transmit(datagram, address)` sends a handshake
     or cookie message; `sender` is the object encrypting outgoing data
-    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`).
+    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`,
+    `drop_queue()`): a `_Sender`, or its proxy in another process.
     """
 
     def __init__(self, private_key, peer_public_key, *, preshared_key=None,
@@ -824,6 +828,7 @@ class _Peer:
             if now - handshake.started >= _REKEY_ATTEMPT_TIME:
                 self._forget_handshake()
                 self.retransmit_at = None
+                self.sender.drop_queue()  # what waited for this handshake is stale
             else:
                 self.initiate(now, retry=True)
         if self.last_handshake is not None and now - self.last_handshake >= 3 * _REJECT_AFTER_TIME:
@@ -1095,6 +1100,9 @@ class _SenderLink:
     def keepalive(self):
         self._send(("keepalive",))
 
+    def drop_queue(self):
+        self._send(("drop_queue",))
+
     def _send(self, message):
         import pickle
 
@@ -1251,6 +1259,8 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                     sender.set_endpoint(message[1])
                 elif message[0] == "keepalive":
                     sender.keepalive()
+                elif message[0] == "drop_queue":
+                    sender.drop_queue()
             else:
                 return
 

@@ -362,7 +362,8 @@ def test_under_load_each_source_is_rate_limited_even_with_a_cookie():
 
 def test_initiation_retransmitted_with_jitter_then_given_up():
     pair = Pair()
-    pair.a.peer.initiate()
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))  # waits, asks for a handshake
+    assert len(pair.a.sender.queue) == 1
     pair.take()  # lost
     pair.advance(st3._REKEY_TIMEOUT - 0.01)
     pair.tick()
@@ -376,6 +377,7 @@ def test_initiation_retransmitted_with_jitter_then_given_up():
         pair.tick()
         attempts += len(pair.take())
     assert pair.a.peer.handshake is None  # gave up after REKEY_ATTEMPT_TIME
+    assert pair.a.sender.queue == []
     assert 15 <= attempts <= st3._REKEY_ATTEMPT_TIME / st3._REKEY_TIMEOUT + 1
 
 
