@@ -1110,21 +1110,21 @@ class _SenderLink:
 
 
 def _store_endpoint(area, endpoint):
-    text = repr(endpoint[:2]).encode() if endpoint else b""
+    """Put `endpoint` where `_load_endpoint` in any of our processes finds it."""
+    text = f"{endpoint[0]} {endpoint[1]}".encode() if endpoint else b""
     area[1:1 + len(text)] = text
     area[0] = len(text)
 
 
 def _load_endpoint(area):
-    import ast
-
+    """(host, port) of the peer as last stored (IPv4 without the ::ffff: prefix)."""
     text = bytes(area[1:1 + area[0]]).decode()
     if not text:
         return None
-    host, port = ast.literal_eval(text)
+    host, port = text.rsplit(" ", 1)
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
-    return host, port
+    return host, int(port)
 
 
 def _udp_emitter(sock, gso):
@@ -1291,16 +1291,21 @@ class Datapath:
             except OSError as e:
                 raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
         self._mtu = mtu
-        self._socket = sock = _udp_socket(listen, endpoint)
-        self.listen_port = sock.getsockname()[1]
-        self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
         self._shared = mmap.mmap(-1, 8 * _COUNTERS + 256)
         self._counters = _shared_counters(self._shared)
         self._endpoint_area = memoryview(self._shared)[8 * _COUNTERS:]
-        _store_endpoint(self._endpoint_area, self._endpoint)
         self._peer = _Peer(private_key, peer_public_key, preshared_key=preshared_key,
                            allowed_ips=allowed_ips, persistent_keepalive=persistent_keepalive,
-                           endpoint=self._endpoint, clock=self._clock, counters=self._counters)
+                           clock=self._clock, counters=self._counters)
+        self._socket = sock = _udp_socket(listen, endpoint)
+        self.listen_port = sock.getsockname()[1]
+        try:
+            self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
+        except TunnelError:
+            sock.close()
+            raise
+        self._peer.endpoint = self._endpoint
+        _store_endpoint(self._endpoint_area, self._endpoint)
         self._gso = _try_setsockopt(sock, _SOL_UDP, _UDP_SEGMENT, 0)
         self._gro = _try_setsockopt(sock, _SOL_UDP, _UDP_GRO, 1)
         self._workers = []
