@@ -195,6 +195,275 @@ class _Handshake:
         self.started = started  # first attempt of this round (REKEY_ATTEMPT_TIME)
 
 
+class _AllowedIPs:
+    """Source-address filter for decrypted packets (the peer's allowed IPs)."""
+
+    def __init__(self, networks):
+        import ipaddress
+
+        self.v4, self.v6 = [], []
+        for network in networks:
+            network = ipaddress.ip_network(network, strict=False)
+            mask = int(network.netmask)
+            entry = (int(network.network_address) & mask, mask)
+            (self.v4 if network.version == 4 else self.v6).append(entry)
+
+    def packet_length(self, buffer, size):
+        """Length of the IP packet at the start of `buffer` (`size` bytes were
+        decrypted, padding included) when it is well formed and comes from an
+        allowed address; 0 when it must be dropped."""
+        if size < 20:
+            return 0
+        version = buffer[0] >> 4
+        if version == 4:
+            length = (buffer[2] << 8) | buffer[3]
+            if length < 20 or length > size:
+                return 0
+            source = _U32_BE.unpack_from(buffer, 12)[0]
+            for network, mask in self.v4:
+                if source & mask == network:
+                    return length
+        elif version == 6 and size >= 40:
+            length = 40 + ((buffer[4] << 8) | buffer[5])
+            if length > size:
+                return 0
+            high, low = _U64_PAIR_BE.unpack_from(buffer, 8)
+            source = (high << 64) | low
+            for network, mask in self.v6:
+                if source & mask == network:
+                    return length
+        return 0
+
+
+_U32_BE = struct.Struct(">I")
+_U64_PAIR_BE = struct.Struct(">QQ")
+_U32_LE = struct.Struct("<I")
+_U64_LE = struct.Struct("<Q")
+_TRANSPORT_HEAD = struct.Struct("<IIQ")  # type, receiver index, counter
+
+
+class _TransportCipher:
+    """ChaCha20-Poly1305 for transport data: `seal(slot, length, key, counter)`
+    encrypts in place (the tag follows), `open(slot, offset, size, key,
+    counter, out)` decrypts into slot `out` and returns the plaintext length
+    or -1. Slots are what `slot(buffer, offset)` returned.
+
+    Fast path: libsodium through pynacl's cffi `lib` straight into the
+    buffers (not a public pynacl API, hence guarded). Fallback:
+    `nacl.bindings`, plus copies. Both are closures over their state, which
+    saves attribute look-ups per packet.
+    """
+
+    def __init__(self, fast=True):
+        import nacl.bindings  # importing it runs sodium_init(): the fast ChaCha20
+
+        self.fast = False
+        if fast:
+            try:
+                from nacl._sodium import ffi, lib
+
+                self._cffi_closures(ffi, lib)
+                self.fast = True
+            except (ImportError, AttributeError):
+                pass
+        if not self.fast:
+            self._bindings_closures(nacl.bindings)
+
+    def _cffi_closures(self, ffi, lib):
+        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+        null, nonce = ffi.NULL, bytearray(12)
+        nonce_pointer, pack_nonce = ffi.from_buffer(nonce), _U64_LE.pack_into
+
+        def seal(slot, length, key, counter):
+            pack_nonce(nonce, 4, counter)
+            encrypt(slot, null, slot, length, null, 0, null, nonce_pointer, key)
+
+        def open_(slot, offset, size, key, counter, out):
+            pack_nonce(nonce, 4, counter)
+            if size < _TAG or decrypt(out, null, null, slot + offset, size, null, 0,
+                                      nonce_pointer, key):
+                return -1
+            return size - _TAG
+
+        self.seal, self.open = seal, open_
+        self.slot = lambda buffer, offset: ffi.from_buffer(memoryview(buffer)[offset:])
+
+    def _bindings_closures(self, bindings):
+        from nacl.exceptions import CryptoError
+
+        encrypt = bindings.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = bindings.crypto_aead_chacha20poly1305_ietf_decrypt
+
+        def seal(slot, length, key, counter):
+            nonce = _nonce(counter)
+            slot[:length + _TAG] = encrypt(bytes(slot[:length]), None, nonce, key)
+
+        def open_(slot, offset, size, key, counter, out):
+            try:
+                out[:size - _TAG] = decrypt(bytes(slot[offset:offset + size]), None,
+                                            _nonce(counter), key)
+            except CryptoError:  # forged or corrupt
+                return -1
+            return size - _TAG
+
+        self.seal, self.open = seal, open_
+        self.slot = lambda buffer, offset: memoryview(buffer)[offset:]
+
+
+# Shared counters: written by the process that knows, read by the others.
+_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL = range(5)
+_COUNTERS = 5
+
+
+def _shared_counters(area=None):
+    """Doubles that forked processes share: the start of `area` (an mmap),
+    or of a new anonymous mmap."""
+    import mmap
+
+    counters = memoryview(area if area is not None else mmap.mmap(-1, 8 * _COUNTERS))
+    counters = counters[:8 * _COUNTERS].cast("d")
+    counters[_LAST_SENT] = counters[_LAST_DATA_SENT] = -1e9
+    return counters
+
+
+class _Sender:
+    """Encrypts outgoing IP packets: the only user of the send keys and counters.
+
+    Packets are read straight into `slots` (one per packet, room for the
+    transport header before and the tag after), sealed in place and handed to
+    `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
+    which is the shape UDP GSO wants. Without a usable keypair packets wait in
+    a short queue and `request_handshake()` asks for one.
+    """
+
+    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
+                 clock=None, endpoint=None, headroom=0):
+        import time
+
+        self.cipher = cipher
+        self.counters = counters
+        self.emit = emit
+        self.request_handshake = request_handshake
+        self.clock = clock or time.monotonic
+        self.mtu = mtu
+        self.endpoint = endpoint
+        self.keypair = None
+        self.queue = []
+        self.next_request = -1e9
+        self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
+        capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
+        self.capacity = capacity
+        # As many packets as fit one GSO send when they are all MTU-sized.
+        self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
+        self.buffer = bytearray(capacity * batch)
+        view = memoryview(self.buffer)
+        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
+        self.read_views = [
+            [view[i * capacity + _TRANSPORT_HEADER - headroom:
+                  i * capacity + _TRANSPORT_HEADER + mtu]]
+            for i in range(batch)
+        ]
+        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
+                        for i in range(batch)]
+        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_views = [view[:self.full_size] for view in self.slot_views]
+
+    def install(self, keypair):
+        """Use `keypair` from now on (None: forget keys); flush what waited."""
+        self.keypair = keypair
+        if keypair is None:
+            return
+        queued, self.queue = self.queue, []
+        if queued:
+            for packet in queued:
+                self.send_packet(packet)
+        elif keypair.initiator:
+            self.keepalive()  # the responder needs a first packet to confirm
+
+    def set_endpoint(self, endpoint):
+        self.endpoint = endpoint
+
+    def drop_queue(self):
+        self.queue = []
+
+    def keepalive(self):
+        """Send an empty transport message (if there is a keypair to seal it)."""
+        self.seal_batch([0], 1)
+
+    def send_packet(self, packet):
+        """Encrypt and send one IP packet given as bytes (slow path, tests)."""
+        size = len(packet)
+        self.slot_views[0][_TRANSPORT_HEADER:_TRANSPORT_HEADER + size] = packet
+        self.seal_batch([size], 1)
+
+    def seal_batch(self, sizes, count):
+        """Encrypt and send the `count` packets read into the slots."""
+        keypair = self.keypair
+        now = self.clock()
+        if (keypair is None or self.endpoint is None
+                or now - keypair.created >= _REJECT_AFTER_TIME
+                or keypair.send_counter + count >= _REJECT_AFTER_MESSAGES):
+            self._hold(sizes, count, now)
+            return
+        if keypair.initiator and (now - keypair.created >= _REKEY_AFTER_TIME
+                                  or keypair.send_counter >= _REKEY_AFTER_MESSAGES):
+            self._ask_for_handshake(now)
+        mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
+        key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
+        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
+        counter = keypair.send_counter
+        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
+        for i in range(count):
+            size = padded = sizes[i]
+            if size & 15:
+                padded = (size + 15) & ~15
+                if padded > mtu:
+                    padded = max(mtu, size)
+                if padded != size:
+                    start = i * capacity + _TRANSPORT_HEADER
+                    buffer[start + size:start + padded] = bytes(padded - size)
+            if size:
+                data = True
+            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            seal(handles[i], padded, key, counter)
+            counter += 1
+            message = padded + _TRANSPORT_HEADER + _TAG
+            sent += message
+            if run and (message > segment or run == limit):
+                emit(views, segment, endpoint)
+                views, run = [], 0
+            if not run:
+                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
+            views.append(full_views[i] if message == full_size else slot_views[i][:message])
+            run += 1
+            if message < segment:  # a shorter message ends a GSO run
+                emit(views, segment, endpoint)
+                views, run = [], 0
+        if run:
+            emit(views, segment, endpoint)
+        keypair.send_counter = counter
+        counters = self.counters
+        counters[_TX_BYTES] += sent
+        counters[_LAST_SENT] = now
+        if data:
+            counters[_LAST_DATA_SENT] = now
+
+    def _hold(self, sizes, count, now):
+        for i in range(count):
+            if sizes[i] and len(self.queue) < _QUEUED_PACKETS:
+                start = _TRANSPORT_HEADER
+                self.queue.append(bytes(self.slot_views[i][start:start + sizes[i]]))
+        if count and (sizes[0] or self.keypair is None):
+            self._ask_for_handshake(now)
+
+    def _ask_for_handshake(self, now):
+        if now >= self.next_request:
+            self.next_request = now + 1.0
+            self.request_handshake()
+
+
 class _Peer:
     """The WireGuard protocol for one peer: handshakes, cookies, keypairs, timers.
 
