@@ -352,7 +352,7 @@ class _Sender:
         self.queue = []
         self.next_request = -1e9
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
-        capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
+        capacity = _TRANSPORT_HEADER + ((mtu + 15) & ~15) + _TAG
         self.capacity = capacity
         # As many packets as fit one GSO send when they are all MTU-sized.
         self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
@@ -912,6 +912,7 @@ def _open_tun(name, vnet_hdr=False):
 
 
 _SOL_UDP = 17
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # beyond the sysctl limits, when privileged
 _UDP_SEGMENT = 103
 _UDP_GRO = 104
 _VNET_HEADER = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -1234,6 +1235,8 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                             size = readv(tun_fd, read_views[count]) - headroom
                         except (BlockingIOError, InterruptedError):
                             break
+                        except OSError:
+                            return  # the TUN device is gone: so is the session
                         if size > 0:
                             sizes[count] = size
                             count += 1
@@ -1260,16 +1263,20 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                     sender.keepalive()
                 elif message[0] == "drop_queue":
                     sender.drop_queue()
-            else:
-                return
 
 
 class Datapath:
     """Userspace WireGuard between a TUN file descriptor and a UDP socket.
 
-    One peer. `start()` forks two worker processes that share the keys: one
-    encrypts TUN -> UDP, the other decrypts UDP -> TUN and runs handshakes
-    and timers; this object only watches them through shared counters.
+    One peer. The socket is bound at construction (`listen_port`); `listen`
+    is (host, port), by default the wildcard of the endpoint's family, or
+    dual-stack IPv6 without an endpoint. `endpoint` is (host, port), host a
+    name or an IPv4 or IPv6 literal; without one this side waits for the
+    peer (responder). `mtu` is the TUN device's. `start()` forks two worker
+    processes that share the keys: one encrypts TUN -> UDP, the other
+    decrypts UDP -> TUN and runs handshakes and timers; this object only
+    watches them through shared memory (`wait_for_handshake`, `stats`) and
+    ends them (`stop`). One start per object.
     """
 
     def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
@@ -1450,7 +1457,8 @@ def _udp_socket(listen, endpoint):
     try:
         if family == socket.AF_INET6 and not host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+        for option, forced in ((socket.SO_RCVBUF, _SO_RCVBUFFORCE),
+                               (socket.SO_SNDBUF, _SO_SNDBUFFORCE)):
             if not _try_setsockopt(sock, socket.SOL_SOCKET, forced, 4 << 20):
                 _try_setsockopt(sock, socket.SOL_SOCKET, option, 4 << 20)
         sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
