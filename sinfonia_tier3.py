@@ -1331,11 +1331,13 @@ class Datapath:
         peer.transmit = lambda message, address: _send_quietly(sock, message, address)
         peer.sender = _SenderLink(control, self._endpoint_area)
         parent = os.getpid()
+        tun_fd = self._tun_fd
         self._workers.append(_fork_worker(
-            control, _send_loop, sender, self._tun_fd, data, parent, self._vnet_hdr))
+            (tun_fd, sock.fileno(), data.fileno()),
+            _send_loop, sender, tun_fd, data, parent, self._vnet_hdr))
         self._workers.append(_fork_worker(
-            data, _receive_loop, peer, sock, self._tun_fd, control, parent,
-            self._vnet_hdr, self._gro))
+            (tun_fd, sock.fileno(), control.fileno()),
+            _receive_loop, peer, sock, tun_fd, control, parent, self._vnet_hdr, self._gro))
         control.close()
         data.close()
 
@@ -1390,9 +1392,10 @@ class Datapath:
         self._socket.close()
 
 
-def _fork_worker(other_end, function, *args):
+def _fork_worker(keep_fds, function, *args):
     """Run `function(*args)` in a child process, which never returns to the
-    caller; `other_end` is the link end the child must not hold."""
+    caller. The child keeps only `keep_fds` and stdio: it must not hold
+    pipes or sockets of the caller open past the caller's own use of them."""
     import signal
 
     pid = os.fork()
@@ -1400,7 +1403,12 @@ def _fork_worker(other_end, function, *args):
         return pid
     status = 1
     try:
-        other_end.close()
+        for fd in os.listdir("/proc/self/fd"):
+            if int(fd) > 2 and int(fd) not in keep_fds:
+                try:
+                    os.close(int(fd))
+                except OSError:
+                    pass  # the directory's own descriptor, already closed
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the session ends us, not Ctrl-C
         signal.signal(signal.SIGTERM, _leave)
         function(*args)
