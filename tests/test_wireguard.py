@@ -676,11 +676,12 @@ def test_datapath_between_namespaces(vnet_hdr):
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
         ns_b = stack.enter_context(netns.Namespace("st3wb"))
         b = stack.enter_context(netns.OurDatapath(
-            ns_b, [f"{B_IP}/24"], b_private, a_public, allowed_ips=[f"{A_IP}/32"],
-            vnet_hdr=vnet_hdr))
+            ns_b, [f"{B_IP}/24", "fd00:7::2/64"], b_private, a_public,
+            allowed_ips=[f"{A_IP}/32", "fd00:7::1/128"], vnet_hdr=vnet_hdr))
         a = stack.enter_context(netns.OurDatapath(
-            ns_a, [f"{A_IP}/24"], a_private, b_public, allowed_ips=[f"{B_IP}/32"],
-            endpoint=b.endpoint, vnet_hdr=vnet_hdr))
+            ns_a, [f"{A_IP}/24", "fd00:7::1/64"], a_private, b_public,
+            allowed_ips=[f"{B_IP}/32", "fd00:7::2/128"], endpoint=b.endpoint,
+            vnet_hdr=vnet_hdr))
         stray_read, stray_write = os.pipe()  # the caller's: workers must not hold it
         stack.callback(os.close, stray_read)
         stack.callback(os.close, stray_write)
@@ -695,6 +696,7 @@ def test_datapath_between_namespaces(vnet_hdr):
         assert answer.result(20) == b"lennut eht hguorht olleh"
         assert echo.result(5) == b"hello through the tunnel"
         netns.exchange(ns_b, B_IP, ns_a, 8 << 20)  # TCP, checksummed, both ways
+        netns.exchange(ns_b, "fd00:7::2", ns_a, 4 << 20)  # and over IPv6
         stats = a.datapath.stats()
         assert stats["endpoint"] == b.endpoint
         assert stats["tx_bytes"] > 8 << 20 and stats["rx_bytes"] > 8 << 20
