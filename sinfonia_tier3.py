@@ -1288,6 +1288,7 @@ class Datapath:
         self._clock = clock or time.monotonic
         self._tun_fd = tun_fd
         self._vnet_hdr = vnet_hdr
+        os.set_blocking(tun_fd, False)  # the sender drains it until EAGAIN
         if vnet_hdr:
             # Offloads off: the kernel hands us MTU-sized packets, whose
             # encryption needs no splitting in Python (splitting costs more
