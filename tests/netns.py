@@ -36,6 +36,7 @@ import traceback
 __all__ = [
     "Child",
     "Namespace",
+    "OurDatapath",
     "Transfer",
     "WireguardGo",
     "exchange",
@@ -152,7 +153,9 @@ class Child:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"child {self.pid} still running after {timeout} s")
+                    raise TimeoutError(
+                        f"child {self.pid} still running after {timeout} s"
+                    )
                 if select.select([self._rfd], [], [], remaining)[0]:
                     chunk = os.read(self._rfd, 1 << 16)
                     if not chunk:
@@ -293,8 +296,16 @@ class WireguardGo:
     the same peer again (same key, same port, same peers).
     """
 
-    def __init__(self, namespace, addresses=(), *, private_key=None, listen_port=0,
-                 mtu=1420, log_level="error"):
+    def __init__(
+        self,
+        namespace,
+        addresses=(),
+        *,
+        private_key=None,
+        listen_port=0,
+        mtu=1420,
+        log_level="error",
+    ):
         self.namespace = namespace
         self.addresses = tuple(addresses)
         self.mtu = mtu
@@ -342,9 +353,15 @@ class WireguardGo:
         )
         try:
             self._wait_for_socket(5.0)
-            self._wg("set", self.name, "private-key", "/dev/stdin",
-                     "listen-port", str(self.listen_port),
-                     input=_b64(self.private_key).encode())
+            self._wg(
+                "set",
+                self.name,
+                "private-key",
+                "/dev/stdin",
+                "listen-port",
+                str(self.listen_port),
+                input=_b64(self.private_key).encode(),
+            )
             self.listen_port = int(self._wg("show", self.name, "listen-port"))
             for public_key, settings in self._peers.items():
                 self._apply_peer(public_key, settings)
@@ -359,16 +376,27 @@ class WireguardGo:
         deadline = time.monotonic() + timeout
         while not os.path.exists(path):
             if self._process.poll() is not None:
-                raise RuntimeError(f"wireguard-go exited {self._process.returncode}: {self.log()}")
+                raise RuntimeError(
+                    f"wireguard-go exited {self._process.returncode}: {self.log()}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"wireguard-go made no control socket in {timeout} s")
+                raise RuntimeError(
+                    f"wireguard-go made no control socket in {timeout} s"
+                )
             time.sleep(0.01)
 
     def _wg(self, *args, input=None):
         return _run(["wg", *args], input=input).strip()
 
-    def set_peer(self, public_key, *, endpoint=None, allowed_ips=(), preshared_key=None,
-                 persistent_keepalive=0):
+    def set_peer(
+        self,
+        public_key,
+        *,
+        endpoint=None,
+        allowed_ips=(),
+        preshared_key=None,
+        persistent_keepalive=0,
+    ):
         """Add or replace a peer; `endpoint` is (host, port)."""
         settings = {
             "endpoint": endpoint,
@@ -380,9 +408,16 @@ class WireguardGo:
         self._apply_peer(public_key, settings)
 
     def _apply_peer(self, public_key, settings):
-        argv = ["set", self.name, "peer", _b64(public_key),
-                "persistent-keepalive", str(settings["persistent_keepalive"] or "off"),
-                "allowed-ips", ",".join(str(n) for n in settings["allowed_ips"])]
+        argv = [
+            "set",
+            self.name,
+            "peer",
+            _b64(public_key),
+            "persistent-keepalive",
+            str(settings["persistent_keepalive"] or "off"),
+            "allowed-ips",
+            ",".join(str(n) for n in settings["allowed_ips"]),
+        ]
         if settings["endpoint"] is not None:
             host, port = settings["endpoint"]
             host = f"[{host}]" if ":" in host else host
@@ -438,6 +473,65 @@ class WireguardGo:
         self.start()
 
 
+class OurDatapath:
+    """sinfonia_tier3.Datapath with its TUN device in `namespace` (addressed,
+    up) and its UDP socket on the host's loopback.
+
+    Construction binds the socket, so `endpoint` is known before `start()`:
+    a responder's peer can be told where to find it.
+    """
+
+    def __init__(
+        self,
+        namespace,
+        addresses,
+        private_key,
+        peer_public_key,
+        *,
+        mtu=1420,
+        vnet_hdr=False,
+        **options,
+    ):
+        import sinfonia_tier3
+
+        self.name = unique_name("st3tun")
+        self.tun_fd = sinfonia_tier3._open_tun(self.name, vnet_hdr=vnet_hdr)
+        self.datapath = None
+        try:
+            move_link(self.name, namespace)
+            namespace.add_addresses(self.name, addresses, mtu=mtu)
+            options.setdefault("listen", ("127.0.0.1", 0))
+            self.datapath = sinfonia_tier3.Datapath(
+                self.tun_fd, private_key, peer_public_key, vnet_hdr=vnet_hdr, **options
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def endpoint(self):
+        return ("127.0.0.1", self.datapath.listen_port)
+
+    def start(self):
+        self.datapath.start()
+
+    def close(self):
+        """Stop the datapath, then close the TUN fd, which deletes the device."""
+        try:
+            if self.datapath is not None:
+                self.datapath.stop()
+        finally:
+            if self.tun_fd is not None:
+                os.close(self.tun_fd)
+                self.tun_fd = None
+
+
 # Checksummed bulk transfer ####################################################
 
 _BLOCK = 1 << 16
@@ -450,7 +544,7 @@ def _pattern_blocks(size):
     index = 0
     while size > 0:
         offset = (index * 7919) % _BLOCK
-        block = struct.pack(">Q", index) + _PATTERN[offset:offset + _BLOCK - 8]
+        block = struct.pack(">Q", index) + _PATTERN[offset : offset + _BLOCK - 8]
         yield block[:size]
         size -= len(block)
         index += 1
@@ -535,15 +629,18 @@ class Transfer:
     `wait()` raises AssertionError unless both streams arrived whole.
     """
 
-    def __init__(self, server_ns, server_address, client_ns, size, *, port=7777,
-                 timeout=60):
+    def __init__(
+        self, server_ns, server_address, client_ns, size, *, port=7777, timeout=60
+    ):
         self.size = size
         self.timeout = timeout
         self._counters = mmap.mmap(-1, 16)  # anonymous, shared with the children
         self._server = server_ns.fork(
-            _serve_once, server_address, port, size, self._counters, timeout)
+            _serve_once, server_address, port, size, self._counters, timeout
+        )
         self._client = client_ns.fork(
-            _connect_and_exchange, server_address, port, size, self._counters, timeout)
+            _connect_and_exchange, server_address, port, size, self._counters, timeout
+        )
 
     def progress(self):
         """Bytes received so far by (server, client)."""
