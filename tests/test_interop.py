@@ -24,16 +24,16 @@ from netns import (
     WireguardGo,
     exchange,
     generate_keypair,
+    missing_requirements,
+    veth_pair,
 )
 
 import sinfonia_tier3
 
+_MISSING = missing_requirements("wireguard-go", "wg")
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not os.path.exists("/usr/bin/wireguard-go"),
-        reason="needs root and Debian's wireguard-go (apt install wireguard-go wireguard-tools)",
-    ),
+    pytest.mark.skipif(bool(_MISSING), reason=f"interop: {_MISSING}"),
 ]
 
 OURS_V4, THEIRS_V4 = "10.99.0.1", "10.99.0.2"
@@ -134,6 +134,21 @@ def test_harness_wireguard_go_pair():
         wg_b.set_peer(wg_a.public_key, allowed_ips=networks(OURS_V4, OURS_V6))
         exchange(b, THEIRS_V4, a, 4 << 20, timeout=30)
         assert wg_a.latest_handshake(wg_b.public_key) > 0
+
+
+def test_harness_leaves_nothing_behind():
+    """Namespaces, veth pairs, wireguard-go processes and their control
+    sockets all go on close."""
+    with Namespace("st3o") as a, Namespace("st3t") as b:
+        veth_pair(a, b, ["10.98.0.1/30"], ["10.98.0.2/30"])
+        exchange(b, "10.98.0.2", a, 1 << 20, timeout=30)
+        wireguard_go = WireguardGo(a, OUR_ADDRESSES)
+        socket_path = f"/var/run/wireguard/{wireguard_go.name}.sock"
+        assert wireguard_go.name in a.ip("link", "show")
+        wireguard_go.stop()
+        assert not os.path.exists(socket_path)
+        assert not wireguard_go.running
+    assert not os.path.exists(a.path) and not os.path.exists(b.path)
 
 
 @pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet_hdr"])
