@@ -2171,6 +2171,9 @@ _RESOLV_CONF = "/etc/resolv.conf"
 # inside the namespace so that names go to the cloudlet's DNS.
 _RESOLVER_SOCKET_DIRS = ("/run/systemd/resolve", "/run/nscd")
 _SHELL_PROMPT = "sinfonia$ "
+_DEFAULT_MTU = 1420
+_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
+_DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for the first handshake
 _SETUP_TIMEOUT = 30.0
 _MAX_MESSAGE = 1 << 20
 
@@ -2582,7 +2585,7 @@ class _Namespace:
     leaving the `with` block) kills whatever is left.
     """
 
-    def __init__(self, interface, *, mtu=1420):
+    def __init__(self, interface, *, mtu=_DEFAULT_MTU):
         self._channel, child_end = _Channel.pair()
         parent = os.getpid()
         pid = os.fork()
@@ -2611,7 +2614,7 @@ class _Namespace:
 
         try:
             message, fds = self._channel.receive(timeout)
-        except socket.timeout:  # noqa: UP041 - not TimeoutError on 3.9
+        except socket.timeout:
             raise TunnelError(
                 f"the application's namespace was not ready within {timeout:g} s "
                 "(the machine may be overloaded)") from None
@@ -2705,9 +2708,9 @@ class _Namespace:
         self._channel.close()
 
 
-def _run_application(config, keypair, command, *, env_extra, mtu=1420,
-                     connect_timeout=10.0, tunnel="userspace", debug=False,
-                     namespace=None):
+def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
+                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT, tunnel="userspace",
+                     debug=False, namespace=None):
     """Run `command` (empty: the user's shell) in its own namespaces behind the
     tunnel described by `config`; returns its exit status.
 
@@ -2736,13 +2739,17 @@ def _run_application(config, keypair, command, *, env_extra, mtu=1420,
                 config.public_key,
                 endpoint=(config.endpoint_host, config.endpoint_port),
                 allowed_ips=config.allowed_ips,
+                persistent_keepalive=_PERSISTENT_KEEPALIVE,
+                mtu=mtu,
             )
             try:
                 datapath.start()
                 namespace.expect("configured")
                 try:
                     datapath.wait_for_handshake(connect_timeout)
-                except TunnelError:
+                except TunnelError as e:
+                    if "handshake" not in str(e):  # the datapath itself failed
+                        raise
                     raise TunnelError(
                         f"the cloudlet did not answer at its endpoint {endpoint} "
                         f"within {connect_timeout:g} s: check that UDP to it gets "
@@ -2820,6 +2827,8 @@ def _run(
     qrcode=None,
     as_json=False,
     zeroconf=False,
+    mtu=_DEFAULT_MTU,
+    connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
 ):
     """Deploy `uuid` and do what was asked with it; the exit status.
 
@@ -2829,14 +2838,51 @@ def _run(
         raise UnavailableError(
             "--zeroconf: discovery of a local Tier 2 is not built yet"
         )
-    if not (config_debug or qrcode or as_json):
-        raise TunnelError(
-            "running an application needs the tunnel, which this version cannot "
-            "set up yet; --config-debug, --json and --qrcode work"
-        )
     if qrcode is not None and qrcode not in ("compact", "alt"):
         raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+    if not (config_debug or qrcode or as_json):
+        # The namespace child sets itself up while Tier 1 answers.
+        namespace = _Namespace(_TunInside(), mtu=mtu)
+        with namespace:
+            keypair = _load_or_create_keypair(uuid)
+            deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                           timeout=timeout, debug=debug)[0]
+            return _run_application(
+                deployment.tunnel_config,
+                keypair,
+                command,
+                env_extra=_application_environment(deployment, tier1_url),
+                mtu=mtu,
+                connect_timeout=connect_timeout,
+                debug=debug,
+                namespace=namespace,
+            )
     keypair = _load_or_create_keypair(uuid)
+    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                    timeout=timeout, debug=debug)
+    config = deployments[0].tunnel_config
+    if as_json:
+        print(_deployments_json(deployments, keypair), flush=True)
+    if config_debug:
+        _write_config_files(config, keypair)
+    if qrcode:
+        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
+    return 0
+
+
+def _application_environment(deployment, tier1_url):
+    """The SINFONIA_* variables that tell the application where it runs."""
+    return {
+        "SINFONIA_DEPLOYMENT": deployment.deployment_name,
+        "SINFONIA_UUID": deployment.uuid,
+        "SINFONIA_ADDRESS": " ".join(
+            str(a.ip) for a in deployment.tunnel_config.addresses),
+        "SINFONIA_TIER1_URL": tier1_url,
+    }
+
+
+def _deploy_verbosely(tier1_url, uuid, keypair, *, results, timeout, debug):
+    """The deployments for `uuid`, first the chosen one, told on stderr."""
     print(f"sinfonia-tier3: deploying {uuid}...", file=sys.stderr)
     deployments = _request_deployments(
         tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug
@@ -2852,13 +2898,7 @@ def _run(
         import json
 
         _debug(f"chosen deployment: {json.dumps(chosen.as_json())}")
-    if as_json:
-        print(_deployments_json(deployments, keypair), flush=True)
-    if config_debug:
-        _write_config_files(config, keypair)
-    if qrcode:
-        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
-    return 0
+    return deployments
 
 
 def sinfonia_tier3(
@@ -2929,6 +2969,12 @@ def _argument_parser():
             raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
         return value
 
+    def mtu(text):
+        if not text.isdigit() or not _MIN_MTU <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a whole number from {_MIN_MTU} to 65535")
+        return int(text)
+
     def count(text):
         if not text.isdigit() or int(text) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
@@ -2975,6 +3021,20 @@ def _argument_parser():
         help="how many candidate deployments to ask for (default 1; the first is used)",
     )
     parser.add_argument(
+        "--mtu",
+        type=mtu,
+        default=_DEFAULT_MTU,
+        help="MTU of the application's tunnel interface (default %(default)d)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=_DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the cloudlet's first WireGuard handshake before "
+        "giving up without starting COMMAND (default %(default)g)",
+    )
+    parser.add_argument(
         "--qrcode",
         choices=["compact", "alt"],
         help="print the tunnel as a QR code for the WireGuard Android app and exit",
@@ -3002,6 +3062,8 @@ def main(argv=None):
             debug=options.debug,
             qrcode=options.qrcode,
             as_json=options.json,
+            mtu=options.mtu,
+            connect_timeout=options.connect_timeout,
         )
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
