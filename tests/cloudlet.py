@@ -118,11 +118,13 @@ def dns_answer(query, records):
 
 
 def serve_dns(sock, records):
-    """Answer DNS queries on the bound UDP `sock` until it is closed."""
+    """Answer DNS queries on the bound UDP `sock` until it is shut down."""
     while True:
         try:
             query, peer = sock.recvfrom(4096)
         except OSError:
+            return
+        if peer is None:  # shutdown() woke us up
             return
         answer = dns_answer(query, records)
         if answer is not None:

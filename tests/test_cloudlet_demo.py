@@ -1,0 +1,135 @@
+"""The demo cloudlet: its DNS server, its namespace, its WireGuard side, and the
+whole path from `sinfonia-tier3 ... curl http://helloworld/` to the backend.
+
+Nothing is mocked. The DNS tests talk to the parser directly and to a real
+server on loopback; the e2e tests (marker `e2e`) start the real cloudlet
+namespace and reach its backend through a real tunnel from a client namespace
+made with tests/netns.py.
+"""
+
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cloudlet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def query(name, qtype=1, ident=0x1234, flags=0x0100, qclass=1):
+    labels = b"".join(bytes([len(label)]) + label for label in name.encode().split(b".") if label)
+    return struct.pack("!6H", ident, flags, 1, 0, 0, 0) + labels + b"\0" + struct.pack("!HH", qtype, qclass)
+
+
+def parse_reply(reply):
+    """(id, rcode, answer addresses) of a reply that echoes a single question."""
+    ident, flags, qdcount, ancount = struct.unpack_from("!4H", reply)
+    assert flags & 0x8000, "a reply has QR set"
+    offset = 12
+    for _ in range(qdcount):
+        while reply[offset]:
+            offset += reply[offset] + 1
+        offset += 5
+    addresses = []
+    for _ in range(ancount):
+        pointer, rtype, rclass, _ttl, rdlength = struct.unpack_from("!HHHIH", reply, offset)
+        offset += 12
+        assert (pointer, rtype, rclass, rdlength) == (0xC00C, 1, 1, 4)
+        addresses.append(ipaddress.ip_address(reply[offset:offset + 4]))
+        offset += 4
+    assert offset == len(reply), "no trailing bytes"
+    return ident, flags & 0xF, addresses
+
+
+# DNS #########################################################################
+
+RECORDS = cloudlet.cluster_records()
+
+
+@pytest.mark.parametrize("name", [
+    "helloworld",
+    "HelloWorld",
+    "helloworld.helloworld.svc.cluster.local",
+    "helloworld.helloworld.svc.cluster.local.",
+    "helloworld.helloworld",
+    "kube-dns.kube-system.svc.cluster.local",
+])
+def test_dns_answers_cluster_names(name):
+    expected = cloudlet.DNS_ADDRESS if name.startswith("kube-dns") else cloudlet.HELLOWORLD_ADDRESS
+    assert parse_reply(cloudlet.dns_answer(query(name), RECORDS)) == (0x1234, 0, [expected])
+
+
+def test_dns_aaaa_of_a_known_name_is_empty_not_nxdomain():
+    # An empty NOERROR lets the resolver go on to use the A record.
+    assert parse_reply(cloudlet.dns_answer(query("helloworld", qtype=28), RECORDS)) == (0x1234, 0, [])
+
+
+@pytest.mark.parametrize("name", ["example.com", "helloworld.svc.cluster.local.evil", "other.helloworld.svc.cluster.local", "cluster.local"])
+def test_dns_unknown_names_are_nxdomain(name):
+    assert parse_reply(cloudlet.dns_answer(query(name), RECORDS)) == (0x1234, 3, [])
+
+
+def test_dns_drops_responses_and_runts():
+    assert cloudlet.dns_answer(query("helloworld", flags=0x8000), RECORDS) is None
+    assert cloudlet.dns_answer(b"\x12\x34\x01", RECORDS) is None
+
+
+@pytest.mark.parametrize("packet, rcode", [
+    (struct.pack("!6H", 1, 0x0100, 2, 0, 0, 0) + query("helloworld")[12:] * 2, 1),  # two questions
+    (struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"\x0ahelloworld", 1),  # cut in the name
+    (struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"\x0ahelloworld\0\0", 1),  # cut in the type
+    (struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c\0\0\1\0\1", 1),  # compression loop
+    (struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63
+     + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\0\0\1\0\1", 1),  # name over 255 bytes
+    (struct.pack("!6H", 1, 0x2900, 1, 0, 0, 0) + query("helloworld")[12:], 4),  # UPDATE
+    (query("helloworld", qclass=3), 5),  # CHAOS class
+])
+def test_dns_malformed_queries_get_an_error_code(packet, rcode):
+    ident, got, addresses = parse_reply(cloudlet.dns_answer(packet, RECORDS))
+    assert (ident, got, addresses) == (1 if rcode != 5 else 0x1234, rcode, [])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=600))
+def test_dns_never_raises_on_hostile_bytes(packet):
+    reply = cloudlet.dns_answer(packet, RECORDS)
+    if reply is not None:
+        assert reply[:2] == packet[:2] and len(reply) <= 12 + len(packet) + 16
+        parse_reply(reply)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=63), min_size=1, max_size=4), st.integers(0, 65535))
+def test_dns_any_well_formed_question_is_answered(labels, qtype):
+    packet = struct.pack("!6H", 7, 0, 1, 0, 0, 0) + b"".join(bytes([len(x)]) + x for x in labels) + b"\0" + struct.pack("!HH", qtype, 1)
+    ident, rcode, addresses = parse_reply(cloudlet.dns_answer(packet, RECORDS))
+    known = b".".join(labels).lower() in RECORDS
+    assert (ident, rcode) == (7, 0 if known else 3)
+    assert addresses == ([RECORDS[b".".join(labels).lower()]] if known and qtype in (1, 255) else [])
+
+
+def test_dns_server_on_loopback_answers_and_survives_garbage():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        thread = threading.Thread(target=cloudlet.serve_dns, args=(server, RECORDS), daemon=True)
+        thread.start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"\xff" * 3, server.getsockname())
+            client.sendto(query("helloworld"), server.getsockname())
+            assert parse_reply(client.recv(512)) == (0x1234, 0, [cloudlet.HELLOWORLD_ADDRESS])
+        try:
+            server.shutdown(socket.SHUT_RD)  # wakes the server up, then says ENOTCONN
+        except OSError:
+            pass
+    thread.join(5)
+    assert not thread.is_alive()
