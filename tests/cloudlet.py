@@ -435,8 +435,11 @@ class WireGuardServer:
         datapath.start()
         return datapath
 
-    def tunnel_config(self, client_key):
-        """The deploy answer's `TunnelConfig` for `client_key` (32 raw bytes)."""
+    def tunnel_config_for(self, uuid, client_key):
+        """The deploy answer's `TunnelConfig` for `client_key` (32 raw bytes).
+
+        Every backend `uuid` is served from the same namespace.
+        """
         import base64
 
         if len(client_key) != 32:
