@@ -31,6 +31,7 @@ DNS_ADDRESS = ipaddress.ip_address("10.43.0.10")
 HELLOWORLD_ADDRESS = ipaddress.ip_address("10.43.0.20")
 CLOUDLET_NETWORK = ipaddress.ip_network("10.43.0.0/16")
 CLIENT_NETWORK = ipaddress.ip_network("10.44.0.0/16")
+HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 KUBERNETES_NAMESPACE = "helloworld"
 SEARCH_DOMAINS = (
     f"{KUBERNETES_NAMESPACE}.svc.cluster.local",
@@ -397,6 +398,32 @@ class _WireGuardGoResponder:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+class _DatapathResponder:
+    """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
+
+    def __init__(self, tun_fd, private_key, peer_public_key, allowed_ips, host):
+        self._tun_fd = tun_fd
+        try:
+            sys.path.insert(0, _REPO_ROOT)
+            from sinfonia_tier3 import Datapath
+
+            self._datapath = Datapath(
+                tun_fd, private_key, peer_public_key,
+                allowed_ips=allowed_ips, listen=(host, 0),
+            )
+            self._datapath.start()
+        except BaseException:
+            os.close(tun_fd)
+            raise
+        self.listen_port = self._datapath.listen_port
+
+    def stop(self):
+        try:
+            self._datapath.stop()
+        finally:
+            os.close(self._tun_fd)
+
+
 class WireGuardServer:
     """The cloudlet's WireGuard side: one responder per client key.
 
@@ -425,15 +452,7 @@ class WireGuardServer:
             return _WireGuardGoResponder(
                 tun_fd, tun_name, self._private_key, client_key, allowed
             )
-        sys.path.insert(0, _REPO_ROOT)
-        from sinfonia_tier3 import Datapath
-
-        datapath = Datapath(
-            tun_fd, self._private_key, client_key,
-            allowed_ips=allowed, listen=(self.host, 0),
-        )
-        datapath.start()
-        return datapath
+        return _DatapathResponder(tun_fd, self._private_key, client_key, allowed, self.host)
 
     def tunnel_config_for(self, uuid, client_key):
         """The deploy answer's `TunnelConfig` for `client_key` (32 raw bytes).

@@ -11,8 +11,7 @@ import ipaddress
 import os
 import socket
 import struct
-import subprocess
-import sys
+import shutil
 import threading
 
 import pytest
@@ -20,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cloudlet
+from netns import Namespace, WireguardGo, generate_keypair, missing_requirements
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -133,3 +133,75 @@ def test_dns_server_on_loopback_answers_and_survives_garbage():
             pass
     thread.join(5)
     assert not thread.is_alive()
+
+
+# The cloudlet's namespace and WireGuard side ##################################
+
+needs_root = pytest.mark.skipif(
+    bool(missing_requirements("wireguard-go", "wg", "curl")),
+    reason=missing_requirements("wireguard-go", "wg", "curl") or "ok",
+)
+
+
+def wireguard4netns_missing():
+    try:
+        cloudlet._wireguard_go_binary()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+@pytest.fixture
+def client_namespace():
+    """A client network namespace whose resolv.conf (`ip netns exec` mounts it)
+    points at the cloudlet's DNS, as sinfonia-tier3 sets it up."""
+    with Namespace("st3cl") as namespace:
+        etc = f"/etc/netns/{namespace.name}"
+        os.makedirs(etc)
+        try:
+            with open(f"{etc}/resolv.conf", "w") as f:
+                f.write(f"nameserver {cloudlet.DNS_ADDRESS}\n")
+                f.write(f"search {' '.join(cloudlet.SEARCH_DOMAINS)}\n")
+            yield namespace
+        finally:
+            shutil.rmtree(etc)
+
+
+def endpoint_of(config):
+    host, _, port = config["endpoint"].rpartition(":")
+    return host, int(port)
+
+
+def curl(namespace, url="http://helloworld/"):
+    return namespace.run(["curl", "-sS", "--max-time", "10", url], timeout=20)
+
+
+def greeting(config):
+    address = ipaddress.ip_interface(config["address"][0]).ip
+    return f"Hello from the sinfonia test cloudlet!\nYour tunnel address is {address}.\n"
+
+
+@pytest.mark.e2e
+@needs_root
+@pytest.mark.parametrize("implementation", ["sinfonia", "wireguard-go"])
+def test_a_wireguard_go_client_reaches_helloworld_by_name(implementation, client_namespace):
+    if implementation == "wireguard-go" and wireguard4netns_missing():
+        pytest.skip(wireguard4netns_missing())
+    private, public = generate_keypair()
+    with cloudlet.WireGuardServer(implementation) as server:
+        config = server.tunnel_config_for(cloudlet.HELLOWORLD, public)
+        assert config["endpoint"].startswith("127.0.0.1:")
+        assert config["dns"] == [str(cloudlet.DNS_ADDRESS), *cloudlet.SEARCH_DOMAINS]
+        with WireguardGo(client_namespace, config["address"], private_key=private) as client:
+            client_namespace.ip("route", "add", *config["allowedIPs"], "dev", client.name)
+            client.set_peer(
+                server.public_key, endpoint=endpoint_of(config), allowed_ips=config["allowedIPs"]
+            )
+            page = curl(client_namespace)
+            fqdn = f"helloworld.{cloudlet.KUBERNETES_NAMESPACE}.svc.cluster.local"
+            page_by_fqdn = curl(client_namespace, f"http://{fqdn}/")
+            unknown = client_namespace.run(
+                ["curl", "-sS", "--max-time", "10", "http://nosuchservice/"], check=False
+            )
+    assert page == page_by_fqdn == greeting(config)
+    assert unknown == ""
