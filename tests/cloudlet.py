@@ -14,6 +14,12 @@ port nobody listens on; a real WireGuard server object with the same method
 replaces it where a tunnel must come up.
 
     python3 tests/cloudlet.py serve [--port N] [--misbehave NAME]
+    python3 tests/cloudlet.py demo [--wireguard wireguard-go]
+
+`WireGuardServer` (section "WireGuard server, backend and DNS") is the real
+WireGuard side: a namespace made without root with the `helloworld` backend and
+the cluster DNS in it, and one WireGuard responder per client key. `demo` runs
+sinfonia-tier3 with `curl http://helloworld/` through it, in one command.
 """
 
 import argparse
@@ -817,6 +823,31 @@ class WireGuardServer:
         self.close()
 
 
+def run_demo(implementation="sinfonia", timeout=120):
+    """Start a cloudlet, run sinfonia-tier3 with curl against it, stop.
+
+    The page curl got goes to stdout, the tool's progress to stderr; returns
+    the tool's exit status. The client key lives in a temporary cache, so the
+    demo leaves nothing behind.
+    """
+    with WireGuardServer(implementation) as wireguard, Cloudlet(wireguard=wireguard) as api:
+        command = ["curl", "-sS", "http://helloworld/"]
+        print(f"$ sinfonia-tier3 {api.url} helloworld -- {' '.join(command)}",
+              file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as cache:
+            tool = os.path.join(_REPO_ROOT, "sinfonia_tier3.py")
+            try:
+                return subprocess.run(
+                    [sys.executable, tool, api.url, "helloworld", "--", *command],
+                    env=dict(os.environ, XDG_CACHE_HOME=cache),
+                    timeout=timeout,
+                    check=False,
+                ).returncode
+            except subprocess.TimeoutExpired:
+                print(f"demo: no answer within {timeout} s", file=sys.stderr)
+                return 124
+
+
 def _serve(argv=None):
     parser = argparse.ArgumentParser(
         prog="cloudlet.py", description=__doc__.split("\n\n")[0]
@@ -826,7 +857,16 @@ def _serve(argv=None):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--misbehave", choices=sorted(MISBEHAVIOURS))
+    demo = sub.add_parser(
+        "demo", help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet"
+    )
+    demo.add_argument(
+        "--wireguard", choices=("sinfonia", "wireguard-go"), default="sinfonia",
+        help="the cloudlet's WireGuard server (default: our own responder)",
+    )
     options = parser.parse_args(argv)
+    if options.action == "demo":
+        return run_demo(options.wireguard)
     cloudlet = Cloudlet(host=options.host, port=options.port)
     cloudlet.misbehaviour = options.misbehave
     with cloudlet:
@@ -840,4 +880,4 @@ def _serve(argv=None):
 
 
 if __name__ == "__main__":
-    _serve()
+    sys.exit(_serve())

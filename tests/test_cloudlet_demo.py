@@ -9,16 +9,17 @@ made with tests/netns.py.
 
 import ipaddress
 import os
+import shutil
 import socket
 import struct
-import shutil
+import subprocess
+import sys
 import threading
 
+import cloudlet
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import cloudlet
 from netns import Namespace, WireguardGo, generate_keypair, missing_requirements
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -205,3 +206,52 @@ def test_a_wireguard_go_client_reaches_helloworld_by_name(implementation, client
             )
     assert page == page_by_fqdn == greeting(config)
     assert unknown == ""
+
+
+@pytest.mark.e2e
+@needs_root
+def test_each_client_key_gets_its_own_address_and_responder_and_keeps_them():
+    keys = [generate_keypair()[1] for _ in range(10)]
+    with cloudlet.WireGuardServer("sinfonia") as server:
+        configs = [server.tunnel_config_for(cloudlet.HELLOWORLD, key) for key in keys]
+        again = server.tunnel_config_for(cloudlet.HELLOWORLD, keys[3])
+    assert len({c["address"][0] for c in configs}) == 10
+    assert len({c["endpoint"] for c in configs}) == 10
+    assert all(ipaddress.ip_interface(c["address"][0]) in cloudlet.CLIENT_NETWORK for c in configs)
+    assert again == configs[3]
+
+
+# The tool itself, through the cloudlet ########################################
+
+
+def run_tool(url, *command, timeout=60):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "sinfonia_tier3.py"), url, "helloworld", "--", *command],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+@pytest.mark.e2e
+@needs_root
+@pytest.mark.parametrize("implementation", ["sinfonia", "wireguard-go"])
+def test_sinfonia_tier3_curls_helloworld_through_the_cloudlet(implementation):
+    if implementation == "wireguard-go" and wireguard4netns_missing():
+        pytest.skip(wireguard4netns_missing())
+    with cloudlet.WireGuardServer(implementation) as server, cloudlet.Cloudlet(wireguard=server) as api:
+        first = run_tool(api.url, "curl", "-sS", "--max-time", "10", "http://helloworld/")
+        again = run_tool(api.url, "curl", "-sS", "--max-time", "10", "http://helloworld/")
+    assert (first.returncode, first.stderr) == (0, first.stderr)
+    assert first.stdout.startswith("Hello from the sinfonia test cloudlet!\nYour tunnel address is 10.44.")
+    assert again.stdout == first.stdout, "the same key gets the same deployment and address"
+
+
+@pytest.mark.e2e
+@needs_root
+def test_the_demo_command_prints_the_page():
+    demo = subprocess.run(
+        [sys.executable, os.path.join(HERE, "cloudlet.py"), "demo"],
+        capture_output=True, text=True, timeout=150, check=False,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout == "Hello from the sinfonia test cloudlet!\nYour tunnel address is 10.44.0.2.\n"
+    assert "sinfonia-tier3 http://127.0.0.1:" in demo.stderr
