@@ -64,8 +64,8 @@ class Tool:
         self.python = sessions.user_python() if as_user else sys.executable
         self._caches = 0
 
-    def argv(self, url, *args):
-        argv = [self.python, TOOL, url, "helloworld", *args]
+    def argv(self, url, *args, options=()):
+        argv = [self.python, TOOL, *options, url, "helloworld", *args]
         return sessions.as_user(argv) if self.as_user else argv
 
     def env(self, cache="cache", **extra):
@@ -75,14 +75,14 @@ class Tool:
             env["HOME"] = self.scratch
         return env
 
-    def start(self, url, *args, cache="cache", **kwargs):
+    def start(self, url, *args, cache="cache", options=(), **kwargs):
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(url, *args), env=self.env(cache), cwd=self.scratch,
+        return subprocess.Popen(self.argv(url, *args, options=options), env=self.env(cache), cwd=self.scratch,
                                 stdin=subprocess.DEVNULL, text=True, **kwargs)
 
-    def run(self, url, *args, timeout=60, cache="cache"):
-        process = self.start(url, *args, cache=cache)
+    def run(self, url, *args, timeout=60, cache="cache", options=()):
+        process = self.start(url, *args, cache=cache, options=options)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         finally:
@@ -133,8 +133,8 @@ def test_a_dead_endpoint_fails_before_the_application_starts(tool):
     # The default WireGuard side of the test cloudlet: an endpoint nobody serves.
     marker = os.path.join(tool.scratch, "started")
     with cloudlet.Cloudlet() as api:
-        code, _, stderr = tool.run(api.url, "--connect-timeout", "1", "--",
-                                        "touch", marker)
+        code, _, stderr = tool.run(api.url, "touch", marker,
+                                   options=["--connect-timeout", "1"])
     assert code == 125
     assert re.fullmatch(
         r"sinfonia-tier3: the cloudlet did not answer at its endpoint 127\.0\.0\.1:\d+ "
@@ -202,11 +202,16 @@ def _nacl_only_path(scratch):
 
 
 def _installed_script(scratch):
+    # Built offline from a copy of the project (needs setuptools and wheel).
+    project = os.path.join(scratch, "project")
+    os.mkdir(project)
+    for name in ("sinfonia_tier3.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(REPO, name), project)
     environment = os.path.join(scratch, "venv")
     venv.create(environment, system_site_packages=True, with_pip=False)
     python = os.path.join(environment, "bin", "python")
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install",
-                    "--quiet", "--no-deps", "--no-build-isolation", "--no-index", REPO],
+                    "--quiet", "--no-deps", "--no-build-isolation", "--no-index", project],
                    check=True, capture_output=True, timeout=300)
     return [os.path.join(environment, "bin", "sinfonia-tier3")], {}
 
