@@ -2604,6 +2604,8 @@ class _Namespace:
     """
 
     def __init__(self, interface, *, mtu=_DEFAULT_MTU):
+        import time
+
         self._channel, child_end = _Channel.pair()
         parent = os.getpid()
         pid = os.fork()
@@ -2611,6 +2613,7 @@ class _Namespace:
             self._channel.close()
             _run_namespace_child(child_end, parent, interface, mtu)
         child_end.close()
+        self.forked = time.monotonic()
         self.pid = pid
         self.interface = interface
         self._status = None
@@ -2737,10 +2740,19 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
     """
     if tunnel != "userspace":
         raise TunnelError(f"the {tunnel} tunnel backend is not available")
+    import time
+
     if namespace is None:
         namespace = _Namespace(_TunInside(), mtu=mtu)
+
+    def progress(what):
+        if debug:
+            elapsed = (time.monotonic() - namespace.forked) * 1000
+            _debug(f"{what} ({elapsed:.0f} ms after the namespace child was forked)")
+
     with namespace:
         _, fds = namespace.expect("interface")
+        progress("TUN device ready")
         if len(fds) != 1:
             raise TunnelError("the application's namespace sent no TUN device")
         tun_fd = fds[0]
@@ -2763,6 +2775,7 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
             try:
                 datapath.start()
                 namespace.expect("configured")
+                progress("addresses, routes and resolv.conf in place")
                 try:
                     datapath.wait_for_handshake(connect_timeout)
                 except TunnelError as e:
@@ -2777,6 +2790,9 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
                 if not command:
                     command = [env.get("SHELL") or "/bin/sh"]
                     env["PS1"] = _SHELL_PROMPT
+                    # bash sets PS1 in its rc files; this sets it back each time
+                    env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
+                progress(f"handshake with {endpoint} done; starting {command[0]}")
                 namespace.start(command, env)
                 return namespace.wait()
             finally:

@@ -165,10 +165,12 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
         assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
 
 
-def test_no_command_gives_an_interactive_shell_with_job_control(tool):
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell):
+    # bash reads /etc/bash.bashrc, which sets a prompt of its own.
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
-        env = tool.env(SHELL="/bin/sh", TERM="dumb")
+        env = tool.env(SHELL=shell, TERM="dumb")
         status, shown = sessions.run_in_terminal([
             "env", "-i", *(f"{name}={env[name]}" for name in
                            ("XDG_CACHE_HOME", "HOME", "SHELL", "PATH", "TERM") if name in env),
