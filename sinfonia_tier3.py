@@ -286,13 +286,13 @@ def _store_keypair(path, keypair, replace):
         raise KeyCacheError(f"key file {path}: {e.strerror}") from None
 
 
-def _load_or_create_keypair(uuid, cache_dir=None):
+def _load_or_create_keypair(uuid):
     """The keypair cached for application `uuid`, created on first use.
 
     Reusing it means the Tier 1 hands back the same deployment. `uuid` must
     be canonical (it names a file).
     """
-    directory = cache_dir or _key_cache_dir()
+    directory = _key_cache_dir()
     _prepare_key_cache_dir(directory)
     path = os.path.join(directory, uuid)
     for _attempt in range(3):
@@ -399,13 +399,18 @@ def _deploy_url(tier1_url, uuid, public_key, results):
 
 
 def _is_domain_name(text):
-    """Whether `text` is a syntactically valid DNS name (LDH labels)."""
+    """Whether `text` is a syntactically valid DNS name (LDH labels, the
+    last one not all digits, so that a bad IPv4 address is no name)."""
     import re
 
     name = text.removesuffix(".")
-    return 0 < len(name) <= 253 and all(
-        re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
-        for label in name.split(".")
+    return (
+        0 < len(name) <= 253
+        and not name.rpartition(".")[2].isdigit()
+        and all(
+            re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
+            for label in name.split(".")
+        )
     )
 
 
@@ -413,7 +418,8 @@ class _Validator:
     """Turns the parsed JSON of a deploy answer into Deployments; every
     problem is a BadResponseError naming the field's path."""
 
-    def __init__(self, client_public_key):
+    def __init__(self, uuid, client_public_key):
+        self.uuid = uuid
         self.client_public_key = client_public_key
 
     @staticmethod
@@ -465,6 +471,8 @@ class _Validator:
             app_uuid = str(uuid.UUID(self.member(obj, path, "UUID", str)))
         except ValueError:
             self.fail(f"{path}.UUID", "not a uuid")
+        if app_uuid != self.uuid:
+            self.fail(f"{path}.UUID", "not the requested application")
         application_key = self.key(obj, path, "ApplicationKey")
         if application_key != self.client_public_key:
             self.fail(f"{path}.ApplicationKey", "not this client's public key")
@@ -528,7 +536,7 @@ class _Validator:
         import ipaddress
 
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             self.fail(f"{path}.endpoint", "not host:port with a port 1-65535")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -536,8 +544,12 @@ class _Validator:
                 ipaddress.IPv6Address(host)
             except ValueError:
                 self.fail(f"{path}.endpoint", "not an IPv6 address in brackets")
-        elif not _is_domain_name(host):
-            self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
+            return host, int(port)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _is_domain_name(host):
+                self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
         return host, int(port)
 
 
@@ -549,7 +561,7 @@ def _json_type(value):
     return names.get(type(value), "number")
 
 
-def _parse_deployments(body, client_public_key):
+def _parse_deployments(body, uuid, client_public_key):
     """The deployments in a 200 answer's body (bytes); BadResponseError if
     the body is not UTF-8 JSON of the expected shape."""
     import json
@@ -573,7 +585,7 @@ def _parse_deployments(body, client_public_key):
         raise BadResponseError(
             "bad response from Tier 1: JSON nested too deeply"
         ) from None
-    return _Validator(client_public_key).deployments(data)
+    return _Validator(uuid, client_public_key).deployments(data)
 
 
 def _error_detail(content_type, body):
@@ -716,7 +728,7 @@ def _post_before(url, timeout, clock):
     worker = threading.Thread(target=work, name="sinfonia-tier1", daemon=True)
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
+    if worker.is_alive() or isinstance(outcome.get("error"), DeadlineError):
         raise DeadlineError(f"no complete answer from Tier 1 within {timeout:g} s")
     if "error" in outcome:
         raise outcome["error"]
@@ -759,7 +771,7 @@ def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=Fa
         raise BadResponseError(
             f"bad response from Tier 1: {_printable(content_type, 60)} instead of JSON"
         )
-    return _parse_deployments(body, keypair.public)
+    return _parse_deployments(body, uuid, keypair.public)
 
 
 def _debug(message):
@@ -2819,16 +2831,21 @@ def _deployments_json(deployments, keypair):
     return json.dumps(documents, indent=2)
 
 
-def _print_qrcode(text, style):
-    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
-    squares), as upstream draws it for the WireGuard Android app."""
+def _segno():
+    """The optional QR code library, or one line saying how to get it."""
     try:
         import segno
     except ImportError:
         raise UnavailableError(
             "--qrcode needs segno: pip install 'sinfonia-tier3[qr]'"
         ) from None
-    code = segno.make(text, mode="byte", encoding="utf-8", eci=True)
+    return segno
+
+
+def _print_qrcode(text, style):
+    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
+    squares), as upstream draws it for the WireGuard Android app."""
+    code = _segno().make(text, mode="byte", encoding="utf-8", eci=True)
     if style == "compact":
         code.terminal(out=sys.stdout, compact=True)
     else:
@@ -2872,8 +2889,10 @@ def _run(
         raise UnavailableError(
             "--zeroconf: discovery of a local Tier 2 is not built yet"
         )
-    if qrcode is not None and qrcode not in ("compact", "alt"):
-        raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+    if qrcode is not None:
+        if qrcode not in ("compact", "alt"):
+            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _segno()  # before deploying: the deployment would be wasted
     if not (config_debug or qrcode or as_json):
         # The namespace child sets itself up while Tier 1 answers.
         namespace = _Namespace(_TunInside(), mtu=mtu)
@@ -3010,7 +3029,7 @@ def _argument_parser():
         return int(text)
 
     def count(text):
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
         return int(text)
 
@@ -3109,6 +3128,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("sinfonia-tier3: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of --json or --qrcode went away (`| head`): end quietly,
+        # with the status of a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":
