@@ -372,6 +372,8 @@ def _report(cases, results, rss, args):
         f"{'set-up':36} {'HTTP MiB/s':>11} {'up Mbit/s':>10} {'down Mbit/s':>12}"
         f"  CPU s/GiB client end, server end"
     )
+    print("HTTP and down: server -> client; up: client -> server. The client end")
+    print("is ours in (a) and (b). CPU counts every byte moved (HTTP + both iperf3).\n")
     print(header)
     print("-" * len(header))
     for case in cases:
