@@ -62,7 +62,10 @@ _COOKIE_REFRESH_TIME = 120.0
 _REPLAY_WINDOW = 8192  # counters, a power of two; the whitepaper asks for >= 2048
 _INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
 _UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
+_HANDSHAKES_PER_SOURCE, _HANDSHAKE_BURST = 20, 5  # under load, per source host
 _QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
+_GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
+_GSO_BYTES = 65000  # and at most this many bytes
 
 _MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
 _INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
@@ -364,7 +367,8 @@ class _Sender:
         ]
         self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
                         for i in range(self.BATCH)]
-        self.full_views = {}  # message size -> per-slot views of that size
+        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_views = [view[:self.full_size] for view in self.slot_views]
 
     def install(self, keypair):
         """Use `keypair` from now on (None: forget keys); flush what waited."""
@@ -405,47 +409,44 @@ class _Sender:
             self._ask_for_handshake(now)
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
         key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
+        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
         counter = keypair.send_counter
-        views, segment, sent, data = [], 0, 0, False
+        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
         for i in range(count):
-            size = sizes[i]
-            padded = (size + 15) & ~15
-            if padded > mtu:
-                padded = max(mtu, size)
-            if padded != size:
-                start = i * capacity + _TRANSPORT_HEADER
-                buffer[start + size:start + padded] = bytes(padded - size)
-            data = data or size > 0
-            _TRANSPORT_HEAD.pack_into(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            size = padded = sizes[i]
+            if size & 15:
+                padded = (size + 15) & ~15
+                if padded > mtu:
+                    padded = max(mtu, size)
+                if padded != size:
+                    start = i * capacity + _TRANSPORT_HEADER
+                    buffer[start + size:start + padded] = bytes(padded - size)
+            if size:
+                data = True
+            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
             seal(handles[i], padded, key, counter)
             counter += 1
             message = padded + _TRANSPORT_HEADER + _TAG
             sent += message
-            if views and (message > segment or len(views) * segment + message > 65000):
-                self.emit(views, segment, self.endpoint)
-                views = []
-            if not views:
-                segment = message
-            views.append(self._view(i, message))
+            if run and (message > segment or run == limit):
+                emit(views, segment, endpoint)
+                views, run = [], 0
+            if not run:
+                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
+            views.append(full_views[i] if message == full_size else slot_views[i][:message])
+            run += 1
             if message < segment:  # a shorter message ends a GSO run
-                self.emit(views, segment, self.endpoint)
-                views = []
-        if views:
-            self.emit(views, segment, self.endpoint)
+                emit(views, segment, endpoint)
+                views, run = [], 0
+        if run:
+            emit(views, segment, endpoint)
         keypair.send_counter = counter
         counters = self.counters
         counters[_TX_BYTES] += sent
         counters[_LAST_SENT] = now
         if data:
             counters[_LAST_DATA_SENT] = now
-
-    def _view(self, i, size):
-        views = self.full_views.get(size)
-        if views is None:
-            if len(self.full_views) > 8:
-                return self.slot_views[i][:size]
-            views = self.full_views[size] = [view[:size] for view in self.slot_views]
-        return views[i]
 
     def _hold(self, sizes, count, now):
         for i in range(count):
@@ -522,6 +523,7 @@ class _Peer:
         self.load_window_start = -1e9
         self.load_count = 0
         self.under_load_until = -1e9
+        self.rate_buckets = {}  # source host -> (tokens, time), used under load
         # timer inputs (what was sent is in `counters`: the sender writes it)
         self.last_handshake = None  # monotonic time of the last completed handshake
         self.last_received = -1e9
@@ -579,27 +581,26 @@ class _Peer:
         inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
         open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
         packet_length, plain = self.allowed.packet_length, self.plain
-        window, too_many = _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
+        ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
         received = data = 0
-        last_index = None
+        keypair = None
         for start in range(0, size, segment):
-            end = start + segment
-            end = min(end, size)
+            end = min(start + segment, size)
             if end - start < _KEEPALIVE_SIZE:
                 continue
             kind, index, counter = unpack(inbox, start)
             if kind != _MSG_TRANSPORT:
                 if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
                     self._receive_handshake(bytes(inbox[start:end]), address, now)
-                    last_index = None  # keypairs may have changed
+                    keypair = None  # keypairs may have changed
                 continue
-            if index != last_index:
+            if keypair is None or index != keypair.local_index:
                 keypair = keypairs.get(index)
                 if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
-                    last_index = None
+                    keypair = None
                     continue
-                last_index, key, ring = index, keypair.receive_key, keypair.replay_ring
-            place = counter & (window - 1)
+                key, ring, unconfirmed = keypair.receive_key, keypair.replay_ring, keypair is self.next
+            place = counter & ring_mask
             if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
                 continue  # replayed, too old, or past the limit
             length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
@@ -609,7 +610,8 @@ class _Peer:
             ring[place] = counter
             keypair.replay_top = max(keypair.replay_top, counter)
             received += end - start
-            if keypair is self.next:
+            if unconfirmed:
+                unconfirmed = False
                 self._confirm_next(now)
             if length:
                 data = True
@@ -787,7 +789,7 @@ class _Peer:
             self.cookie_secret, self.cookie_secret_born = self.random(32), now
         cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
         if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
-            return True
+            return self._within_rate(address[0], now)
         from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
         nonce = self.random(24)
@@ -796,6 +798,19 @@ class _Peer:
         reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
         self.transmit(reply, address)
         return False
+
+    def _within_rate(self, host, now):
+        """Under load, even sources that proved their address get at most
+        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
+        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
+        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
+        if len(self.rate_buckets) >= 4096:
+            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
+        if tokens < 1:
+            self.rate_buckets[host] = (tokens, now)
+            return False
+        self.rate_buckets[host] = (tokens - 1, now)
+        return True
 
     # -- timers ---------------------------------------------------------------
 
@@ -869,6 +884,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
+_TUNSETOFFLOAD = 0x400454D0
 
 
 def _open_tun(name, vnet_hdr=False):
@@ -909,6 +925,26 @@ class _TunWriter:
     With a virtio_net_hdr on the device, consecutive segments of one TCP flow
     are coalesced into one GSO packet: one write instead of dozens.
     """
+
+    __slots__ = (
+        "buffer",
+        "fd",
+        "header_size",
+        "ip_size",
+        "key",
+        "layout",
+        "layouts",
+        "next_seq",
+        "plain",
+        "plain_view",
+        "segment",
+        "segments",
+        "seq_at",
+        "single_header",
+        "size",
+        "view",
+        "vnet_hdr",
+    )
 
     def __init__(self, tun_fd, plain, vnet_hdr):
         self.fd = tun_fd
@@ -1236,6 +1272,14 @@ class Datapath:
         self._clock = clock or time.monotonic
         self._tun_fd = tun_fd
         self._vnet_hdr = vnet_hdr
+        if vnet_hdr:
+            # Offloads off: the kernel hands us MTU-sized packets, whose
+            # encryption needs no splitting in Python (splitting costs more
+            # than the offload saves); writes may still carry GSO packets.
+            try:
+                fcntl.ioctl(tun_fd, _TUNSETOFFLOAD, 0)
+            except OSError as e:
+                raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
         self._mtu = mtu
         self._socket = sock = _udp_socket(listen, endpoint)
         self.listen_port = sock.getsockname()[1]
@@ -1280,11 +1324,21 @@ class Datapath:
 
         deadline = time.monotonic() + timeout
         while not self._counters[_LAST_HANDSHAKE_WALL]:
-            if not self._workers or any(os.waitpid(pid, os.WNOHANG)[0] for pid in self._workers):
+            if not self._workers or not self._running():
                 raise TunnelError("the WireGuard datapath is not running")
             if time.monotonic() >= deadline:
                 raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
             time.sleep(0.01)
+
+    def _running(self):
+        """Whether both workers are alive (one that ended is reaped)."""
+        for pid in list(self._workers):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self._workers.remove(pid)
+            except ChildProcessError:
+                self._workers.remove(pid)
+        return len(self._workers) == 2
 
     def stats(self):
         """Last handshake (epoch seconds or None), bytes both ways, peer endpoint."""
@@ -1301,16 +1355,16 @@ class Datapath:
         import signal
         import time
 
+        self._running()  # reap what already ended
         for pid in self._workers:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 2.0
+        while self._workers and time.monotonic() < deadline:
+            self._running()
+            time.sleep(0.005)
         for pid in self._workers:
-            while not os.waitpid(pid, os.WNOHANG)[0]:
-                if time.monotonic() >= deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.005)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         self._workers = []
         self._socket.close()
 
@@ -1330,6 +1384,12 @@ def _fork_worker(other_end, function, *args):
         signal.signal(signal.SIGTERM, _leave)
         function(*args)
         status = 0
+    except SystemExit:
+        status = 0
+    except BaseException:  # noqa: BLE001 - a worker must never return into the caller
+        import traceback
+
+        traceback.print_exc()
     finally:
         os._exit(status)
 
