@@ -645,16 +645,19 @@ def _wireguard_go_binary():
     That build accepts a TUN device living in another network namespace
     (WG_TUN_FD) and puts its UAPI socket in its working directory, so it runs
     without root; Debian's wireguard-go looks the device up in its own
-    namespace and fails.
+    namespace and fails. Only the binary is used (the package is not imported:
+    its dependencies pin an old pyroute2), so `pip install --no-deps
+    wireguard4netns` is enough.
     """
-    try:
-        import wireguard4netns
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("wireguard4netns")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the wireguard-go cloudlet needs the wireguard4netns wheel "
-            "(pip install wireguard4netns)"
-        ) from None
-    return os.path.join(os.path.dirname(wireguard4netns.__file__), "wireguard-go")
+            "(pip install --no-deps wireguard4netns)"
+        )
+    return os.path.join(spec.submodule_search_locations[0], "wireguard-go")
 
 
 class _WireGuardGoResponder:
