@@ -9,6 +9,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BadResponseError",
+    "Datapath",
     "DeadlineError",
     "Deployment",
     "KeyCacheError",
@@ -819,6 +820,806 @@ def _render_wg_quick(config, keypair, included_applications=()):
 
 # WireGuard protocol ##########################################################
 
+_WG_CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+_WG_IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+_WG_LABEL_MAC1 = b"mac1----"
+_WG_LABEL_COOKIE = b"cookie--"
+
+_REKEY_AFTER_MESSAGES = 1 << 60
+_REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+_REKEY_AFTER_TIME = 120.0
+_REJECT_AFTER_TIME = 180.0
+_REKEY_ATTEMPT_TIME = 90.0
+_REKEY_TIMEOUT = 5.0
+_REKEY_TIMEOUT_JITTER = 1 / 3
+_KEEPALIVE_TIMEOUT = 10.0
+_COOKIE_REFRESH_TIME = 120.0
+_REPLAY_WINDOW = 4096  # counters; the whitepaper asks for at least 2048
+_INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
+_UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
+_QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
+
+_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
+_INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
+_TRANSPORT_HEADER = 16
+_TAG = 16
+_KEEPALIVE_SIZE = _TRANSPORT_HEADER + _TAG
+_TAI64_BASE = (1 << 62) + 10
+_NO_KEY = b"\0" * 32
+
+
+def _hash(*parts):
+    import hashlib
+
+    h = hashlib.blake2s()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _mac(key, data):
+    import hashlib
+
+    return hashlib.blake2s(data, digest_size=16, key=key).digest()
+
+
+def _kdf(key, data, count):
+    """WireGuard's HKDF over HMAC-BLAKE2s: `count` 32-byte outputs."""
+    import hmac
+
+    prk = hmac.digest(key, data, "blake2s")
+    out, previous = [], b""
+    for i in range(1, count + 1):
+        previous = hmac.digest(prk, previous + bytes((i,)), "blake2s")
+        out.append(previous)
+    return out
+
+
+def _nonce(counter):
+    return b"\0\0\0\0" + counter.to_bytes(8, "little")
+
+
+def _seal(key, counter, plaintext, ad):
+    from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
+
+    return crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, _nonce(counter), key)
+
+
+def _open(key, counter, ciphertext, ad):
+    """The plaintext, or None when `ciphertext` does not authenticate."""
+    from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt
+    from nacl.exceptions import CryptoError
+
+    try:
+        return crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, _nonce(counter), key)
+    except CryptoError:
+        return None
+
+
+def _dh(private, public):
+    """X25519, or None for a public key of low order (all-zero shared secret)."""
+    from nacl.bindings import crypto_scalarmult
+    from nacl.exceptions import CryptoError
+
+    try:
+        shared = crypto_scalarmult(private, public)
+    except CryptoError:  # libsodium refuses low-order points
+        return None
+    return None if shared == _NO_KEY else shared
+
+
+def _public_key(private):
+    from nacl.bindings import crypto_scalarmult_base
+
+    return crypto_scalarmult_base(private)
+
+
+def _tai64n(nanoseconds):
+    seconds, nanos = divmod(nanoseconds, 1_000_000_000)
+    return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
+
+
+class _Keypair:
+    """Transport keys of one completed handshake, with counters and replay window.
+
+    The sending half (send_key, send_counter) is used by one sender only, the
+    receiving half by one receiver only, so the two can live in different
+    processes.
+    """
+
+    __slots__ = (
+        "created",
+        "initiator",
+        "local_index",
+        "receive_key",
+        "remote_index",
+        "replay_bits",
+        "replay_top",
+        "send_counter",
+        "send_key",
+    )
+
+    def __init__(self, send_key, receive_key, local_index, remote_index, created, initiator):
+        self.send_key = send_key
+        self.receive_key = receive_key
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.created = created
+        self.initiator = initiator
+        self.send_counter = 0
+        self.replay_top = -1  # greatest counter accepted so far
+        self.replay_bits = 0  # bit i set: counter replay_top - i was accepted
+
+    def replayed(self, counter):
+        """Whether `counter` must be refused: seen before, too old or past the limit."""
+        if counter >= _REJECT_AFTER_MESSAGES:
+            return True
+        behind = self.replay_top - counter
+        if behind < 0:
+            return False
+        return behind >= _REPLAY_WINDOW or (self.replay_bits >> behind) & 1
+
+    def accept(self, counter):
+        """Record `counter` (call only once its packet has authenticated)."""
+        ahead = counter - self.replay_top
+        if ahead > 0:
+            if ahead >= _REPLAY_WINDOW:
+                self.replay_bits = 1
+            else:
+                self.replay_bits = ((self.replay_bits << ahead) | 1) & _REPLAY_MASK
+            self.replay_top = counter
+        else:
+            self.replay_bits |= 1 << -ahead
+
+
+_REPLAY_MASK = (1 << _REPLAY_WINDOW) - 1
+
+
+class _Handshake:
+    """The initiator's half-done handshake, waiting for the response."""
+
+    __slots__ = ("chain", "ephemeral", "hash", "local_index", "mac1", "sent", "started")
+
+    def __init__(self, local_index, ephemeral, chain, hash_, mac1, started, sent):
+        self.local_index = local_index
+        self.ephemeral = ephemeral
+        self.chain = chain
+        self.hash = hash_
+        self.mac1 = mac1
+        self.started = started  # first attempt of this round (REKEY_ATTEMPT_TIME)
+        self.sent = sent
+
+
+class _AllowedIPs:
+    """Source-address filter for decrypted packets (the peer's allowed IPs)."""
+
+    def __init__(self, networks):
+        import ipaddress
+
+        self.v4, self.v6 = [], []
+        for network in networks:
+            network = ipaddress.ip_network(network, strict=False)
+            mask = int(network.netmask)
+            entry = (int(network.network_address) & mask, mask)
+            (self.v4 if network.version == 4 else self.v6).append(entry)
+
+    def packet_length(self, buffer, size):
+        """Length of the IP packet at the start of `buffer` (`size` bytes were
+        decrypted, padding included) when it is well formed and comes from an
+        allowed address; 0 when it must be dropped."""
+        if size < 20:
+            return 0
+        version = buffer[0] >> 4
+        if version == 4:
+            length = (buffer[2] << 8) | buffer[3]
+            if length < 20 or length > size:
+                return 0
+            source = _U32_BE.unpack_from(buffer, 12)[0]
+            for network, mask in self.v4:
+                if source & mask == network:
+                    return length
+        elif version == 6 and size >= 40:
+            length = 40 + ((buffer[4] << 8) | buffer[5])
+            if length > size:
+                return 0
+            high, low = _U64_PAIR_BE.unpack_from(buffer, 8)
+            source = (high << 64) | low
+            for network, mask in self.v6:
+                if source & mask == network:
+                    return length
+        return 0
+
+
+_U32_BE = struct.Struct(">I")
+_U64_PAIR_BE = struct.Struct(">QQ")
+_U32_LE = struct.Struct("<I")
+_U64_LE = struct.Struct("<Q")
+_TRANSPORT_HEAD = struct.Struct("<IIQ")  # type, receiver index, counter
+
+
+class _TransportCipher:
+    """ChaCha20-Poly1305 for transport data.
+
+    Fast path: libsodium through pynacl's cffi `lib` (not a public pynacl API,
+    hence guarded), sealing in place and opening into a preallocated buffer.
+    Fallback: `nacl.bindings`, plus a copy. Slots are what `slot()` returned.
+    """
+
+    def __init__(self, fast=True):
+        import nacl.bindings  # importing it runs sodium_init(): the fast ChaCha20
+        from nacl.exceptions import CryptoError
+
+        self._bindings = nacl.bindings
+        self._crypto_error = CryptoError
+        self.nonce = bytearray(12)
+        self.fast = False
+        if fast:
+            try:
+                from nacl._sodium import ffi, lib
+
+                self._encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
+                self._decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+                self._from_buffer = ffi.from_buffer
+                self._null = ffi.NULL
+                self._nonce_pointer = ffi.from_buffer(self.nonce)
+                self.fast = True
+            except (ImportError, AttributeError):
+                pass
+
+    def slot(self, buffer, offset):
+        """A handle on `buffer` at `offset` for `seal`."""
+        view = memoryview(buffer)[offset:]
+        return self._from_buffer(view) if self.fast else view
+
+    def seal(self, slot, length, key, counter):
+        """Encrypt `length` bytes at `slot` in place; the tag follows them."""
+        _U64_LE.pack_into(self.nonce, 4, counter)
+        if self.fast:
+            self._encrypt(slot, self._null, slot, length, self._null, 0,
+                          self._null, self._nonce_pointer, key)
+        else:
+            slot[:length + _TAG] = self._bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+                bytes(slot[:length]), None, bytes(self.nonce), key)
+
+    def open(self, ciphertext, key, counter, out):
+        """Decrypt memoryview `ciphertext` into handle `out`: plaintext length, or -1."""
+        size = len(ciphertext) - _TAG
+        _U64_LE.pack_into(self.nonce, 4, counter)
+        if self.fast:
+            if self._decrypt(out, self._null, self._null, self._from_buffer(ciphertext),
+                             size + _TAG, self._null, 0, self._nonce_pointer, key):
+                return -1
+            return size
+        try:
+            out[:size] = self._bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+                bytes(ciphertext), None, bytes(self.nonce), key)
+        except self._crypto_error:  # forged or corrupt
+            return -1
+        return size
+
+
+# Shared counters: written by the process that knows, read by the others.
+_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL = range(5)
+_COUNTERS = 5
+
+
+def _shared_counters(area=None):
+    """Doubles that forked processes share: the start of `area` (an mmap),
+    or of a new anonymous mmap."""
+    import mmap
+
+    counters = memoryview(area if area is not None else mmap.mmap(-1, 8 * _COUNTERS))
+    counters = counters[:8 * _COUNTERS].cast("d")
+    counters[_LAST_SENT] = counters[_LAST_DATA_SENT] = -1e9
+    return counters
+
+
+class _Sender:
+    """Encrypts outgoing IP packets: the only user of the send keys and counters.
+
+    Packets are read straight into `slots` (one per packet, room for the
+    transport header before and the tag after), sealed in place and handed to
+    `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
+    which is the shape UDP GSO wants. Without a usable keypair packets wait in
+    a short queue and `request_handshake()` asks for one.
+    """
+
+    BATCH = 64
+
+    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
+                 clock=None, endpoint=None, headroom=0):
+        import time
+
+        self.cipher = cipher
+        self.counters = counters
+        self.emit = emit
+        self.request_handshake = request_handshake
+        self.clock = clock or time.monotonic
+        self.mtu = mtu
+        self.endpoint = endpoint
+        self.keypair = None
+        self.queue = []
+        self.next_request = -1e9
+        self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
+        capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
+        self.capacity = capacity
+        self.buffer = bytearray(capacity * self.BATCH)
+        view = memoryview(self.buffer)
+        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(self.BATCH)]
+        self.read_views = [
+            [view[i * capacity + _TRANSPORT_HEADER - headroom:
+                  i * capacity + _TRANSPORT_HEADER + mtu]]
+            for i in range(self.BATCH)
+        ]
+        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
+                        for i in range(self.BATCH)]
+        self.full_views = {}  # message size -> per-slot views of that size
+
+    def install(self, keypair):
+        """Use `keypair` from now on (None: forget keys); flush what waited."""
+        self.keypair = keypair
+        if keypair is None:
+            return
+        queued, self.queue = self.queue, []
+        if queued:
+            for packet in queued:
+                self.send_packet(packet)
+        elif keypair.initiator:
+            self.keepalive()  # the responder needs a first packet to confirm
+
+    def set_endpoint(self, endpoint):
+        self.endpoint = endpoint
+
+    def keepalive(self):
+        """Send an empty transport message (if there is a keypair to seal it)."""
+        self.seal_batch([0], 1)
+
+    def send_packet(self, packet):
+        """Encrypt and send one IP packet given as bytes (slow path, tests)."""
+        size = len(packet)
+        self.slot_views[0][_TRANSPORT_HEADER:_TRANSPORT_HEADER + size] = packet
+        self.seal_batch([size], 1)
+
+    def seal_batch(self, sizes, count):
+        """Encrypt and send the `count` packets read into the slots."""
+        keypair = self.keypair
+        now = self.clock()
+        if (keypair is None or self.endpoint is None
+                or now - keypair.created >= _REJECT_AFTER_TIME
+                or keypair.send_counter + count >= _REJECT_AFTER_MESSAGES):
+            self._hold(sizes, count, now)
+            return
+        if keypair.initiator and (now - keypair.created >= _REKEY_AFTER_TIME
+                                  or keypair.send_counter >= _REKEY_AFTER_MESSAGES):
+            self._ask_for_handshake(now)
+        mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
+        key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        counter = keypair.send_counter
+        views, segment, sent, data = [], 0, 0, False
+        for i in range(count):
+            size = sizes[i]
+            padded = (size + 15) & ~15
+            if padded > mtu:
+                padded = max(mtu, size)
+            if padded != size:
+                start = i * capacity + _TRANSPORT_HEADER
+                buffer[start + size:start + padded] = bytes(padded - size)
+            data = data or size > 0
+            _TRANSPORT_HEAD.pack_into(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            seal(handles[i], padded, key, counter)
+            counter += 1
+            message = padded + _TRANSPORT_HEADER + _TAG
+            sent += message
+            if views and (message > segment or len(views) * segment + message > 65000):
+                self.emit(views, segment, self.endpoint)
+                views = []
+            if not views:
+                segment = message
+            views.append(self._view(i, message))
+            if message < segment:  # a shorter message ends a GSO run
+                self.emit(views, segment, self.endpoint)
+                views = []
+        if views:
+            self.emit(views, segment, self.endpoint)
+        keypair.send_counter = counter
+        counters = self.counters
+        counters[_TX_BYTES] += sent
+        counters[_LAST_SENT] = now
+        if data:
+            counters[_LAST_DATA_SENT] = now
+
+    def _view(self, i, size):
+        views = self.full_views.get(size)
+        if views is None:
+            if len(self.full_views) > 8:
+                return self.slot_views[i][:size]
+            views = self.full_views[size] = [view[:size] for view in self.slot_views]
+        return views[i]
+
+    def _hold(self, sizes, count, now):
+        for i in range(count):
+            if sizes[i] and len(self.queue) < _QUEUED_PACKETS:
+                start = _TRANSPORT_HEADER
+                self.queue.append(bytes(self.slot_views[i][start:start + sizes[i]]))
+        if count and (sizes[0] or self.keypair is None):
+            self._ask_for_handshake(now)
+
+    def _ask_for_handshake(self, now):
+        if now >= self.next_request:
+            self.next_request = now + 1.0
+            self.request_handshake()
+
+
+class _Peer:
+    """The WireGuard protocol for one peer: handshakes, cookies, keypairs, timers.
+
+    Pure state, no I/O: `clock` is injectable and every output goes through
+    the hooks, so tests drive two instances against each other in one process.
+    Hooks (set by the owner): `transmit(datagram, address)` sends a handshake
+    or cookie message; `sender` is the object encrypting outgoing data
+    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`).
+    """
+
+    def __init__(self, private_key, peer_public_key, *, preshared_key=None,
+                 allowed_ips=(), persistent_keepalive=0, endpoint=None,
+                 clock=None, wallclock_ns=None, random=os.urandom, cipher=None,
+                 counters=None):
+        import time
+
+        if len(private_key) != 32 or len(peer_public_key) != 32:
+            raise TunnelError("WireGuard keys must be 32 bytes")
+        if preshared_key is not None and len(preshared_key) != 32:
+            raise TunnelError("the WireGuard preshared key must be 32 bytes")
+        self.private_key = bytes(private_key)
+        self.public_key = _public_key(self.private_key)
+        self.peer_public_key = bytes(peer_public_key)
+        self.preshared_key = bytes(preshared_key) if preshared_key else _NO_KEY
+        self.static_secret = _dh(self.private_key, self.peer_public_key)
+        if self.static_secret is None:
+            raise TunnelError("the peer's WireGuard public key is invalid")
+        self.allowed = _AllowedIPs(allowed_ips)
+        self.persistent_keepalive = persistent_keepalive
+        self.endpoint = endpoint
+        self.clock = clock or time.monotonic
+        self.wallclock_ns = wallclock_ns or time.time_ns
+        self.random = random
+        self.transmit = None
+        self.sender = None
+        chain = _hash(_WG_CONSTRUCTION)
+        self.initial_chain = chain
+        self.initiation_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.peer_public_key)
+        self.responder_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.public_key)
+        self.mac1_key_out = _hash(_WG_LABEL_MAC1, self.peer_public_key)
+        self.mac1_key_in = _hash(_WG_LABEL_MAC1, self.public_key)
+        self.cookie_key_out = _hash(_WG_LABEL_COOKIE, self.peer_public_key)
+        self.cookie_key_in = _hash(_WG_LABEL_COOKIE, self.public_key)
+        # handshake and keypairs
+        self.handshake = None
+        self.current = self.previous = self.next = None
+        self.keypairs = {}  # local index -> _Keypair, for the receiving path
+        self.last_timestamp = b""
+        self.stamp_sent_ns = 0
+        self.last_initiation_consumed = -1e9
+        self.last_initiation_sent = -1e9
+        self.retransmit_at = None
+        self.last_response_mac1 = None  # (local index, mac1) of our last response
+        # cookies
+        self.cookie = None
+        self.cookie_received = -1e9
+        self.cookie_secret = random(32)
+        self.cookie_secret_born = self.clock()
+        self.load_window_start = -1e9
+        self.load_count = 0
+        self.under_load_until = -1e9
+        # timer inputs (what was sent is in `counters`: the sender writes it)
+        self.last_handshake = None  # monotonic time of the last completed handshake
+        self.last_received = -1e9
+        self.last_data_received = -1e9
+        self.unanswered_data = -1e9
+        self.counters = counters if counters is not None else _shared_counters()
+        self.cipher = cipher or _TransportCipher()
+        self.plain = bytearray(65536)
+        self.plain_handle = self.cipher.slot(self.plain, 0)
+
+    # -- handshake initiation -------------------------------------------------
+
+    def initiate(self, now=None, retry=False):
+        """Send a handshake initiation unless one went out within REKEY_TIMEOUT."""
+        now = self.clock() if now is None else now
+        if self.endpoint is None or (self.handshake is not None and not retry):
+            return
+        if not retry and now - self.last_initiation_sent < _REKEY_TIMEOUT:
+            return
+        ephemeral = self.random(32)
+        ephemeral_public = _public_key(ephemeral)
+        shared = _dh(ephemeral, self.peer_public_key)
+        chain = _kdf(self.initial_chain, ephemeral_public, 1)[0]
+        hash_ = _hash(self.initiation_hash, ephemeral_public)
+        chain, key = _kdf(chain, shared, 2)
+        static = _seal(key, 0, self.public_key, hash_)
+        hash_ = _hash(hash_, static)
+        chain, key = _kdf(chain, self.static_secret, 2)
+        self.stamp_sent_ns = max(self.wallclock_ns(), self.stamp_sent_ns + 1)
+        timestamp = _seal(key, 0, _tai64n(self.stamp_sent_ns), hash_)
+        hash_ = _hash(hash_, timestamp)
+        started = self.handshake.started if retry and self.handshake else now
+        self._forget_handshake()
+        index = self._new_index()
+        message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
+        message, mac1 = self._add_macs(message, now)
+        self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, started, now)
+        self.keypairs[index] = None  # reserved until the response or the next attempt
+        self.last_initiation_sent = now
+        jitter = _REKEY_TIMEOUT_JITTER * self.random(1)[0] / 255
+        self.retransmit_at = now + _REKEY_TIMEOUT + jitter
+        self._transmit(message, now)
+
+    # -- receiving ------------------------------------------------------------
+
+    def receive(self, datagram, address, now):
+        """Handle one datagram (a memoryview) from `address`.
+
+        Returns the length of the IP packet now at the start of `self.plain`
+        to be written to the TUN device, else 0 (handshake, keepalive, drop).
+        """
+        size = len(datagram)
+        if size < _KEEPALIVE_SIZE or datagram[1] or datagram[2] or datagram[3]:
+            return 0
+        if datagram[0] != _MSG_TRANSPORT:
+            self._receive_handshake(bytes(datagram), address, now)
+            return 0
+        _, index, counter = _TRANSPORT_HEAD.unpack_from(datagram)
+        keypair = self.keypairs.get(index)
+        if (keypair is None or keypair.replayed(counter)
+                or now - keypair.created >= _REJECT_AFTER_TIME):
+            return 0
+        length = self.cipher.open(datagram[_TRANSPORT_HEADER:], keypair.receive_key,
+                                  counter, self.plain_handle)
+        if length < 0:
+            return 0
+        keypair.accept(counter)
+        self.counters[_RX_BYTES] += size
+        self.last_received = now
+        if keypair is self.next:
+            self._confirm_next(now)
+        if address != self.endpoint:
+            self._roam(address)
+        if not length:
+            return 0
+        self.last_data_received = now
+        if (keypair.initiator and keypair is self.current and now - keypair.created
+                >= _REJECT_AFTER_TIME - _KEEPALIVE_TIMEOUT - _REKEY_TIMEOUT):
+            self.initiate(now)
+        return self.allowed.packet_length(self.plain, length)
+
+    def _receive_handshake(self, message, address, now):
+        kind, size = message[0], len(message)
+        if kind == _MSG_INITIATION and size == _INITIATION_SIZE:
+            if self._macs_pass(message, address, now):
+                self._consume_initiation(message, address, now)
+        elif kind == _MSG_RESPONSE and size == _RESPONSE_SIZE:
+            if self._macs_pass(message, address, now):
+                self._consume_response(message, address, now)
+        elif kind == _MSG_COOKIE and size == _COOKIE_SIZE:
+            self._consume_cookie(message, now)
+
+    def _consume_initiation(self, message, address, now):
+        """Responder: check an initiation, answer it, keep the keypair as `next`."""
+        import hmac
+
+        ephemeral = message[8:40]
+        chain = _kdf(self.initial_chain, ephemeral, 1)[0]
+        hash_ = _hash(self.responder_hash, ephemeral)
+        shared = _dh(self.private_key, ephemeral)
+        if shared is None:
+            return
+        chain, key = _kdf(chain, shared, 2)
+        static = _open(key, 0, message[40:88], hash_)
+        if static is None or not hmac.compare_digest(static, self.peer_public_key):
+            return
+        hash_ = _hash(hash_, message[40:88])
+        chain, key = _kdf(chain, self.static_secret, 2)
+        stamp = _open(key, 0, message[88:116], hash_)
+        if stamp is None or stamp <= self.last_timestamp:
+            return  # replayed or older than one already accepted
+        if now - self.last_initiation_consumed < 1 / _INITIATIONS_PER_SECOND:
+            return
+        hash_ = _hash(hash_, message[88:116])
+        ephemeral_private = self.random(32)
+        ephemeral_public = _public_key(ephemeral_private)
+        first = _dh(ephemeral_private, ephemeral)
+        second = _dh(ephemeral_private, self.peer_public_key)
+        if first is None or second is None:
+            return
+        self.last_timestamp = stamp
+        self.last_initiation_consumed = now
+        chain = _kdf(chain, ephemeral_public, 1)[0]
+        hash_ = _hash(hash_, ephemeral_public)
+        chain = _kdf(chain, first, 1)[0]
+        chain = _kdf(chain, second, 1)[0]
+        chain, tau, key = _kdf(chain, self.preshared_key, 3)
+        hash_ = _hash(hash_, tau)
+        empty = _seal(key, 0, b"", hash_)
+        remote_index = _U32_LE.unpack_from(message, 4)[0]
+        index = self._new_index()
+        response = struct.pack("<III", _MSG_RESPONSE, index, remote_index) + ephemeral_public + empty
+        response, mac1 = self._add_macs(response, now)
+        receive_key, send_key = _kdf(chain, b"", 2)
+        if self.next is not None:
+            self.keypairs.pop(self.next.local_index, None)
+        self.next = _Keypair(send_key, receive_key, index, remote_index, now, False)
+        self.keypairs[index] = self.next
+        self.last_response_mac1 = (index, mac1)
+        self.last_received = now
+        self._roam(address)
+        self._transmit(response, now)
+
+    def _consume_response(self, message, address, now):
+        """Initiator: finish the handshake; the new keypair is used at once."""
+        sender_index, receiver_index = struct.unpack_from("<II", message, 4)
+        handshake = self.handshake
+        if handshake is None or receiver_index != handshake.local_index:
+            return
+        ephemeral = message[12:44]
+        first = _dh(handshake.ephemeral, ephemeral)
+        second = _dh(self.private_key, ephemeral)
+        if first is None or second is None:
+            return
+        chain = _kdf(handshake.chain, ephemeral, 1)[0]
+        hash_ = _hash(handshake.hash, ephemeral)
+        chain = _kdf(chain, first, 1)[0]
+        chain = _kdf(chain, second, 1)[0]
+        chain, tau, key = _kdf(chain, self.preshared_key, 3)
+        hash_ = _hash(hash_, tau)
+        if _open(key, 0, message[44:60], hash_) != b"":
+            return
+        send_key, receive_key = _kdf(chain, b"", 2)
+        keypair = _Keypair(send_key, receive_key, handshake.local_index, sender_index, now, True)
+        self.handshake = None
+        self.retransmit_at = None
+        for old in (self.previous, self.next):
+            if old is not None:
+                self.keypairs.pop(old.local_index, None)
+        self.previous, self.current, self.next = self.current, keypair, None
+        self.keypairs[keypair.local_index] = keypair
+        self.last_received = now
+        self._roam(address)
+        self._handshake_complete(now)
+
+    def _confirm_next(self, now):
+        """Responder: the initiator used the new keypair, so it becomes current."""
+        if self.previous is not None:
+            self.keypairs.pop(self.previous.local_index, None)
+        self.previous, self.current, self.next = self.current, self.next, None
+        self._handshake_complete(now)
+
+    def _handshake_complete(self, now):
+        self.last_handshake = now
+        self.counters[_LAST_HANDSHAKE_WALL] = self.wallclock_ns() / 1e9
+        self.sender.install(self.current)
+
+    def _consume_cookie(self, message, now):
+        """Initiator (or responder): remember the cookie for mac2 of later messages."""
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
+        from nacl.exceptions import CryptoError
+
+        index = _U32_LE.unpack_from(message, 4)[0]
+        if self.handshake is not None and index == self.handshake.local_index:
+            mac1 = self.handshake.mac1
+        elif self.last_response_mac1 is not None and index == self.last_response_mac1[0]:
+            mac1 = self.last_response_mac1[1]
+        else:
+            return
+        try:
+            cookie = crypto_aead_xchacha20poly1305_ietf_decrypt(
+                message[32:64], mac1, message[8:32], self.cookie_key_out)
+        except CryptoError:  # not from our peer
+            return
+        self.cookie, self.cookie_received = cookie, now
+
+    # -- mac1, mac2 and cookies ---------------------------------------------
+
+    def _add_macs(self, message, now):
+        """`message` with mac1 and mac2 appended, and the mac1."""
+        mac1 = _mac(self.mac1_key_out, message)
+        message += mac1
+        if self.cookie is not None and now - self.cookie_received < _COOKIE_REFRESH_TIME:
+            return message + _mac(self.cookie, message), mac1
+        return message + bytes(16), mac1
+
+    def _macs_pass(self, message, address, now):
+        """Whether a handshake message may be processed: mac1 must be right, and
+        when under load mac2 too; otherwise under load a cookie reply goes back."""
+        import hmac
+
+        if not hmac.compare_digest(message[-32:-16], _mac(self.mac1_key_in, message[:-32])):
+            return False
+        if now - self.load_window_start >= 1.0:
+            self.load_window_start, self.load_count = now, 0
+        self.load_count += 1
+        if self.load_count > _UNDER_LOAD_HANDSHAKES:
+            self.under_load_until = now + 1.0
+        if now >= self.under_load_until:
+            return True
+        if now - self.cookie_secret_born >= _COOKIE_REFRESH_TIME:
+            self.cookie_secret, self.cookie_secret_born = self.random(32), now
+        cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
+        if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
+            return True
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
+        nonce = self.random(24)
+        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(
+            cookie, message[-32:-16], nonce, self.cookie_key_in)
+        reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
+        self.transmit(reply, address)
+        return False
+
+    # -- timers ---------------------------------------------------------------
+
+    def tick(self, now=None):
+        """Run the timer state machine; call it a few times a second."""
+        now = self.clock() if now is None else now
+        counters = self.counters
+        last_sent, last_data_sent = counters[_LAST_SENT], counters[_LAST_DATA_SENT]
+        handshake = self.handshake
+        if handshake is not None and now >= self.retransmit_at:
+            if now - handshake.started >= _REKEY_ATTEMPT_TIME:
+                self._forget_handshake()
+                self.retransmit_at = None
+            else:
+                self.initiate(now, retry=True)
+        if self.last_handshake is not None and now - self.last_handshake >= 3 * _REJECT_AFTER_TIME:
+            self._forget_keypairs()
+        if self.current is not None:
+            passive = (self.last_data_received > last_sent
+                       and now - self.last_data_received >= _KEEPALIVE_TIMEOUT)
+            persistent = (self.persistent_keepalive and now - max(last_sent, self.last_received)
+                          >= self.persistent_keepalive)
+            if passive or persistent:
+                self._keepalive(now)
+        elif (self.persistent_keepalive and self.handshake is None
+              and now - max(last_sent, self.last_received) >= self.persistent_keepalive):
+            self.initiate(now)
+        if (last_data_sent > self.last_received and last_data_sent > self.unanswered_data
+                and now - last_data_sent >= _KEEPALIVE_TIMEOUT + _REKEY_TIMEOUT):
+            self.unanswered_data = last_data_sent
+            self.initiate(now)
+
+    def _keepalive(self, now):
+        self.counters[_LAST_SENT] = now  # the sender confirms it when it sends
+        self.sender.keepalive()
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _transmit(self, message, now):
+        self.counters[_LAST_SENT] = now
+        self.transmit(message, self.endpoint)
+
+    def _roam(self, address):
+        """The peer authenticated from `address`: send there from now on."""
+        if address != self.endpoint:
+            self.endpoint = address
+            self.sender.set_endpoint(address)
+
+    def _new_index(self):
+        while True:
+            index = _U32_LE.unpack(self.random(4))[0]
+            if index not in self.keypairs:
+                return index
+
+    def _forget_handshake(self):
+        if self.handshake is not None:
+            if self.keypairs.get(self.handshake.local_index, 0) is None:
+                del self.keypairs[self.handshake.local_index]
+            self.handshake = None
+
+    def _forget_keypairs(self):
+        self.current = self.previous = self.next = None
+        self.keypairs = {index: None for index, kp in self.keypairs.items() if kp is None}
+        self.last_handshake = None
+        self.sender.install(None)
+
 
 # Datapath event loop #########################################################
 
@@ -848,7 +1649,1122 @@ def _open_tun(name, vnet_hdr=False):
     return fd
 
 
+_SOL_UDP = 17
+_UDP_SEGMENT = 103
+_UDP_GRO = 104
+_VNET_HEADER = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_VNET_HEADER_SIZE = _VNET_HEADER.size
+_VNET_NEEDS_CSUM = 1
+_VNET_GSO_TCPV4, _VNET_GSO_TCPV6 = 1, 4
+_TCP_ACK, _TCP_PSH = 0x10, 0x08
+_U16_BE = struct.Struct(">H")
+_COALESCE_LIMIT = 65535 - 1500  # bytes in one GSO packet written to the TUN
+
+
+class _TunWriter:
+    """Writes decrypted packets (left in `plain` by `_Peer.receive`) to the TUN.
+
+    With a virtio_net_hdr on the device, consecutive segments of one TCP flow
+    are coalesced into one GSO packet: one write instead of dozens.
+    """
+
+    def __init__(self, tun_fd, plain, vnet_hdr):
+        self.fd = tun_fd
+        self.plain = plain
+        self.plain_view = memoryview(plain)
+        self.vnet_hdr = vnet_hdr
+        self.single_header = bytes(_VNET_HEADER_SIZE)
+        self.buffer = bytearray(_VNET_HEADER_SIZE + 65536)
+        self.view = memoryview(self.buffer)
+        self.size = 0  # bytes of the IP packet being coalesced (0: none)
+        self.key = None
+        self.next_seq = 0
+        self.segment = 0
+        self.segments = 0
+        self.header_size = 0
+
+    def write(self, length):
+        """Queue (or write) the IP packet of `length` bytes at the start of `plain`."""
+        if not self.vnet_hdr:
+            self._write(self.plain_view[:length])
+            return
+        plain = self.plain
+        version = plain[0]
+        if version == 0x45 and plain[9] == 6 and not (plain[6] & 0x3F or plain[7]):
+            ip_size = 20
+        elif version >> 4 == 6 and plain[6] == 6:
+            ip_size = 40
+        else:
+            ip_size = 0
+        if ip_size and length >= ip_size + 20:
+            header_size = ip_size + (plain[ip_size + 12] >> 4) * 4
+            payload = length - header_size
+            flags = plain[ip_size + 13]
+            if payload > 0 and header_size <= length and flags & ~_TCP_PSH == _TCP_ACK:
+                seq = _U32_BE.unpack_from(plain, ip_size + 4)[0]
+                if ip_size == 20:
+                    key = plain[0:2] + plain[6:10] + plain[12:24] + plain[28:33] + plain[34:36] + plain[38:header_size]
+                else:
+                    key = plain[0:4] + plain[6:44] + plain[48:53] + plain[54:56] + plain[58:header_size]
+                if (self.size and key == self.key and seq == self.next_seq
+                        and payload <= self.segment
+                        and self.size + payload <= _COALESCE_LIMIT):
+                    start = _VNET_HEADER_SIZE + self.size
+                    self.buffer[start:start + payload] = self.plain_view[header_size:length]
+                    self.size += payload
+                    self.segments += 1
+                    self.next_seq = (seq + payload) & 0xFFFFFFFF
+                    if flags & _TCP_PSH or payload < self.segment:
+                        self.buffer[_VNET_HEADER_SIZE + ip_size + 13] |= flags & _TCP_PSH
+                        self.flush()
+                    return
+                self.flush()
+                if flags & _TCP_PSH:
+                    self._write_single(length)
+                    return
+                self.buffer[_VNET_HEADER_SIZE:_VNET_HEADER_SIZE + length] = self.plain_view[:length]
+                self.size, self.key, self.segment, self.segments = length, key, payload, 1
+                self.next_seq = (seq + payload) & 0xFFFFFFFF
+                self.header_size, self.ip_size = header_size, ip_size
+                return
+        self.flush()
+        self._write_single(length)
+
+    def flush(self):
+        """Write the packet being coalesced, as one GSO packet if it grew."""
+        size = self.size
+        if not size:
+            return
+        self.size = 0
+        buffer, ip = self.buffer, _VNET_HEADER_SIZE
+        if self.segments == 1:
+            buffer[:ip] = self.single_header
+            self._write(self.view[:ip + size])
+            return
+        ip_size = self.ip_size
+        tcp_size = size - ip_size
+        if ip_size == 20:
+            _U16_BE.pack_into(buffer, ip + 2, size)
+            _U16_BE.pack_into(buffer, ip + 10, 0)
+            _U16_BE.pack_into(buffer, ip + 10, 0xFFFF ^ _fold(sum(struct.unpack_from(">10H", buffer, ip))))
+            pseudo = sum(struct.unpack_from(">4H", buffer, ip + 12)) + 6 + tcp_size
+            gso_type = _VNET_GSO_TCPV4
+        else:
+            _U16_BE.pack_into(buffer, ip + 4, tcp_size)
+            pseudo = sum(struct.unpack_from(">16H", buffer, ip + 8)) + 6 + tcp_size
+            gso_type = _VNET_GSO_TCPV6
+        _U16_BE.pack_into(buffer, ip + ip_size + 16, _fold(pseudo))
+        _VNET_HEADER.pack_into(buffer, 0, _VNET_NEEDS_CSUM, gso_type, self.header_size,
+                               self.segment, ip_size, 16)
+        self._write(self.view[:ip + size])
+
+    def _write_single(self, length):
+        try:
+            os.writev(self.fd, (self.single_header, self.plain_view[:length]))
+        except OSError:
+            pass  # like a full queue on a NIC: the packet is lost
+
+    def _write(self, data):
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass  # like a full queue on a NIC: the packet is lost
+
+
+def _fold(total):
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+class _SenderLink:
+    """The control process's handle on the `_Sender` in the sending process."""
+
+    def __init__(self, sock, endpoint_area):
+        self.sock = sock
+        self.endpoint_area = endpoint_area
+
+    def install(self, keypair):
+        if keypair is not None:
+            keypair = (keypair.send_key, keypair.local_index, keypair.remote_index,
+                       keypair.created, keypair.initiator)
+        self._send(("install", keypair))
+
+    def set_endpoint(self, endpoint):
+        _store_endpoint(self.endpoint_area, endpoint)
+        self._send(("endpoint", endpoint))
+
+    def keepalive(self):
+        self._send(("keepalive",))
+
+    def _send(self, message):
+        import pickle
+
+        self.sock.send(pickle.dumps(message))
+
+
+def _store_endpoint(area, endpoint):
+    text = repr(endpoint[:2]).encode() if endpoint else b""
+    area[1:1 + len(text)] = text
+    area[0] = len(text)
+
+
+def _load_endpoint(area):
+    import ast
+
+    text = bytes(area[1:1 + area[0]]).decode()
+    if not text:
+        return None
+    host, port = ast.literal_eval(text)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, port
+
+
+def _udp_emitter(sock, gso):
+    """An `emit` for `_Sender`: one sendmsg per run of messages with UDP GSO."""
+    import errno
+
+    segment_option = struct.Struct("=H")
+    state = {"gso": gso}
+
+    def emit(views, segment, endpoint):
+        try:
+            if state["gso"] and len(views) > 1:
+                try:
+                    sock.sendmsg(views, [(_SOL_UDP, _UDP_SEGMENT, segment_option.pack(segment))],
+                                 0, endpoint)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                        return
+                    state["gso"] = False  # the kernel or device cannot: one by one
+            for view in views:
+                sock.sendto(view, endpoint)
+        except OSError:
+            pass  # unreachable or full: like any lost datagram
+
+    return emit
+
+
+def _receive_loop(peer, sock, tun_fd, link, parent_fd, vnet_hdr, gro):
+    """The control and decrypting process: UDP -> TUN, handshakes, timers."""
+    import select
+    import socket
+
+    poller = select.poll()
+    sock_fd, link_fd = sock.fileno(), link.fileno()
+    for fd in (sock_fd, link_fd, parent_fd):
+        poller.register(fd, select.POLLIN)
+    buffer = bytearray(65536)
+    view = memoryview(buffer)
+    writer = _TunWriter(tun_fd, peer.plain, vnet_hdr)
+    write, flush, receive, clock = writer.write, writer.flush, peer.receive, peer.clock
+    recvmsg_into = sock.recvmsg_into
+    ancillary = socket.CMSG_SPACE(4) if gro else 0
+    dontwait = socket.MSG_DONTWAIT
+    peer.initiate()
+    next_tick = 0.0
+    while True:
+        for fd, _ in poller.poll(100):
+            if fd == sock_fd:
+                now = clock()
+                for _ in range(256):  # bounded, so that timers keep running
+                    try:
+                        size, cmsgs, _, address = recvmsg_into((buffer,), ancillary, dontwait)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue  # e.g. ICMP errors reported on the socket
+                    segment = size
+                    if cmsgs:
+                        level, kind, data = cmsgs[0]
+                        if level == _SOL_UDP and kind == _UDP_GRO:
+                            segment = int.from_bytes(data[:4], sys.byteorder) or size
+                    for start in range(0, size, segment):
+                        end = start + segment
+                        length = receive(view[start:min(size, end)], address, now)
+                        if length:
+                            write(length)
+                flush()
+            elif fd == link_fd:
+                try:
+                    message = link.recv(4096, dontwait)
+                except BlockingIOError:
+                    continue
+                if message:  # the sender only ever asks for a handshake
+                    peer.initiate()
+            else:
+                return
+        now = clock()
+        if now >= next_tick:
+            next_tick = now + 0.1
+            peer.tick(now)
+
+
+def _send_loop(sender, tun_fd, link, parent_fd, vnet_hdr):
+    """The encrypting process: TUN -> UDP."""
+    import pickle
+    import select
+    import socket
+
+    poller = select.poll()
+    link_fd = link.fileno()
+    for fd in (tun_fd, link_fd, parent_fd):
+        poller.register(fd, select.POLLIN)
+    batch = sender.BATCH
+    sizes = [0] * batch
+    read_views = sender.read_views
+    readv, seal_batch = os.readv, sender.seal_batch
+    headroom = _VNET_HEADER_SIZE if vnet_hdr else 0
+    while True:
+        for fd, _ in poller.poll():
+            if fd == tun_fd:
+                count = batch
+                while count == batch:
+                    count = 0
+                    while count < batch:
+                        try:
+                            size = readv(tun_fd, read_views[count]) - headroom
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        if size > 0:
+                            sizes[count] = size
+                            count += 1
+                    if count:
+                        seal_batch(sizes, count)
+            elif fd == link_fd:
+                try:
+                    message = pickle.loads(link.recv(4096, socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    continue
+                if message[0] == "install":
+                    keypair = message[1]
+                    if keypair is not None:
+                        send_key, local_index, remote_index, created, initiator = keypair
+                        keypair = _Keypair(send_key, None, local_index, remote_index,
+                                           created, initiator)
+                    sender.install(keypair)
+                elif message[0] == "endpoint":
+                    sender.set_endpoint(message[1])
+                elif message[0] == "keepalive":
+                    sender.keepalive()
+            else:
+                return
+
+
+class Datapath:
+    """Userspace WireGuard between a TUN file descriptor and a UDP socket.
+
+    One peer. `start()` forks two worker processes that share the keys: one
+    encrypts TUN -> UDP, the other decrypts UDP -> TUN and runs handshakes
+    and timers; this object only watches them through shared counters.
+    """
+
+    def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
+                 allowed_ips=(), preshared_key=None, persistent_keepalive=0,
+                 listen=None, vnet_hdr=False, mtu=1420, clock=None):
+        import mmap
+        import time
+
+        self._clock = clock or time.monotonic
+        self._tun_fd = tun_fd
+        self._vnet_hdr = vnet_hdr
+        self._mtu = mtu
+        self._socket = sock = _udp_socket(listen, endpoint)
+        self.listen_port = sock.getsockname()[1]
+        self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
+        self._shared = mmap.mmap(-1, 8 * _COUNTERS + 256)
+        self._counters = _shared_counters(self._shared)
+        self._endpoint_area = memoryview(self._shared)[8 * _COUNTERS:]
+        _store_endpoint(self._endpoint_area, self._endpoint)
+        self._peer = _Peer(private_key, peer_public_key, preshared_key=preshared_key,
+                           allowed_ips=allowed_ips, persistent_keepalive=persistent_keepalive,
+                           endpoint=self._endpoint, clock=self._clock, counters=self._counters)
+        self._gso = _try_setsockopt(sock, _SOL_UDP, _UDP_SEGMENT, 0)
+        self._gro = _try_setsockopt(sock, _SOL_UDP, _UDP_GRO, 1)
+        self._workers = []
+        self._parent_fd = None
+
+    def start(self):
+        """Fork the two workers; with an endpoint the handshake starts at once."""
+        import socket
+
+        if self._workers:
+            return
+        control, data = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent_read, self._parent_fd = os.pipe()
+        peer, sock = self._peer, self._socket
+        sender = _Sender(peer.cipher, self._counters, _udp_emitter(sock, self._gso),
+                         lambda: data.send(b"handshake"), mtu=self._mtu, clock=self._clock,
+                         endpoint=self._endpoint,
+                         headroom=_VNET_HEADER_SIZE if self._vnet_hdr else 0)
+        peer.transmit = lambda message, address: _send_quietly(sock, message, address)
+        peer.sender = _SenderLink(control, self._endpoint_area)
+        self._workers.append(_fork_worker(
+            _send_loop, sender, self._tun_fd, data, parent_read, self._vnet_hdr))
+        self._workers.append(_fork_worker(
+            _receive_loop, peer, sock, self._tun_fd, control, parent_read,
+            self._vnet_hdr, self._gro))
+        os.close(parent_read)
+        control.close()
+        data.close()
+
+    def wait_for_handshake(self, timeout):
+        """Return once a handshake has completed; TunnelError after `timeout` s."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self._counters[_LAST_HANDSHAKE_WALL]:
+            if not self._workers or any(os.waitpid(pid, os.WNOHANG)[0] for pid in self._workers):
+                raise TunnelError("the WireGuard datapath is not running")
+            if time.monotonic() >= deadline:
+                raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
+            time.sleep(0.01)
+
+    def stats(self):
+        """Last handshake (epoch seconds or None), bytes both ways, peer endpoint."""
+        counters = self._counters
+        return {
+            "last_handshake": counters[_LAST_HANDSHAKE_WALL] or None,
+            "rx_bytes": int(counters[_RX_BYTES]),
+            "tx_bytes": int(counters[_TX_BYTES]),
+            "endpoint": _load_endpoint(self._endpoint_area),
+        }
+
+    def stop(self):
+        """End the workers and close the socket; safe to call more than once."""
+        import signal
+        import time
+
+        if self._parent_fd is not None:
+            os.close(self._parent_fd)  # the workers see EOF and leave
+            self._parent_fd = None
+        deadline = time.monotonic() + 2.0
+        for pid in self._workers:
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() >= deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.005)
+        self._workers = []
+        self._socket.close()
+
+
+def _fork_worker(function, *args):
+    """Run `function(*args)` in a child process; it never returns to the caller."""
+    import signal
+
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the session ends us, not Ctrl-C
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        function(*args)
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def _send_quietly(sock, message, address):
+    try:
+        sock.sendto(message, address)
+    except OSError:
+        pass  # unreachable: the retransmission timer tries again
+
+
+def _try_setsockopt(sock, level, option, value):
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True
+
+
+def _udp_socket(listen, endpoint):
+    """The UDP socket: bound to `listen`, or to the wildcard of the endpoint's family."""
+    import socket
+
+    if listen is not None:
+        host, port = listen
+    else:
+        host, port = "", 0
+    family = socket.AF_INET6
+    if host:
+        try:
+            family = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0][0]
+        except OSError as e:
+            raise TunnelError(f"cannot resolve listen address {host}: {e}") from None
+    elif endpoint is not None:
+        try:
+            family = socket.getaddrinfo(endpoint[0], endpoint[1], 0, socket.SOCK_DGRAM)[0][0]
+        except OSError as e:
+            raise TunnelError(f"cannot resolve WireGuard endpoint {endpoint[0]}: {e}") from None
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and not host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+            if not _try_setsockopt(sock, socket.SOL_SOCKET, forced, 4 << 20):
+                _try_setsockopt(sock, socket.SOL_SOCKET, option, 4 << 20)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    except OSError as e:
+        sock.close()
+        raise TunnelError(f"cannot bind the WireGuard UDP socket: {e.strerror}") from None
+    return sock
+
+
+def _resolve_endpoint(sock, endpoint):
+    """`endpoint` (host, port) as a socket address `sock` can send to."""
+    import socket
+
+    host, port = endpoint
+    try:
+        results = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+    except OSError as e:
+        raise TunnelError(f"cannot resolve WireGuard endpoint {host}: {e}") from None
+    for family, _, _, _, address in results:
+        if family == sock.family:
+            return address
+    for family, _, _, _, address in results:
+        if family == socket.AF_INET and sock.family == socket.AF_INET6:
+            return ("::ffff:" + address[0], address[1], 0, 0)
+    raise TunnelError(f"WireGuard endpoint {host} has no address the socket can reach")
+
+
 # Namespace runner ############################################################
+#
+# The application runs in a tree of processes forked from the tool:
+#
+#   tool (caller's namespaces: datapath, Tier 1)
+#    `- holder: unshares user+net+mount+PID namespaces, waits for init
+#        `- init: PID 1 of the new PID namespace; sets up the network, /proc
+#            |    and resolv.conf, reaps orphans, passes signals on
+#            `- application (exec'd as the caller, without capabilities)
+#
+# Tool and namespace talk over a SOCK_SEQPACKET pair: JSON messages, and the
+# TUN descriptor as SCM_RIGHTS. Each child dies with its parent
+# (PR_SET_PDEATHSIG), and everything in a PID namespace dies with its init,
+# so nothing outlives the tool. The child is forked early and prepares what it
+# can (namespaces, pyroute2, the interface) while the tool is still talking to
+# Tier 1; the addresses, routes and command follow when they are known.
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_NOEXEC = 0x8
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_MNT_DETACH = 0x2
+_IFA_F_NODAD = 0x02
+
+_RESOLV_CONF = "/etc/resolv.conf"
+# Local resolver services reached through a socket file, not resolv.conf: hidden
+# inside the namespace so that names go to the cloudlet's DNS.
+_RESOLVER_SOCKET_DIRS = ("/run/systemd/resolve", "/run/nscd")
+_SHELL_PROMPT = "sinfonia$ "
+_DEFAULT_MTU = 1420
+_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
+_DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for the first handshake
+_SETUP_TIMEOUT = 30.0
+_MAX_MESSAGE = 1 << 20
+
+
+def _libc_call(name, *args):
+    """Call a libc function that Python lacks; OSError on failure."""
+    import ctypes
+
+    function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    if function(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _unshare(flags):
+    unshare = getattr(os, "unshare", None)  # Python 3.12+
+    if unshare is not None:
+        unshare(flags)
+    else:
+        _libc_call("unshare", flags)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _libc_call(
+        "mount",
+        source and source.encode(),
+        target.encode(),
+        fstype and fstype.encode(),
+        flags,
+        data and data.encode(),
+    )
+
+
+def _die_with_parent(parent_pid):
+    """SIGKILL this process when its parent ends, even if that already happened."""
+    _libc_call("prctl", _PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(125)
+
+
+def _exit_status(wait_status):
+    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return code if code >= 0 else 128 - code
+
+
+class _CommandError(SinfoniaError):
+    """The application could not be started: 126 not executable, 127 not found."""
+
+    kind = "command"
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class _Channel:
+    """One end of the conversation between the tool and its namespace child:
+    JSON messages, with file descriptors attached when needed."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    @classmethod
+    def pair(cls):
+        import socket
+
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(a), cls(b)
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def send(self, message, fds=()):
+        import json
+        import socket
+
+        socket.send_fds(self._sock, [json.dumps(message).encode()], list(fds))
+
+    def receive(self, timeout=None):
+        """(message, fds) of the next message; message is None when the other
+        side has closed. socket.timeout when nothing came within `timeout`."""
+        import json
+        import socket
+
+        self._sock.settimeout(timeout)
+        data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+        return (json.loads(data) if data else None), fds
+
+    def close(self):
+        self._sock.close()
+
+
+def _explain_userns_failure(error, proc_sys="/proc/sys"):
+    """Why the kernel refused a user namespace, and what the user can do."""
+
+    def sysctl(name):
+        try:
+            with open(os.path.join(proc_sys, *name.split("."))) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    if sysctl("kernel.unprivileged_userns_clone") == "0":
+        return (
+            "unprivileged user namespaces are disabled "
+            "(kernel.unprivileged_userns_clone=0): enable them with "
+            "`sudo sysctl -w kernel.unprivileged_userns_clone=1`, or run as root"
+        )
+    if sysctl("user.max_user_namespaces") == "0":
+        return (
+            "user namespaces are disabled (user.max_user_namespaces=0): allow them "
+            "with `sudo sysctl -w user.max_user_namespaces=15000`, or run as root"
+        )
+    if sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1":
+        return (
+            "AppArmor restricts unprivileged user namespaces "
+            "(kernel.apparmor_restrict_unprivileged_userns=1, as on Ubuntu 24.04): "
+            "allow them with an AppArmor profile for this Python, or "
+            "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, "
+            "or run as root"
+        )
+    return (
+        f"cannot create the application's user namespace: {error.strerror}: "
+        "allow unprivileged user namespaces here (containers often forbid them), "
+        "or run as root"
+    )
+
+
+def _enter_new_namespaces():
+    """Unshare network, mount and PID namespaces, and for any caller but root a
+    user namespace mapping the caller's own uid and gid. Its capabilities there
+    last until exec, where the non-root uid loses them. (Root needs no user
+    namespace and keeps being root, as with `ip netns exec`.)"""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = _CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWPID
+    try:
+        if uid == 0:
+            _unshare(flags)
+            return
+        _unshare(flags | _CLONE_NEWUSER)
+        for name, text in [("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")]:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as e:
+        raise TunnelError(_explain_userns_failure(e)) from None
+
+
+def _tun_advice(path="/dev/net/tun"):
+    if not os.path.exists(path):
+        return "load the tun kernel module (`sudo modprobe tun`)"
+    return (
+        f"let your user open it (`sudo chmod 0666 {path}`, as most distributions "
+        "ship it), or run as root"
+    )
+
+
+class _TunInside:
+    """Interface of the userspace backend: a TUN device made inside the
+    namespace; its descriptor goes to the tool, which runs the datapath."""
+
+    name = "sinfonia0"
+
+    def create(self, channel):
+        """In the namespace child: make the device, hand its descriptor out."""
+        try:
+            fd = _open_tun(self.name)
+        except TunnelError as e:
+            raise TunnelError(f"{e}: {_tun_advice()}") from None
+        channel.send({"interface": self.name}, fds=[fd])
+        os.close(fd)
+
+
+class _LinkMovedIn:
+    """Interface made outside and moved in by the tool (the kernel backend):
+    the child says {"awaiting_link": name}; the tool moves the link into the
+    network namespace of `_Namespace.pid` and answers {"link_moved": name}."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def create(self, channel):
+        channel.send({"awaiting_link": self.name})
+        message, _ = channel.receive()
+        if message != {"link_moved": self.name}:
+            raise TunnelError(f"the tunnel link {self.name} was not moved in")
+
+
+def _netlink_step(what, function, *args, **kwargs):
+    """Run one pyroute2 request; a refusal becomes a TunnelError naming `what`."""
+    from pyroute2 import NetlinkError
+
+    try:
+        return function(*args, **kwargs)
+    except NetlinkError as e:
+        raise TunnelError(f"cannot {what}: {os.strerror(e.code)}") from None
+
+
+def _configure_interface(ipr, name, mtu, addresses, routes):
+    """Addresses and routes on the tunnel interface, which is up already."""
+    import ipaddress
+
+    index = ipr.link_lookup(ifname=name)[0]
+    for text in addresses:
+        address = ipaddress.ip_interface(text)
+        flags = _IFA_F_NODAD if address.version == 6 else 0  # usable at once
+        _netlink_step(f"add address {address} to {name}", ipr.addr, "add", index=index,
+                      address=str(address.ip), prefixlen=address.network.prefixlen,
+                      flags=flags)
+    for text in routes:
+        _netlink_step(f"add a route to {text} via {name}", ipr.route, "replace",
+                      dst=str(ipaddress.ip_network(text)), oif=index)
+
+
+def _hide_path(path):
+    """Cover a directory with an empty tmpfs (inside our mount namespace)."""
+    _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755")
+
+
+def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIRS,
+                       staging="/tmp"):
+    """Make `path` read `text` inside our mount namespace.
+
+    A symlink (systemd-resolved's stub, resolvconf) is followed to the file it
+    names; when that file is missing, it is created on a tmpfs over its
+    directory. The file comes from a tmpfs mounted briefly on `staging`: the
+    bind mount keeps it alive after the staging mount is gone, so nothing is
+    ever written to disk.
+    """
+    for directory in hidden_dirs:
+        if os.path.isdir(directory):
+            _hide_path(directory)
+    target = os.path.realpath(path)
+    if not os.path.exists(target):
+        directory = os.path.dirname(target)
+        if not os.path.isdir(directory):
+            raise TunnelError(f"{path} leads to {target}, whose directory does not exist")
+        _hide_path(directory)
+        with open(target, "w") as f:
+            f.write(text)
+        return
+    _hide_path(staging)
+    try:
+        staged = os.path.join(staging, "resolv.conf")
+        with open(staged, "w") as f:
+            f.write(text)
+        _mount(staged, target, None, _MS_BIND)
+    finally:
+        _libc_call("umount2", staging.encode(), _MNT_DETACH)
+
+
+def _namespace_init(channel, interface, mtu):
+    """PID 1 of the new namespaces: set them up as the tool asks, start the
+    application, and serve as its init. Returns the application's status."""
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
+        interface.create(channel)
+        index = ipr.link_lookup(ifname=interface.name)[0]
+        _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
+                      index=index, mtu=mtu)
+        _netlink_step(f"bring up {interface.name}", ipr.link, "set", index=index,
+                      state="up")
+        config, _ = channel.receive()
+        if config is None:  # the tool gave up
+            return 125
+        _configure_interface(ipr, interface.name, mtu, config["addresses"],
+                             config["routes"])
+    if config["resolv_conf"] is not None:
+        try:
+            _place_resolv_conf(config["resolv_conf"])
+        except OSError as e:
+            raise TunnelError(f"cannot put the cloudlet's DNS in {_RESOLV_CONF}: {e}") \
+                from None
+    try:  # let the caller use ping(8), which has no privileges in here
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write(f"{os.getgid()} {os.getgid()}")
+    except OSError:
+        pass
+    channel.send({"configured": True})
+    start, _ = channel.receive()
+    if start is None:
+        return 125
+    return _serve_as_init(channel, start)
+
+
+def _serve_as_init(channel, start):
+    """Start the application, then do init's job until it ends: reap every
+    orphan, pass on the signals the tool forwards. The rest of the PID
+    namespace dies when this returns."""
+    import select
+    import signal
+
+    wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    application = os.fork()
+    if application == 0:
+        _exec_application(channel, start["command"], start["env"], start["terminal"])
+    while True:
+        readable, _, _ = select.select([channel, wakeup_r], [], [])
+        if channel in readable:
+            message, _ = channel.receive()
+            if message is None:  # the tool is gone: so is everything here
+                return 125
+            try:
+                os.kill(application, message["signal"])
+            except ProcessLookupError:
+                pass
+        if wakeup_r in readable:
+            os.read(wakeup_r, 4096)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                if pid == application:
+                    return _exit_status(status)
+
+
+def _exec_application(channel, command, env, terminal):
+    """In the application's own process: take the terminal when the tool had
+    it, restore default signal handling, exec. Never returns."""
+    import signal
+
+    status = 126
+    try:
+        os.setpgid(0, 0)
+        if terminal is not None:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(terminal, os.getpgrp())
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTTOU, signal.SIGPIPE, signal.SIGXFSZ,
+                       signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        name = command[0]
+        try:
+            os.execvpe(name, command, env)
+        except (FileNotFoundError, NotADirectoryError):
+            status = 127
+            message = f"{name}: command not found" if "/" not in name else \
+                f"{name}: no such file"
+        except OSError as e:
+            message = f"{name}: cannot execute: {e.strerror}"
+        channel.send({"error": message, "status": status})
+    except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
+        _report_failure(channel, e)
+    finally:
+        os._exit(status)
+
+
+def _report_failure(channel, error):
+    """Tell the tool, in one line, why the namespace child gives up."""
+    if isinstance(error, SinfoniaError):
+        message = str(error)
+    else:
+        message = f"the application's namespace failed: {type(error).__name__}: {error}"
+    try:
+        channel.send({"error": message})
+    except OSError:
+        pass
+
+
+def _run_namespace_child(channel, parent_pid, interface, mtu):
+    """The forked child: holder of the namespaces, then (in a second fork)
+    their init. Never returns."""
+    status = 125
+    try:
+        _die_with_parent(parent_pid)
+        os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
+        _enter_new_namespaces()
+        init = os.fork()
+        if init:
+            channel.close()
+            status = _exit_status(os.waitpid(init, 0)[1])
+        else:
+            _die_with_parent(None)  # the holder is outside our PID namespace
+            status = _namespace_init(channel, interface, mtu)
+    except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
+        _report_failure(channel, e)
+    finally:
+        os._exit(status)
+
+
+def _foreground_terminal():
+    """Our controlling terminal's descriptor when we are its foreground job."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return fd
+        except OSError:
+            pass
+    return None
+
+
+class _Namespace:
+    """The application's namespaces, held by a child forked at construction.
+
+    `interface` says how the tunnel interface gets in (`_TunInside` or
+    `_LinkMovedIn`). Then: `expect()` the interface message, `configure()`,
+    `start()` the application, `wait()` for its exit status; `close()` (or
+    leaving the `with` block) kills whatever is left.
+    """
+
+    def __init__(self, interface, *, mtu=_DEFAULT_MTU):
+        self._channel, child_end = _Channel.pair()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._channel.close()
+            _run_namespace_child(child_end, parent, interface, mtu)
+        child_end.close()
+        self.pid = pid
+        self.interface = interface
+        self._status = None
+        self._terminal = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def send(self, message):
+        self._channel.send(message)
+
+    def expect(self, key, timeout=_SETUP_TIMEOUT):
+        """The child's next message, which must carry `key`: (message, fds).
+        The child's own failures arrive as its one-line TunnelError."""
+        import socket
+
+        try:
+            message, fds = self._channel.receive(timeout)
+        except socket.timeout:
+            raise TunnelError(
+                f"the application's namespace was not ready within {timeout:g} s "
+                "(the machine may be overloaded)") from None
+        if message is None:
+            status = self._reap()
+            raise TunnelError(f"the application's namespace ended unexpectedly "
+                              f"(status {status})")
+        if "error" in message:
+            self._reap()
+            raise TunnelError(message["error"])
+        if key not in message:
+            raise TunnelError(f"the application's namespace said {message!r}, "
+                              f"not {key!r}")
+        return message, fds
+
+    def configure(self, addresses, routes, resolv_conf):
+        """Send the tunnel addresses and routes (networks) and the resolv.conf
+        text (None: keep the host's); `expect("configured")` confirms."""
+        self.send({
+            "addresses": [str(address) for address in addresses],
+            "routes": [str(route) for route in routes],
+            "resolv_conf": resolv_conf,
+        })
+
+    def start(self, command, env):
+        """Let the application run: exec `command` (found on env's PATH)."""
+        self._terminal = _foreground_terminal()
+        self.send({"command": list(command), "env": dict(env),
+                   "terminal": self._terminal})
+
+    def wait(self):
+        """The application's exit status; SIGINT, SIGTERM and SIGHUP to the
+        tool meanwhile go to the application."""
+        import signal
+
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {}
+        try:
+            for signum in forwarded:
+                previous[signum] = signal.signal(signum, self._forward)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        try:
+            status = self._reap()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._take_back_terminal()
+        try:
+            message, _ = self._channel.receive(0)
+        except (BlockingIOError, OSError):
+            message = None
+        if message and "error" in message:
+            raise _CommandError(message["error"], message.get("status", 125))
+        return status
+
+    def _forward(self, signum, frame):
+        try:
+            self._channel.send({"signal": signum})
+        except OSError:
+            pass
+
+    def _take_back_terminal(self):
+        if self._terminal is None:
+            return
+        import signal
+
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self._terminal, os.getpgrp())
+        except OSError:
+            pass
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+            self._terminal = None
+
+    def _reap(self):
+        if self._status is None:
+            self._status = _exit_status(os.waitpid(self.pid, 0)[1])
+        return self._status
+
+    def close(self):
+        """Kill the namespace child if still there, and reap it (idempotent)."""
+        if self._status is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            self._reap()
+        self._take_back_terminal()
+        self._channel.close()
+
+
+def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
+                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT, tunnel="userspace",
+                     debug=False, namespace=None):
+    """Run `command` (empty: the user's shell) in its own namespaces behind the
+    tunnel described by `config`; returns its exit status.
+
+    `namespace`, when given, is a `_Namespace(_TunInside(), mtu=mtu)` forked
+    earlier, so that its set-up overlapped the Tier 1 request.
+    """
+    if tunnel != "userspace":
+        raise TunnelError(f"the {tunnel} tunnel backend is not available")
+    if namespace is None:
+        namespace = _Namespace(_TunInside(), mtu=mtu)
+    with namespace:
+        _, fds = namespace.expect("interface")
+        if len(fds) != 1:
+            raise TunnelError("the application's namespace sent no TUN device")
+        tun_fd = fds[0]
+        endpoint = f"{config.endpoint_host}:{config.endpoint_port}"
+        try:
+            namespace.configure(
+                config.addresses,
+                config.allowed_ips,
+                _render_resolv_conf(config) if config.nameservers else None,
+            )
+            datapath = Datapath(
+                tun_fd,
+                keypair.private,
+                config.public_key,
+                endpoint=(config.endpoint_host, config.endpoint_port),
+                allowed_ips=config.allowed_ips,
+                persistent_keepalive=_PERSISTENT_KEEPALIVE,
+                mtu=mtu,
+            )
+            try:
+                datapath.start()
+                namespace.expect("configured")
+                try:
+                    datapath.wait_for_handshake(connect_timeout)
+                except TunnelError as e:
+                    if "handshake" not in str(e):  # the datapath itself failed
+                        raise
+                    raise TunnelError(
+                        f"the cloudlet did not answer at its endpoint {endpoint} "
+                        f"within {connect_timeout:g} s: check that UDP to it gets "
+                        "through, or allow more time with --connect-timeout") from None
+                env = dict(os.environ)
+                env.update(env_extra)
+                if not command:
+                    command = [env.get("SHELL") or "/bin/sh"]
+                    env["PS1"] = _SHELL_PROMPT
+                namespace.start(command, env)
+                return namespace.wait()
+            finally:
+                datapath.stop()
+        finally:
+            os.close(tun_fd)
 
 
 # Kernel backend and root helper ##############################################
@@ -911,6 +2827,8 @@ def _run(
     qrcode=None,
     as_json=False,
     zeroconf=False,
+    mtu=_DEFAULT_MTU,
+    connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
 ):
     """Deploy `uuid` and do what was asked with it; the exit status.
 
@@ -920,14 +2838,51 @@ def _run(
         raise UnavailableError(
             "--zeroconf: discovery of a local Tier 2 is not built yet"
         )
-    if not (config_debug or qrcode or as_json):
-        raise TunnelError(
-            "running an application needs the tunnel, which this version cannot "
-            "set up yet; --config-debug, --json and --qrcode work"
-        )
     if qrcode is not None and qrcode not in ("compact", "alt"):
         raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+    if not (config_debug or qrcode or as_json):
+        # The namespace child sets itself up while Tier 1 answers.
+        namespace = _Namespace(_TunInside(), mtu=mtu)
+        with namespace:
+            keypair = _load_or_create_keypair(uuid)
+            deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                           timeout=timeout, debug=debug)[0]
+            return _run_application(
+                deployment.tunnel_config,
+                keypair,
+                command,
+                env_extra=_application_environment(deployment, tier1_url),
+                mtu=mtu,
+                connect_timeout=connect_timeout,
+                debug=debug,
+                namespace=namespace,
+            )
     keypair = _load_or_create_keypair(uuid)
+    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                    timeout=timeout, debug=debug)
+    config = deployments[0].tunnel_config
+    if as_json:
+        print(_deployments_json(deployments, keypair), flush=True)
+    if config_debug:
+        _write_config_files(config, keypair)
+    if qrcode:
+        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
+    return 0
+
+
+def _application_environment(deployment, tier1_url):
+    """The SINFONIA_* variables that tell the application where it runs."""
+    return {
+        "SINFONIA_DEPLOYMENT": deployment.deployment_name,
+        "SINFONIA_UUID": deployment.uuid,
+        "SINFONIA_ADDRESS": " ".join(
+            str(a.ip) for a in deployment.tunnel_config.addresses),
+        "SINFONIA_TIER1_URL": tier1_url,
+    }
+
+
+def _deploy_verbosely(tier1_url, uuid, keypair, *, results, timeout, debug):
+    """The deployments for `uuid`, first the chosen one, told on stderr."""
     print(f"sinfonia-tier3: deploying {uuid}...", file=sys.stderr)
     deployments = _request_deployments(
         tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug
@@ -943,13 +2898,7 @@ def _run(
         import json
 
         _debug(f"chosen deployment: {json.dumps(chosen.as_json())}")
-    if as_json:
-        print(_deployments_json(deployments, keypair), flush=True)
-    if config_debug:
-        _write_config_files(config, keypair)
-    if qrcode:
-        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
-    return 0
+    return deployments
 
 
 def sinfonia_tier3(
@@ -1020,6 +2969,12 @@ def _argument_parser():
             raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
         return value
 
+    def mtu(text):
+        if not text.isdigit() or not _MIN_MTU <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a whole number from {_MIN_MTU} to 65535")
+        return int(text)
+
     def count(text):
         if not text.isdigit() or int(text) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
@@ -1066,6 +3021,20 @@ def _argument_parser():
         help="how many candidate deployments to ask for (default 1; the first is used)",
     )
     parser.add_argument(
+        "--mtu",
+        type=mtu,
+        default=_DEFAULT_MTU,
+        help="MTU of the application's tunnel interface (default %(default)d)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=_DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the cloudlet's first WireGuard handshake before "
+        "giving up without starting COMMAND (default %(default)g)",
+    )
+    parser.add_argument(
         "--qrcode",
         choices=["compact", "alt"],
         help="print the tunnel as a QR code for the WireGuard Android app and exit",
@@ -1093,6 +3062,8 @@ def main(argv=None):
             debug=options.debug,
             qrcode=options.qrcode,
             as_json=options.json,
+            mtu=options.mtu,
+            connect_timeout=options.connect_timeout,
         )
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)

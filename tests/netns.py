@@ -338,6 +338,10 @@ class WireguardGo:
     def pid(self):
         return self._process.pid
 
+    @property
+    def running(self):
+        return self._process is not None and self._process.poll() is None
+
     def start(self):
         """Launch the process and apply the kept configuration."""
         import tempfile

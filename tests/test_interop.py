@@ -24,16 +24,16 @@ from netns import (
     WireguardGo,
     exchange,
     generate_keypair,
+    missing_requirements,
+    veth_pair,
 )
 
 import sinfonia_tier3
 
+_MISSING = missing_requirements("wireguard-go", "wg")
 pytestmark = [
     pytest.mark.interop,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not os.path.exists("/usr/bin/wireguard-go"),
-        reason="needs root and Debian's wireguard-go (apt install wireguard-go wireguard-tools)",
-    ),
+    pytest.mark.skipif(bool(_MISSING), reason=f"interop: {_MISSING}"),
 ]
 
 OURS_V4, THEIRS_V4 = "10.99.0.1", "10.99.0.2"
@@ -134,6 +134,21 @@ def test_harness_wireguard_go_pair():
         wg_b.set_peer(wg_a.public_key, allowed_ips=networks(OURS_V4, OURS_V6))
         exchange(b, THEIRS_V4, a, 4 << 20, timeout=30)
         assert wg_a.latest_handshake(wg_b.public_key) > 0
+
+
+def test_harness_leaves_nothing_behind():
+    """Namespaces, veth pairs, wireguard-go processes and their control
+    sockets all go on close."""
+    with Namespace("st3o") as a, Namespace("st3t") as b:
+        veth_pair(a, b, ["10.98.0.1/30"], ["10.98.0.2/30"])
+        exchange(b, "10.98.0.2", a, 1 << 20, timeout=30)
+        wireguard_go = WireguardGo(a, OUR_ADDRESSES)
+        socket_path = f"/var/run/wireguard/{wireguard_go.name}.sock"
+        assert wireguard_go.name in a.ip("link", "show")
+        wireguard_go.stop()
+        assert not os.path.exists(socket_path)
+        assert not wireguard_go.running
+    assert not os.path.exists(a.path) and not os.path.exists(b.path)
 
 
 @pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet_hdr"])
@@ -247,7 +262,7 @@ def test_peer_that_never_answers(namespaces, keys, monkeypatch):
             with pytest.raises(sinfonia_tier3.TunnelError) as failure:
                 ours.datapath.wait_for_handshake(attempt_time * 4)
             gave_up = time.monotonic() - started
-            time.sleep(rekey_timeout * 2)  # nothing more may come after giving up
+            time.sleep(rekey_timeout * 2)  # time for a retry that must not come
     finally:
         listening.clear()
         listener.join(2)
@@ -255,18 +270,22 @@ def test_peer_that_never_answers(namespaces, keys, monkeypatch):
 
     message = str(failure.value)
     assert "\n" not in message and "handshake" in message.lower(), message
-    assert attempt_time - 0.5 <= gave_up <= attempt_time + rekey_timeout + 1, gave_up
     assert all(len(data) == 148 and data[0] == 1 for _, data in arrivals), [
         (len(d), d[:4]) for _, d in arrivals
     ]
-    times = [t for t, _ in arrivals]
+    times = [t - started for t, _ in arrivals]
     gaps = [times[i + 1] - times[i] for i in range(len(times) - 1)]
+    # The first initiation goes at once, each retry REKEY_TIMEOUT plus up to
+    # 1/3 s of jitter after the previous one (0.25 s slack for this machine).
+    assert times and times[0] < 0.5, times
     assert all(
         rekey_timeout - 0.05 <= gap <= rekey_timeout + 1 / 3 + 0.25 for gap in gaps
     ), gaps
-    assert (
-        attempt_time / (rekey_timeout + 1 / 3)
-        <= len(times)
-        <= attempt_time / rekey_timeout + 1
-    ), times
-    assert times[-1] - started <= attempt_time + 0.5, times[-1] - started
+    # Retrying stops once REKEY_ATTEMPT_TIME is used up (implementations that
+    # count attempts, like wireguard-go, may send one more), and the error
+    # comes then, not at the caller's much longer timeout; nothing follows it.
+    assert attempt_time - 0.5 <= gave_up <= attempt_time + 2 * rekey_timeout + 1, (
+        gave_up
+    )
+    assert attempt_time - rekey_timeout <= times[-1] <= gave_up + 0.1, times
+    assert len(times) <= attempt_time / rekey_timeout + 2, times
