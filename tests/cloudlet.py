@@ -815,7 +815,9 @@ class WireGuardServer:
         """Stop every responder and the cloudlet's namespace."""
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
-        for _, responder in peers:
+        # Newest first: a responder's worker processes hold copies of the
+        # descriptors of the responders started before it.
+        for _, responder in reversed(peers):
             responder.stop()
         self.namespace.close()
 

@@ -100,6 +100,7 @@ class _MemorySampler(threading.Thread):
         self.excluded = excluded
         self.peak_rss_kib = 0
         self.peak_pss_kib = 0
+        self.largest_rss_kib = 0
         self._done = threading.Event()
 
     def run(self):
@@ -112,7 +113,9 @@ class _MemorySampler(threading.Thread):
                     continue
                 if program in self.excluded:
                     continue
-                rss += _kib(f"/proc/{pid}/status", "VmRSS:")
+                own = _kib(f"/proc/{pid}/status", "VmRSS:")
+                self.largest_rss_kib = max(self.largest_rss_kib, own)
+                rss += own
                 pss += _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
             self.peak_rss_kib = max(self.peak_rss_kib, rss)
             self.peak_pss_kib = max(self.peak_pss_kib, pss)
@@ -130,13 +133,16 @@ class RunFailed(Exception):
     pass
 
 
-def _time_command(argv, env, cwd):
-    """(seconds to the page's end on stdout, peak RSS KiB, peak PSS KiB)."""
+def _time_command(argv, env, cwd, sample):
+    """(seconds to the page's end on stdout, memory); memory is None unless
+    `sample` (sampling costs CPU, so timed runs do without) and else (peak
+    summed RSS, peak summed PSS, largest single RSS) in KiB."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd)
         sampler = _MemorySampler(process.pid)
-        sampler.start()
+        if sample:
+            sampler.start()
         output, first = b"", None
         deadline = start + RUN_TIMEOUT
         try:
@@ -162,27 +168,30 @@ def _time_command(argv, env, cwd):
                         pass
                 process.wait()
             process.stdout.close()
-            sampler.stop()
+            if sample:
+                sampler.stop()
             stderr.seek(0)
             errors = stderr.read().decode(errors="replace").strip()
     if first is None:
         last = errors.splitlines()[-1] if errors else f"exit status {process.returncode}"
         raise RunFailed(f"no page on stdout ({last})")
-    return first, sampler.peak_rss_kib, sampler.peak_pss_kib
+    if not sample:
+        return first, None
+    return first, (sampler.peak_rss_kib, sampler.peak_pss_kib, sampler.largest_rss_kib)
 
 
-def run_ours(url, cache):
+def run_ours(url, cache, sample):
     argv = [sys.executable, str(REPO / "sinfonia_tier3.py"), url, "helloworld", "--",
             "/usr/bin/curl", *CURL]
-    return _time_command(argv, dict(os.environ, XDG_CACHE_HOME=cache), cache)
+    return _time_command(argv, dict(os.environ, XDG_CACHE_HOME=cache), cache, sample)
 
 
-def run_upstream(venv, url, cache):
+def run_upstream(venv, url, cache, sample):
     # Upstream runs `python -m sinfonia_tier3.netns_helper`: a working directory
     # holding our sinfonia_tier3.py would shadow its package, hence cwd=cache.
     # It execs the command without a PATH search, hence /usr/bin/curl.
     argv = [str(venv / "bin" / "sinfonia-tier3"), url, "helloworld", "/usr/bin/curl", *CURL]
-    return _time_command(argv, dict(os.environ, XDG_CACHE_HOME=cache), cache)
+    return _time_command(argv, dict(os.environ, XDG_CACHE_HOME=cache), cache, sample)
 
 
 def run_bare(url, keypair):
@@ -217,12 +226,12 @@ def run_bare(url, keypair):
                 page = namespace.run(["curl", *CURL], timeout=RUN_TIMEOUT, check=False)
                 first = time.perf_counter() - start
                 rss = _kib(f"/proc/{wg.pid}/status", "VmHWM:")
-                pss = _kib(f"/proc/{wg.pid}/smaps_rollup", "Pss:")
+                memory = (rss, _kib(f"/proc/{wg.pid}/smaps_rollup", "Pss:"), rss)
         finally:
             shutil.rmtree(etc, ignore_errors=True)
     if PAGE_END.decode() not in page:
         raise RunFailed(f"no page from curl ({page.strip()[:80]!r})")
-    return first, rss, pss
+    return first, memory
 
 
 # The upstream client ###########################################################
@@ -268,30 +277,34 @@ def main(argv=None):
 
     venv, upstream_missing = upstream_venv(args.upstream_venv)
     clients = ["ours", "upstream", "bare"] if venv else ["ours", "bare"]
-    results = {(c, k): [] for c in clients for k in ("cold", "warm")}
+    times = {(c, k): [] for c in clients for k in ("cold", "warm")}
+    memory = {}
     failures = {}
     with cloudlet.WireGuardServer(args.server) as server, \
             cloudlet.Cloudlet(wireguard=server) as api, \
             tempfile.TemporaryDirectory() as scratch:
-        url = api.url
-        for round_number in range(args.rounds + 1):  # round 0 warms caches, not counted
+        # Round 0 warms the caches and samples memory; rounds 1.. are timed.
+        for round_number in range(args.rounds + 1):
             for client in clients:
                 cache = tempfile.mkdtemp(dir=scratch)
                 keypair = generate_keypair()
+                sample = round_number == 0
                 for kind in ("cold", "warm"):
                     try:
                         if client == "ours":
-                            figures = run_ours(url, cache)
+                            seconds, used = run_ours(api.url, cache, sample)
                         elif client == "upstream":
-                            figures = run_upstream(venv, url, cache)
+                            seconds, used = run_upstream(venv, api.url, cache, sample)
                         else:
-                            figures = run_bare(url, keypair)
+                            seconds, used = run_bare(api.url, keypair)
                     except RunFailed as e:
-                        failures.setdefault((client, kind), str(e))
+                        failures.setdefault((client, kind), []).append(str(e))
                         continue
                     if round_number:
-                        results[client, kind].append(figures)
-    _report(args, results, failures, upstream_missing)
+                        times[client, kind].append(seconds)
+                    if used is not None:
+                        memory[client] = tuple(map(max, zip(memory.get(client, used), used)))
+    _report(args, times, memory, failures, upstream_missing)
     return 0
 
 
@@ -299,26 +312,21 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def _report(args, results, failures, upstream_missing):
-    print(f"bench_e2e: {args.rounds} rounds, cloudlet WireGuard server: {args.server}")
-    print("time from command to first response (median), peak memory of the client's "
-          "own processes (largest of the runs)")
+def _report(args, times, memory, failures, upstream_missing):
+    print(f"bench_e2e: {args.rounds} rounds, the cloudlet's WireGuard server: {args.server}")
+    print("time from command to first response: median [min-max] over the rounds")
     labels = {"ours": "ours", "upstream": f"upstream {UPSTREAM_VERSION}",
               "bare": "bare wireguard-go by hand"}
     medians = {}
-    for (client, kind), runs in results.items():
-        label = f"  {labels[client] + ' ' + kind:34}"
+    for (client, kind), runs in times.items():
+        label = f"  {labels[client] + ' ' + kind:32}"
         if not runs:
-            print(f"{label} not measured: {failures.get((client, kind), 'no run')}")
+            print(f"{label} not measured: {failures.get((client, kind), ['no run'])[0]}")
             continue
-        medians[client, kind] = _median([r[0] for r in runs])
-        rss = max(r[1] for r in runs) / 1024
-        pss = max(r[2] for r in runs) / 1024
-        spread = f"{min(r[0] for r in runs):.3f}-{max(r[0] for r in runs):.3f}"
-        note = f"  ({len(runs)}/{args.rounds} ok: {failures[client, kind]})" \
-            if (client, kind) in failures else ""
-        print(f"{label} {medians[client, kind]:7.3f} s  [{spread}]  "
-              f"RSS {rss:5.1f} MiB  PSS {pss:5.1f} MiB{note}")
+        medians[client, kind] = statistics.median(runs)
+        failed = failures.get((client, kind), [])
+        note = f"  ({len(failed)} failed run(s), warm-up included: {failed[0]})" if failed else ""
+        print(f"{label} {medians[client, kind]:6.3f} s  [{min(runs):.3f}-{max(runs):.3f}]{note}")
     if upstream_missing:
         print(f"  upstream {UPSTREAM_VERSION}: not measured: {upstream_missing}")
     for kind in ("cold", "warm"):
@@ -326,19 +334,26 @@ def _report(args, results, failures, upstream_missing):
         for other in ("upstream", "bare"):
             theirs = medians.get((other, kind))
             if ours is None or theirs is None:
-                print(f"  ratio ours/{other} {kind}: not available")
+                print(f"  ours/{other} {kind}: not available")
                 continue
             verdict = ""
             if other == "upstream":
                 met = ours / theirs <= TARGET_RATIO
                 verdict = f"  (target <= {TARGET_RATIO}: {'met' if met else 'NOT met'})"
-            print(f"  ratio ours/{other} {kind}: {ours / theirs:.3f}{verdict}")
-    ours_runs = results.get(("ours", "cold"), []) + results.get(("ours", "warm"), [])
-    if ours_runs:
-        rss = max(r[1] for r in ours_runs) / 1024
-        pss = max(r[2] for r in ours_runs) / 1024
-        print(f"  ours peak RSS {rss:.1f} MiB, PSS {pss:.1f} MiB "
-              f"(target <= {TARGET_MIB:.0f} MiB RSS: {'met' if rss <= TARGET_MIB else 'NOT met'})")
+            print(f"  ours/{other} {kind}: {ours / theirs:.3f}{verdict}")
+    print("peak memory of the client's own processes (not curl), sampled every "
+          f"{SAMPLE_INTERVAL * 1000:.0f} ms in an untimed cold and warm run:")
+    for client, label in labels.items():
+        if client not in memory:
+            if client in ("ours", "bare") or not upstream_missing:
+                print(f"  {label:32} not measured")
+            continue
+        rss, pss, largest = (kib / 1024 for kib in memory[client])
+        verdict = ""
+        if client == "ours":
+            verdict = f"  (target <= {TARGET_MIB:.0f} MiB: {'met' if rss <= TARGET_MIB else 'NOT met'})"
+        print(f"  {label:32} RSS {rss:6.1f} MiB summed, PSS {pss:6.1f} MiB, "
+              f"largest process {largest:5.1f} MiB{verdict}")
 
 
 if __name__ == "__main__":
