@@ -255,3 +255,33 @@ def test_the_demo_command_prints_the_page():
     assert demo.returncode == 0, demo.stderr
     assert demo.stdout == "Hello from the sinfonia test cloudlet!\nYour tunnel address is 10.44.0.2.\n"
     assert "sinfonia-tier3 http://127.0.0.1:" in demo.stderr
+
+
+def unprivileged_demo_command():
+    """(argv prefix running as nobody, python to use) or a skip reason."""
+    if os.geteuid() != 0:
+        return [], sys.executable
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to drop root")
+    # Our interpreter may live where nobody cannot read it (e.g. under /root).
+    python = "/usr/bin/python3"
+    probe = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+         python, "-c", "import nacl, pyroute2"],
+        capture_output=True, check=False, cwd="/",
+    )
+    if probe.returncode != 0:
+        pytest.skip("nobody cannot run /usr/bin/python3 with pynacl and pyroute2 "
+                    "(apt install python3-nacl python3-pyroute2)")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"], python
+
+
+@pytest.mark.e2e
+def test_the_demo_runs_without_root():
+    prefix, python = unprivileged_demo_command()
+    demo = subprocess.run(
+        [*prefix, "env", "HOME=/nonexistent", python, os.path.join(HERE, "cloudlet.py"), "demo"],
+        capture_output=True, text=True, timeout=150, check=False, cwd="/",
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout == "Hello from the sinfonia test cloudlet!\nYour tunnel address is 10.44.0.2.\n"
