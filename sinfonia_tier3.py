@@ -2517,19 +2517,37 @@ def _exec_application(channel, command, env, terminal):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         name = command[0]
-        try:
-            os.execvpe(name, command, env)
-        except (FileNotFoundError, NotADirectoryError):
-            status = 127
-            message = f"{name}: command not found" if "/" not in name else \
-                f"{name}: no such file"
-        except OSError as e:
-            message = f"{name}: cannot execute: {e.strerror}"
+        program = _find_program(name, env.get("PATH", os.defpath))
+        if program is None:
+            status, message = 127, f"{name}: command not found"
+        else:
+            try:
+                os.execve(program, command, env)
+            except (FileNotFoundError, NotADirectoryError):
+                status, message = 127, f"{name}: no such file"
+            except OSError as e:
+                message = f"{name}: cannot execute: {e.strerror}"
         channel.send({"error": message, "status": status})
     except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
         _report_failure(channel, e)
     finally:
         os._exit(status)
+
+
+def _find_program(name, path):
+    """What the shell would run for `name`: a path as given, else the first
+    executable file of that name on `path`, else the first file of that name
+    (exec then says why not: 126); None when there is none at all (127)."""
+    if "/" in name:
+        return name
+    found = None
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            found = found or candidate
+    return found
 
 
 def _report_failure(channel, error):
