@@ -834,7 +834,7 @@ _REKEY_TIMEOUT = 5.0
 _REKEY_TIMEOUT_JITTER = 1 / 3
 _KEEPALIVE_TIMEOUT = 10.0
 _COOKIE_REFRESH_TIME = 120.0
-_REPLAY_WINDOW = 4096  # counters; the whitepaper asks for at least 2048
+_REPLAY_WINDOW = 8192  # counters, a power of two; the whitepaper asks for >= 2048
 _INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
 _UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
 _QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
@@ -924,7 +924,9 @@ class _Keypair:
 
     The sending half (send_key, send_counter) is used by one sender only, the
     receiving half by one receiver only, so the two can live in different
-    processes.
+    processes. The replay window is a ring indexed by counter modulo its
+    size holding the last counter accepted in each place: a counter within
+    the window was seen exactly when its place holds it.
     """
 
     __slots__ = (
@@ -933,7 +935,7 @@ class _Keypair:
         "local_index",
         "receive_key",
         "remote_index",
-        "replay_bits",
+        "replay_ring",
         "replay_top",
         "send_counter",
         "send_key",
@@ -948,31 +950,7 @@ class _Keypair:
         self.initiator = initiator
         self.send_counter = 0
         self.replay_top = -1  # greatest counter accepted so far
-        self.replay_bits = 0  # bit i set: counter replay_top - i was accepted
-
-    def replayed(self, counter):
-        """Whether `counter` must be refused: seen before, too old or past the limit."""
-        if counter >= _REJECT_AFTER_MESSAGES:
-            return True
-        behind = self.replay_top - counter
-        if behind < 0:
-            return False
-        return behind >= _REPLAY_WINDOW or (self.replay_bits >> behind) & 1
-
-    def accept(self, counter):
-        """Record `counter` (call only once its packet has authenticated)."""
-        ahead = counter - self.replay_top
-        if ahead > 0:
-            if ahead >= _REPLAY_WINDOW:
-                self.replay_bits = 1
-            else:
-                self.replay_bits = ((self.replay_bits << ahead) | 1) & _REPLAY_MASK
-            self.replay_top = counter
-        else:
-            self.replay_bits |= 1 << -ahead
-
-
-_REPLAY_MASK = (1 << _REPLAY_WINDOW) - 1
+        self.replay_ring = [-1] * _REPLAY_WINDOW if receive_key is not None else None
 
 
 class _Handshake:
@@ -1038,64 +1016,72 @@ _TRANSPORT_HEAD = struct.Struct("<IIQ")  # type, receiver index, counter
 
 
 class _TransportCipher:
-    """ChaCha20-Poly1305 for transport data.
+    """ChaCha20-Poly1305 for transport data: `seal(slot, length, key, counter)`
+    encrypts in place (the tag follows), `open(slot, offset, size, key,
+    counter, out)` decrypts into slot `out` and returns the plaintext length
+    or -1. Slots are what `slot(buffer, offset)` returned.
 
-    Fast path: libsodium through pynacl's cffi `lib` (not a public pynacl API,
-    hence guarded), sealing in place and opening into a preallocated buffer.
-    Fallback: `nacl.bindings`, plus a copy. Slots are what `slot()` returned.
+    Fast path: libsodium through pynacl's cffi `lib` straight into the
+    buffers (not a public pynacl API, hence guarded). Fallback:
+    `nacl.bindings`, plus copies. Both are closures over their state, which
+    saves attribute look-ups per packet.
     """
 
     def __init__(self, fast=True):
         import nacl.bindings  # importing it runs sodium_init(): the fast ChaCha20
-        from nacl.exceptions import CryptoError
 
-        self._bindings = nacl.bindings
-        self._crypto_error = CryptoError
-        self.nonce = bytearray(12)
         self.fast = False
         if fast:
             try:
                 from nacl._sodium import ffi, lib
 
-                self._encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
-                self._decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
-                self._from_buffer = ffi.from_buffer
-                self._null = ffi.NULL
-                self._nonce_pointer = ffi.from_buffer(self.nonce)
+                self._cffi_closures(ffi, lib)
                 self.fast = True
             except (ImportError, AttributeError):
                 pass
+        if not self.fast:
+            self._bindings_closures(nacl.bindings)
 
-    def slot(self, buffer, offset):
-        """A handle on `buffer` at `offset` for `seal`."""
-        view = memoryview(buffer)[offset:]
-        return self._from_buffer(view) if self.fast else view
+    def _cffi_closures(self, ffi, lib):
+        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+        null, nonce = ffi.NULL, bytearray(12)
+        nonce_pointer, pack_nonce = ffi.from_buffer(nonce), _U64_LE.pack_into
 
-    def seal(self, slot, length, key, counter):
-        """Encrypt `length` bytes at `slot` in place; the tag follows them."""
-        _U64_LE.pack_into(self.nonce, 4, counter)
-        if self.fast:
-            self._encrypt(slot, self._null, slot, length, self._null, 0,
-                          self._null, self._nonce_pointer, key)
-        else:
-            slot[:length + _TAG] = self._bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
-                bytes(slot[:length]), None, bytes(self.nonce), key)
+        def seal(slot, length, key, counter):
+            pack_nonce(nonce, 4, counter)
+            encrypt(slot, null, slot, length, null, 0, null, nonce_pointer, key)
 
-    def open(self, ciphertext, key, counter, out):
-        """Decrypt memoryview `ciphertext` into handle `out`: plaintext length, or -1."""
-        size = len(ciphertext) - _TAG
-        _U64_LE.pack_into(self.nonce, 4, counter)
-        if self.fast:
-            if self._decrypt(out, self._null, self._null, self._from_buffer(ciphertext),
-                             size + _TAG, self._null, 0, self._nonce_pointer, key):
+        def open_(slot, offset, size, key, counter, out):
+            pack_nonce(nonce, 4, counter)
+            if size < _TAG or decrypt(out, null, null, slot + offset, size, null, 0,
+                                      nonce_pointer, key):
                 return -1
-            return size
-        try:
-            out[:size] = self._bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
-                bytes(ciphertext), None, bytes(self.nonce), key)
-        except self._crypto_error:  # forged or corrupt
-            return -1
-        return size
+            return size - _TAG
+
+        self.seal, self.open = seal, open_
+        self.slot = lambda buffer, offset: ffi.from_buffer(memoryview(buffer)[offset:])
+
+    def _bindings_closures(self, bindings):
+        from nacl.exceptions import CryptoError
+
+        encrypt = bindings.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = bindings.crypto_aead_chacha20poly1305_ietf_decrypt
+
+        def seal(slot, length, key, counter):
+            nonce = _nonce(counter)
+            slot[:length + _TAG] = encrypt(bytes(slot[:length]), None, nonce, key)
+
+        def open_(slot, offset, size, key, counter, out):
+            try:
+                out[:size - _TAG] = decrypt(bytes(slot[offset:offset + size]), None,
+                                            _nonce(counter), key)
+            except CryptoError:  # forged or corrupt
+                return -1
+            return size - _TAG
+
+        self.seal, self.open = seal, open_
+        self.slot = lambda buffer, offset: memoryview(buffer)[offset:]
 
 
 # Shared counters: written by the process that knows, read by the others.
@@ -1318,7 +1304,9 @@ class _Peer:
         self.unanswered_data = -1e9
         self.counters = counters if counters is not None else _shared_counters()
         self.cipher = cipher or _TransportCipher()
-        self.plain = bytearray(65536)
+        self.inbox = bytearray(65536)  # datagrams as received (with GRO, several)
+        self.inbox_handle = self.cipher.slot(self.inbox, 0)
+        self.plain = bytearray(65536)  # one decrypted packet
         self.plain_handle = self.cipher.slot(self.plain, 0)
 
     # -- handshake initiation -------------------------------------------------
@@ -1356,41 +1344,70 @@ class _Peer:
 
     # -- receiving ------------------------------------------------------------
 
-    def receive(self, datagram, address, now):
-        """Handle one datagram (a memoryview) from `address`.
-
-        Returns the length of the IP packet now at the start of `self.plain`
-        to be written to the TUN device, else 0 (handshake, keepalive, drop).
+    def receive(self, size, segment, address, now, deliver):
+        """Handle `size` bytes that arrived in `self.inbox` from `address`: one
+        datagram, or with UDP GRO several of `segment` bytes (the last may be
+        shorter). Each IP packet that authenticates, is not a replay and comes
+        from an allowed address is left at the start of `self.plain` and
+        `deliver(length)` is called; everything else is dropped silently.
         """
-        size = len(datagram)
-        if size < _KEEPALIVE_SIZE or datagram[1] or datagram[2] or datagram[3]:
-            return 0
-        if datagram[0] != _MSG_TRANSPORT:
-            self._receive_handshake(bytes(datagram), address, now)
-            return 0
-        _, index, counter = _TRANSPORT_HEAD.unpack_from(datagram)
-        keypair = self.keypairs.get(index)
-        if (keypair is None or keypair.replayed(counter)
-                or now - keypair.created >= _REJECT_AFTER_TIME):
-            return 0
-        length = self.cipher.open(datagram[_TRANSPORT_HEADER:], keypair.receive_key,
-                                  counter, self.plain_handle)
-        if length < 0:
-            return 0
-        keypair.accept(counter)
-        self.counters[_RX_BYTES] += size
-        self.last_received = now
-        if keypair is self.next:
-            self._confirm_next(now)
-        if address != self.endpoint:
-            self._roam(address)
-        if not length:
-            return 0
-        self.last_data_received = now
-        if (keypair.initiator and keypair is self.current and now - keypair.created
-                >= _REJECT_AFTER_TIME - _KEEPALIVE_TIMEOUT - _REKEY_TIMEOUT):
-            self.initiate(now)
-        return self.allowed.packet_length(self.plain, length)
+        inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
+        open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
+        packet_length, plain = self.allowed.packet_length, self.plain
+        window, too_many = _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
+        received = data = 0
+        last_index = None
+        for start in range(0, size, segment):
+            end = start + segment
+            end = min(end, size)
+            if end - start < _KEEPALIVE_SIZE:
+                continue
+            kind, index, counter = unpack(inbox, start)
+            if kind != _MSG_TRANSPORT:
+                if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
+                    self._receive_handshake(bytes(inbox[start:end]), address, now)
+                    last_index = None  # keypairs may have changed
+                continue
+            if index != last_index:
+                keypair = keypairs.get(index)
+                if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
+                    last_index = None
+                    continue
+                last_index, key, ring = index, keypair.receive_key, keypair.replay_ring
+            place = counter & (window - 1)
+            if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
+                continue  # replayed, too old, or past the limit
+            length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
+                           key, counter, plain_handle)
+            if length < 0:
+                continue
+            ring[place] = counter
+            keypair.replay_top = max(keypair.replay_top, counter)
+            received += end - start
+            if keypair is self.next:
+                self._confirm_next(now)
+            if length:
+                data = True
+                length = packet_length(plain, length)
+                if length:
+                    deliver(length)
+        if received:
+            self.counters[_RX_BYTES] += received
+            self.last_received = now
+            if address != self.endpoint:
+                self._roam(address)
+            current = self.current
+            if data:
+                self.last_data_received = now
+                if (current is not None and current.initiator and now - current.created
+                        >= _REJECT_AFTER_TIME - _KEEPALIVE_TIMEOUT - _REKEY_TIMEOUT):
+                    self.initiate(now)
+
+    def receive_datagram(self, datagram, address, now, deliver):
+        """`receive` for one datagram given as bytes (tests, slow paths)."""
+        size = min(len(datagram), len(self.inbox))
+        self.inbox[:size] = datagram[:size]
+        self.receive(size, size or 1, address, now, deliver)
 
     def _receive_handshake(self, message, address, now):
         kind, size = message[0], len(message)
@@ -1681,54 +1698,61 @@ class _TunWriter:
         self.next_seq = 0
         self.segment = 0
         self.segments = 0
-        self.header_size = 0
+        self.header_size = self.ip_size = self.seq_at = 0
+        self.layout = None
+        self.layouts = {}  # header size (negative: IPv6) -> _flow_layout
 
     def write(self, length):
         """Queue (or write) the IP packet of `length` bytes at the start of `plain`."""
-        if not self.vnet_hdr:
-            self._write(self.plain_view[:length])
-            return
-        plain = self.plain
-        version = plain[0]
-        if version == 0x45 and plain[9] == 6 and not (plain[6] & 0x3F or plain[7]):
-            ip_size = 20
-        elif version >> 4 == 6 and plain[6] == 6:
-            ip_size = 40
-        else:
-            ip_size = 0
-        if ip_size and length >= ip_size + 20:
-            header_size = ip_size + (plain[ip_size + 12] >> 4) * 4
-            payload = length - header_size
-            flags = plain[ip_size + 13]
-            if payload > 0 and header_size <= length and flags & ~_TCP_PSH == _TCP_ACK:
-                seq = _U32_BE.unpack_from(plain, ip_size + 4)[0]
-                if ip_size == 20:
-                    key = plain[0:2] + plain[6:10] + plain[12:24] + plain[28:33] + plain[34:36] + plain[38:header_size]
-                else:
-                    key = plain[0:4] + plain[6:44] + plain[48:53] + plain[54:56] + plain[58:header_size]
-                if (self.size and key == self.key and seq == self.next_seq
-                        and payload <= self.segment
-                        and self.size + payload <= _COALESCE_LIMIT):
-                    start = _VNET_HEADER_SIZE + self.size
-                    self.buffer[start:start + payload] = self.plain_view[header_size:length]
-                    self.size += payload
-                    self.segments += 1
-                    self.next_seq = (seq + payload) & 0xFFFFFFFF
-                    if flags & _TCP_PSH or payload < self.segment:
-                        self.buffer[_VNET_HEADER_SIZE + ip_size + 13] |= flags & _TCP_PSH
-                        self.flush()
-                    return
-                self.flush()
-                if flags & _TCP_PSH:
-                    self._write_single(length)
-                    return
-                self.buffer[_VNET_HEADER_SIZE:_VNET_HEADER_SIZE + length] = self.plain_view[:length]
-                self.size, self.key, self.segment, self.segments = length, key, payload, 1
-                self.next_seq = (seq + payload) & 0xFFFFFFFF
-                self.header_size, self.ip_size = header_size, ip_size
+        size = self.size
+        if size and length > self.header_size:  # the common case: the flow goes on
+            fields = self.layout.unpack_from(self.plain)
+            payload = length - self.header_size
+            if (fields[::2] == self.key and fields[self.seq_at] == self.next_seq
+                    and fields[self.seq_at + 2] & ~_TCP_PSH == _TCP_ACK
+                    and payload <= self.segment and size + payload <= _COALESCE_LIMIT):
+                start = _VNET_HEADER_SIZE + size
+                self.buffer[start:start + payload] = self.plain_view[self.header_size:length]
+                self.size = size + payload
+                self.segments += 1
+                self.next_seq = (self.next_seq + payload) & 0xFFFFFFFF
+                flags = fields[self.seq_at + 2]
+                if flags & _TCP_PSH or payload < self.segment:  # the end of a burst
+                    self.buffer[_VNET_HEADER_SIZE + self.ip_size + 13] |= flags
+                    self.flush()
                 return
         self.flush()
-        self._write_single(length)
+        if self.vnet_hdr and not self._start_flow(length):
+            self._write_single(length)
+
+    def _start_flow(self, length):
+        """Begin coalescing with this packet if it is a plain TCP segment with
+        data; False when it must go out alone."""
+        plain = self.plain
+        first = plain[0]
+        if first == 0x45 and plain[9] == 6 and not (plain[6] & 0x3F or plain[7]):
+            ip_size = 20
+        elif first >> 4 == 6 and plain[6] == 6:
+            ip_size = 40
+        else:
+            return False
+        if length < ip_size + 20:
+            return False
+        header_size = ip_size + (plain[ip_size + 12] >> 4) * 4
+        payload = length - header_size
+        if payload <= 0 or plain[ip_size + 13] != _TCP_ACK:
+            return False
+        shape = header_size if ip_size == 20 else -header_size
+        layout = self.layouts.get(shape)
+        if layout is None:
+            layout = self.layouts[shape] = _flow_layout(ip_size, header_size)
+        fields = layout.unpack_from(plain)
+        self.buffer[_VNET_HEADER_SIZE:_VNET_HEADER_SIZE + length] = self.plain_view[:length]
+        self.size, self.key, self.segment, self.segments = length, fields[::2], payload, 1
+        self.layout, self.seq_at = layout, 5 if ip_size == 20 else 3
+        self.next_seq = (fields[self.seq_at] + payload) & 0xFFFFFFFF
+        self.header_size, self.ip_size = header_size, ip_size
+        return True
 
     def flush(self):
         """Write the packet being coalesced, as one GSO packet if it grew."""
@@ -1759,16 +1783,29 @@ class _TunWriter:
         self._write(self.view[:ip + size])
 
     def _write_single(self, length):
-        try:
-            os.writev(self.fd, (self.single_header, self.plain_view[:length]))
-        except OSError:
-            pass  # like a full queue on a NIC: the packet is lost
+        if self.vnet_hdr:
+            try:
+                os.writev(self.fd, (self.single_header, self.plain_view[:length]))
+            except OSError:
+                pass  # like a full queue on a NIC: the packet is lost
+        else:
+            self._write(self.plain_view[:length])
 
     def _write(self, data):
         try:
             os.write(self.fd, data)
         except OSError:
             pass  # like a full queue on a NIC: the packet is lost
+
+
+def _flow_layout(ip_size, header_size):
+    """A Struct whose even fields are what must match for two TCP segments of
+    one flow to be coalesced: everything in the headers except lengths, IPv4
+    id, checksums, sequence number and PSH (odd fields are skipped values)."""
+    options = header_size - ip_size - 20
+    if ip_size == 20:
+        return struct.Struct(f">2s4s4s2s12sI5sB2s2s{options + 2}s")
+    return struct.Struct(f">4s2s38sI5sB2s2s{options + 2}s")
 
 
 def _fold(total):
@@ -1847,20 +1884,19 @@ def _udp_emitter(sock, gso):
     return emit
 
 
-def _receive_loop(peer, sock, tun_fd, link, parent_fd, vnet_hdr, gro):
-    """The control and decrypting process: UDP -> TUN, handshakes, timers."""
+def _receive_loop(peer, sock, tun_fd, link, parent_pid, vnet_hdr, gro):
+    """The control and decrypting process: UDP -> TUN, handshakes, timers.
+    Returns when the parent or the sending process is gone."""
     import select
     import socket
 
     poller = select.poll()
     sock_fd, link_fd = sock.fileno(), link.fileno()
-    for fd in (sock_fd, link_fd, parent_fd):
+    for fd in (sock_fd, link_fd):
         poller.register(fd, select.POLLIN)
-    buffer = bytearray(65536)
-    view = memoryview(buffer)
     writer = _TunWriter(tun_fd, peer.plain, vnet_hdr)
     write, flush, receive, clock = writer.write, writer.flush, peer.receive, peer.clock
-    recvmsg_into = sock.recvmsg_into
+    recvmsg_into, inbox = sock.recvmsg_into, (peer.inbox,)
     ancillary = socket.CMSG_SPACE(4) if gro else 0
     dontwait = socket.MSG_DONTWAIT
     peer.initiate()
@@ -1871,7 +1907,7 @@ def _receive_loop(peer, sock, tun_fd, link, parent_fd, vnet_hdr, gro):
                 now = clock()
                 for _ in range(256):  # bounded, so that timers keep running
                     try:
-                        size, cmsgs, _, address = recvmsg_into((buffer,), ancillary, dontwait)
+                        size, cmsgs, _, address = recvmsg_into(inbox, ancillary, dontwait)
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError:
@@ -1881,36 +1917,35 @@ def _receive_loop(peer, sock, tun_fd, link, parent_fd, vnet_hdr, gro):
                         level, kind, data = cmsgs[0]
                         if level == _SOL_UDP and kind == _UDP_GRO:
                             segment = int.from_bytes(data[:4], sys.byteorder) or size
-                    for start in range(0, size, segment):
-                        end = start + segment
-                        length = receive(view[start:min(size, end)], address, now)
-                        if length:
-                            write(length)
+                    if size:
+                        receive(size, segment, address, now, write)
                 flush()
             elif fd == link_fd:
                 try:
                     message = link.recv(4096, dontwait)
                 except BlockingIOError:
                     continue
-                if message:  # the sender only ever asks for a handshake
-                    peer.initiate()
-            else:
-                return
+                if not message:
+                    return
+                peer.initiate()  # the sender only ever asks for a handshake
         now = clock()
         if now >= next_tick:
+            if os.getppid() != parent_pid:
+                return
             next_tick = now + 0.1
             peer.tick(now)
 
 
-def _send_loop(sender, tun_fd, link, parent_fd, vnet_hdr):
-    """The encrypting process: TUN -> UDP."""
+def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
+    """The encrypting process: TUN -> UDP. Returns when the parent or the
+    receiving process is gone."""
     import pickle
     import select
     import socket
 
     poller = select.poll()
     link_fd = link.fileno()
-    for fd in (tun_fd, link_fd, parent_fd):
+    for fd in (tun_fd, link_fd):
         poller.register(fd, select.POLLIN)
     batch = sender.BATCH
     sizes = [0] * batch
@@ -1918,7 +1953,10 @@ def _send_loop(sender, tun_fd, link, parent_fd, vnet_hdr):
     readv, seal_batch = os.readv, sender.seal_batch
     headroom = _VNET_HEADER_SIZE if vnet_hdr else 0
     while True:
-        for fd, _ in poller.poll():
+        events = poller.poll(1000)
+        if not events and os.getppid() != parent_pid:
+            return
+        for fd, _ in events:
             if fd == tun_fd:
                 count = batch
                 while count == batch:
@@ -1935,9 +1973,12 @@ def _send_loop(sender, tun_fd, link, parent_fd, vnet_hdr):
                         seal_batch(sizes, count)
             elif fd == link_fd:
                 try:
-                    message = pickle.loads(link.recv(4096, socket.MSG_DONTWAIT))
+                    message = link.recv(4096, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     continue
+                if not message:
+                    return
+                message = pickle.loads(message)
                 if message[0] == "install":
                     keypair = message[1]
                     if keypair is not None:
@@ -1984,7 +2025,6 @@ class Datapath:
         self._gso = _try_setsockopt(sock, _SOL_UDP, _UDP_SEGMENT, 0)
         self._gro = _try_setsockopt(sock, _SOL_UDP, _UDP_GRO, 1)
         self._workers = []
-        self._parent_fd = None
 
     def start(self):
         """Fork the two workers; with an endpoint the handshake starts at once."""
@@ -1993,7 +2033,6 @@ class Datapath:
         if self._workers:
             return
         control, data = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent_read, self._parent_fd = os.pipe()
         peer, sock = self._peer, self._socket
         sender = _Sender(peer.cipher, self._counters, _udp_emitter(sock, self._gso),
                          lambda: data.send(b"handshake"), mtu=self._mtu, clock=self._clock,
@@ -2001,12 +2040,12 @@ class Datapath:
                          headroom=_VNET_HEADER_SIZE if self._vnet_hdr else 0)
         peer.transmit = lambda message, address: _send_quietly(sock, message, address)
         peer.sender = _SenderLink(control, self._endpoint_area)
+        parent = os.getpid()
         self._workers.append(_fork_worker(
-            _send_loop, sender, self._tun_fd, data, parent_read, self._vnet_hdr))
+            control, _send_loop, sender, self._tun_fd, data, parent, self._vnet_hdr))
         self._workers.append(_fork_worker(
-            _receive_loop, peer, sock, self._tun_fd, control, parent_read,
+            data, _receive_loop, peer, sock, self._tun_fd, control, parent,
             self._vnet_hdr, self._gro))
-        os.close(parent_read)
         control.close()
         data.close()
 
@@ -2037,9 +2076,8 @@ class Datapath:
         import signal
         import time
 
-        if self._parent_fd is not None:
-            os.close(self._parent_fd)  # the workers see EOF and leave
-            self._parent_fd = None
+        for pid in self._workers:
+            os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 2.0
         for pid in self._workers:
             while not os.waitpid(pid, os.WNOHANG)[0]:
@@ -2052,8 +2090,9 @@ class Datapath:
         self._socket.close()
 
 
-def _fork_worker(function, *args):
-    """Run `function(*args)` in a child process; it never returns to the caller."""
+def _fork_worker(other_end, function, *args):
+    """Run `function(*args)` in a child process, which never returns to the
+    caller; `other_end` is the link end the child must not hold."""
     import signal
 
     pid = os.fork()
@@ -2061,12 +2100,17 @@ def _fork_worker(function, *args):
         return pid
     status = 1
     try:
+        other_end.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the session ends us, not Ctrl-C
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, _leave)
         function(*args)
         status = 0
     finally:
         os._exit(status)
+
+
+def _leave(signum, frame):
+    raise SystemExit(0)
 
 
 def _send_quietly(sock, message, address):
