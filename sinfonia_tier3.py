@@ -1722,7 +1722,7 @@ class _TunWriter:
                     self.flush()
                 return
         self.flush()
-        if self.vnet_hdr and not self._start_flow(length):
+        if not (self.vnet_hdr and self._start_flow(length)):
             self._write_single(length)
 
     def _start_flow(self, length):
