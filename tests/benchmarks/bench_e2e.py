@@ -113,9 +113,10 @@ class _MemorySampler(threading.Thread):
                     continue
                 if program in self.excluded:
                     continue
-                own = _kib(f"/proc/{pid}/status", "VmRSS:")
-                self.largest_rss_kib = max(self.largest_rss_kib, own)
-                rss += own
+                rss += _kib(f"/proc/{pid}/status", "VmRSS:")
+                self.largest_rss_kib = max(
+                    self.largest_rss_kib, _kib(f"/proc/{pid}/status", "VmHWM:")
+                )
                 pss += _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
             self.peak_rss_kib = max(self.peak_rss_kib, rss)
             self.peak_pss_kib = max(self.peak_pss_kib, pss)
