@@ -92,11 +92,10 @@ def test_dns_drops_responses_and_runts():
     (struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63
      + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\0\0\1\0\1", 1),  # name over 255 bytes
     (struct.pack("!6H", 1, 0x2900, 1, 0, 0, 0) + query("helloworld")[12:], 4),  # UPDATE
-    (query("helloworld", qclass=3), 5),  # CHAOS class
+    (query("helloworld", qclass=3, ident=1), 5),  # CHAOS class
 ])
 def test_dns_malformed_queries_get_an_error_code(packet, rcode):
-    ident, got, addresses = parse_reply(cloudlet.dns_answer(packet, RECORDS))
-    assert (ident, got, addresses) == (1 if rcode != 5 else 0x1234, rcode, [])
+    assert parse_reply(cloudlet.dns_answer(packet, RECORDS)) == (1, rcode, [])
 
 
 @settings(max_examples=2000, deadline=None)
