@@ -200,11 +200,13 @@ def test_a_wireguard_go_client_reaches_helloworld_by_name(implementation, client
             page = curl(client_namespace)
             fqdn = f"helloworld.{cloudlet.KUBERNETES_NAMESPACE}.svc.cluster.local"
             page_by_fqdn = curl(client_namespace, f"http://{fqdn}/")
-            unknown = client_namespace.run(
-                ["curl", "-sS", "--max-time", "10", "http://nosuchservice/"], check=False
+            unknown = subprocess.run(
+                ["ip", "netns", "exec", client_namespace.name,
+                 "curl", "-sS", "--max-time", "10", "http://nosuchservice/"],
+                capture_output=True, timeout=20, check=False,
             )
     assert page == page_by_fqdn == greeting(config)
-    assert unknown == ""
+    assert unknown.returncode == 6, unknown.stderr  # curl: could not resolve host
 
 
 @pytest.mark.e2e
@@ -223,10 +225,10 @@ def test_each_client_key_gets_its_own_address_and_responder_and_keeps_them():
 # The tool itself, through the cloudlet ########################################
 
 
-def run_tool(url, *command, timeout=60):
+def run_tool(url, *command, timeout=60, env=None):
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "sinfonia_tier3.py"), url, "helloworld", "--", *command],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True, text=True, timeout=timeout, check=False, env=env,
     )
 
 
@@ -242,6 +244,26 @@ def test_sinfonia_tier3_curls_helloworld_through_the_cloudlet(implementation):
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("Hello from the sinfonia test cloudlet!\nYour tunnel address is 10.44.")
     assert again.stdout == first.stdout, "the same key gets the same deployment and address"
+
+
+@pytest.mark.e2e
+@needs_root
+def test_concurrent_clients_each_get_their_own_tunnel(tmp_path):
+    def session(index, results):
+        env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / str(index)))
+        results[index] = run_tool(api.url, "curl", "-sS", "--max-time", "10",
+                                  "http://helloworld/", env=env)
+
+    results = {}
+    with cloudlet.WireGuardServer() as server, cloudlet.Cloudlet(wireguard=server) as api:
+        threads = [threading.Thread(target=session, args=(i, results)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+    assert all(r.returncode == 0 for r in results.values()), [r.stderr for r in results.values()]
+    pages = {r.stdout for r in results.values()}
+    assert pages == {greeting({"address": [f"10.44.0.{i}/32"]}) for i in range(2, 6)}
 
 
 @pytest.mark.e2e
