@@ -79,6 +79,16 @@ def _tree(root):
     return pids
 
 
+def _command_line(pid):
+    """A short form of the process's command line, for failure messages."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return f"{pid} (gone)"
+    return " ".join(os.path.basename(words[0]) if i == 0 else w for i, w in enumerate(words[:4]))
+
+
 def _kib(path, field):
     """The `field:` line of a /proc file in KiB, 0 when the process is gone."""
     try:
@@ -150,7 +160,10 @@ def _time_command(argv, env, cwd, sample):
             while True:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
-                    raise RunFailed(f"no end of output within {RUN_TIMEOUT:.0f} s")
+                    raise RunFailed(
+                        f"no end of output within {RUN_TIMEOUT:.0f} s; still running: "
+                        + ", ".join(_command_line(pid) for pid in _tree(process.pid))
+                    )
                 if not select.select([process.stdout], [], [], remaining)[0]:
                     continue
                 chunk = os.read(process.stdout.fileno(), 65536)
