@@ -726,13 +726,11 @@ class _WireGuardGoResponder:
 class _DatapathResponder:
     """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
 
-    def __init__(self, tun_fd, private_key, peer_public_key, allowed_ips, host):
+    def __init__(self, datapath_class, tun_fd, private_key, peer_public_key,
+                 allowed_ips, host):
         self._tun_fd = tun_fd
         try:
-            sys.path.insert(0, _REPO_ROOT)
-            from sinfonia_tier3 import Datapath
-
-            self._datapath = Datapath(
+            self._datapath = datapath_class(
                 tun_fd, private_key, peer_public_key,
                 allowed_ips=allowed_ips, listen=(host, 0),
             )
@@ -757,11 +755,19 @@ class WireGuardServer:
     real cloudlet gives the same deployment to the same key.
     """
 
-    def __init__(self, implementation="sinfonia", host="127.0.0.1"):
-        if implementation not in ("sinfonia", "wireguard-go"):
+    def __init__(self, implementation="sinfonia", host="127.0.0.1", max_clients=64):
+        if implementation == "sinfonia":
+            sys.path.insert(0, _REPO_ROOT)
+            from sinfonia_tier3 import Datapath
+
+            self._datapath_class = Datapath
+        elif implementation == "wireguard-go":
+            _wireguard_go_binary()  # fail now, not at the first deployment
+        else:
             raise ValueError(f"unknown WireGuard implementation {implementation!r}")
         self.implementation = implementation
         self.host = host
+        self.max_clients = max_clients
         self._private_key = os.urandom(32)
         self.public_key = public_key_of(self._private_key)
         self._lock = threading.Lock()
@@ -775,7 +781,9 @@ class WireGuardServer:
             return _WireGuardGoResponder(
                 tun_fd, tun_name, self._private_key, client_key, allowed
             )
-        return _DatapathResponder(tun_fd, self._private_key, client_key, allowed, self.host)
+        return _DatapathResponder(
+            self._datapath_class, tun_fd, self._private_key, client_key, allowed, self.host
+        )
 
     def tunnel_config_for(self, uuid, client_key):
         """The deploy answer's `TunnelConfig` for `client_key` (32 raw bytes).
@@ -786,6 +794,8 @@ class WireGuardServer:
             raise ValueError("a WireGuard public key is 32 bytes")
         with self._lock:
             if client_key not in self._peers:
+                if len(self._peers) >= self.max_clients:
+                    raise RuntimeError(f"the cloudlet serves at most {self.max_clients} clients")
                 index, self._next_index = self._next_index, self._next_index + 1
                 address = CLIENT_NETWORK[index]
                 tun_name = f"cl{index}"

@@ -222,6 +222,18 @@ def test_each_client_key_gets_its_own_address_and_responder_and_keeps_them():
     assert again == configs[3]
 
 
+@pytest.mark.e2e
+@needs_root
+def test_the_number_of_clients_is_bounded_and_a_released_key_frees_its_place():
+    first, second = generate_keypair()[1], generate_keypair()[1]
+    with cloudlet.WireGuardServer(max_clients=1) as server:
+        server.tunnel_config_for(cloudlet.HELLOWORLD, first)
+        with pytest.raises(RuntimeError, match="at most 1 clients"):
+            server.tunnel_config_for(cloudlet.HELLOWORLD, second)
+        server.release(first)
+        assert server.tunnel_config_for(cloudlet.HELLOWORLD, second)["address"] == ["10.44.0.3/32"]
+
+
 # The tool itself, through the cloudlet ########################################
 
 
