@@ -14,6 +14,7 @@ port nobody listens on; a real WireGuard server object with the same method
 replaces it where a tunnel must come up.
 
     python3 tests/cloudlet.py serve [--port N] [--misbehave NAME]
+                                    [--wireguard sinfonia|wireguard-go]
     python3 tests/cloudlet.py demo [--wireguard wireguard-go]
 
 `WireGuardServer` (section "WireGuard server, backend and DNS") is the real
@@ -872,6 +873,11 @@ def _serve(argv=None):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--misbehave", choices=sorted(MISBEHAVIOURS))
+    serve.add_argument(
+        "--wireguard", choices=("none", "sinfonia", "wireguard-go"), default="none",
+        help="serve real tunnels to the helloworld backend with this WireGuard "
+        "server (default: none, the deploy API only)",
+    )
     demo = sub.add_parser(
         "demo", help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet"
     )
@@ -882,7 +888,14 @@ def _serve(argv=None):
     options = parser.parse_args(argv)
     if options.action == "demo":
         return run_demo(options.wireguard)
-    cloudlet = Cloudlet(host=options.host, port=options.port)
+    if options.wireguard != "none":
+        with WireGuardServer(options.wireguard) as wireguard:
+            return _serve_until_interrupted(options, wireguard)
+    return _serve_until_interrupted(options, None)
+
+
+def _serve_until_interrupted(options, wireguard):
+    cloudlet = Cloudlet(wireguard=wireguard, host=options.host, port=options.port)
     cloudlet.misbehaviour = options.misbehave
     with cloudlet:
         print(
@@ -892,6 +905,7 @@ def _serve(argv=None):
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
+    return 0
 
 
 if __name__ == "__main__":
