@@ -15,6 +15,7 @@ configuration whose endpoint is a loopback port nobody listens on; pass
 peer, a backend behind it) where a tunnel must come up.
 
     python3 tests/cloudlet.py serve [--port N] [--misbehave NAME]
+                                    [--wireguard sinfonia|wireguard-go]
     python3 tests/cloudlet.py demo [--wireguard wireguard-go]
 
 `WireGuardServer` (section "WireGuard server, backend and DNS") is the real
@@ -373,7 +374,7 @@ SEARCH_DOMAINS = (
 TUNNEL_MTU = 1420
 
 _DNS_TTL = 5
-_DNS_A, _DNS_AAAA, _DNS_ANY, _DNS_IN = 1, 28, 255, 1
+_DNS_A, _DNS_ANY, _DNS_IN = 1, 255, 1
 _DNS_FORMERR, _DNS_NXDOMAIN, _DNS_NOTIMP, _DNS_REFUSED = 1, 3, 4, 5
 
 
@@ -655,16 +656,19 @@ def _wireguard_go_binary():
     That build accepts a TUN device living in another network namespace
     (WG_TUN_FD) and puts its UAPI socket in its working directory, so it runs
     without root; Debian's wireguard-go looks the device up in its own
-    namespace and fails.
+    namespace and fails. Only the binary is used (the package is not imported:
+    its dependencies pin an old pyroute2), so `pip install --no-deps
+    wireguard4netns` is enough.
     """
-    try:
-        import wireguard4netns
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("wireguard4netns")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the wireguard-go cloudlet needs the wireguard4netns wheel "
-            "(pip install wireguard4netns)"
-        ) from None
-    return os.path.join(os.path.dirname(wireguard4netns.__file__), "wireguard-go")
+            "(pip install --no-deps wireguard4netns)"
+        )
+    return os.path.join(spec.submodule_search_locations[0], "wireguard-go")
 
 
 class _WireGuardGoResponder:
@@ -733,13 +737,11 @@ class _WireGuardGoResponder:
 class _DatapathResponder:
     """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
 
-    def __init__(self, tun_fd, private_key, peer_public_key, allowed_ips, host):
+    def __init__(self, datapath_class, tun_fd, private_key, peer_public_key,
+                 allowed_ips, host):
         self._tun_fd = tun_fd
         try:
-            sys.path.insert(0, _REPO_ROOT)
-            from sinfonia_tier3 import Datapath
-
-            self._datapath = Datapath(
+            self._datapath = datapath_class(
                 tun_fd, private_key, peer_public_key,
                 allowed_ips=allowed_ips, listen=(host, 0),
             )
@@ -764,11 +766,19 @@ class WireGuardServer:
     real cloudlet gives the same deployment to the same key.
     """
 
-    def __init__(self, implementation="sinfonia", host="127.0.0.1"):
-        if implementation not in ("sinfonia", "wireguard-go"):
+    def __init__(self, implementation="sinfonia", host="127.0.0.1", max_clients=64):
+        if implementation == "sinfonia":
+            sys.path.insert(0, _REPO_ROOT)
+            from sinfonia_tier3 import Datapath
+
+            self._datapath_class = Datapath
+        elif implementation == "wireguard-go":
+            _wireguard_go_binary()  # fail now, not at the first deployment
+        else:
             raise ValueError(f"unknown WireGuard implementation {implementation!r}")
         self.implementation = implementation
         self.host = host
+        self.max_clients = max_clients
         self._private_key = os.urandom(32)
         self.public_key = public_key_of(self._private_key)
         self._lock = threading.Lock()
@@ -782,7 +792,9 @@ class WireGuardServer:
             return _WireGuardGoResponder(
                 tun_fd, tun_name, self._private_key, client_key, allowed
             )
-        return _DatapathResponder(tun_fd, self._private_key, client_key, allowed, self.host)
+        return _DatapathResponder(
+            self._datapath_class, tun_fd, self._private_key, client_key, allowed, self.host
+        )
 
     def tunnel_config_for(self, uuid, client_key):
         """The deploy answer's `TunnelConfig` for `client_key` (32 raw bytes).
@@ -793,6 +805,8 @@ class WireGuardServer:
             raise ValueError("a WireGuard public key is 32 bytes")
         with self._lock:
             if client_key not in self._peers:
+                if len(self._peers) >= self.max_clients:
+                    raise RuntimeError(f"the cloudlet serves at most {self.max_clients} clients")
                 index, self._next_index = self._next_index, self._next_index + 1
                 address = CLIENT_NETWORK[index]
                 tun_name = f"cl{index}"
@@ -822,7 +836,9 @@ class WireGuardServer:
         """Stop every responder and the cloudlet's namespace."""
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
-        for _, responder in peers:
+        # Newest first: a responder's worker processes hold copies of the
+        # descriptors of the responders started before it.
+        for _, responder in reversed(peers):
             responder.stop()
         self.namespace.close()
 
@@ -867,6 +883,11 @@ def _serve(argv=None):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--misbehave", choices=sorted(MISBEHAVIOURS))
+    serve.add_argument(
+        "--wireguard", choices=("none", "sinfonia", "wireguard-go"), default="none",
+        help="serve real tunnels to the helloworld backend with this WireGuard "
+        "server (default: none, the deploy API only)",
+    )
     demo = sub.add_parser(
         "demo", help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet"
     )
@@ -877,7 +898,14 @@ def _serve(argv=None):
     options = parser.parse_args(argv)
     if options.action == "demo":
         return run_demo(options.wireguard)
-    cloudlet = Cloudlet(host=options.host, port=options.port)
+    if options.wireguard != "none":
+        with WireGuardServer(options.wireguard) as wireguard:
+            return _serve_until_interrupted(options, wireguard)
+    return _serve_until_interrupted(options, None)
+
+
+def _serve_until_interrupted(options, wireguard):
+    cloudlet = Cloudlet(wireguard=wireguard, host=options.host, port=options.port)
     cloudlet.misbehaviour = options.misbehave
     with cloudlet:
         print(
@@ -887,6 +915,7 @@ def _serve(argv=None):
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
+    return 0
 
 
 if __name__ == "__main__":
