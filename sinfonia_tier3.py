@@ -2586,17 +2586,20 @@ def _namespace_init(channel, interface, mtu):
 
 def _serve_as_init(channel, start):
     """Start the application, then do init's job until it ends: reap every
-    orphan, pass on the signals the tool forwards. The rest of the PID
+    orphan, pass on the signals the tool forwards, tell the tool when the
+    application stops (Ctrl-Z) and continue it when told. The rest of the PID
     namespace dies when this returns."""
     import select
     import signal
 
+    terminal = start["terminal"]
     wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # to hand the terminal over
     application = os.fork()
     if application == 0:
-        _exec_application(channel, start["command"], start["env"], start["terminal"])
+        _exec_application(channel, start["command"], start["env"], terminal)
     while True:
         readable, _, _ = select.select([channel, wakeup_r], [], [])
         if channel in readable:
@@ -2604,20 +2607,28 @@ def _serve_as_init(channel, start):
             if message is None:  # the tool is gone: so is everything here
                 return 125
             try:
-                os.kill(application, message["signal"])
+                if "continue" in message:
+                    if message["continue"] and terminal is not None:
+                        os.tcsetpgrp(terminal, application)
+                    os.killpg(application, signal.SIGCONT)
+                else:
+                    os.kill(application, message["signal"])
             except ProcessLookupError:
                 pass
         if wakeup_r in readable:
             os.read(wakeup_r, 4096)
             while True:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
                 if pid == application:
-                    return _exit_status(status)
+                    if os.WIFSTOPPED(status):
+                        channel.send({"stopped": os.WSTOPSIG(status)})
+                    else:
+                        return _exit_status(status)
 
 
 def _exec_application(channel, command, env, terminal):
@@ -2801,19 +2812,36 @@ class _Namespace:
                 previous[signum] = signal.signal(signum, self._forward)
         except ValueError:  # not the main thread: signals stay as they are
             pass
+        failure = None
         try:
+            while True:  # until the namespace's init has gone
+                message, _ = self._channel.receive()
+                if message is None:
+                    break
+                if "stopped" in message:
+                    self._suspend()
+                elif "error" in message:  # the command could not be executed
+                    failure = message
             status = self._reap()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._take_back_terminal()
-        try:
-            message, _ = self._channel.receive(0)
-        except (BlockingIOError, OSError):
-            message = None
-        if message and "error" in message:
-            raise _CommandError(message["error"], message.get("status", 125))
+        if failure is not None:
+            raise _CommandError(failure["error"], failure.get("status", 125))
         return status
+
+    def _suspend(self):
+        """The application stopped (Ctrl-Z): stop the tool too, so that the
+        shell it runs under takes the terminal back; once continued (fg or
+        bg), continue the application, in the foreground if the tool is."""
+        import signal
+
+        self._give_back_terminal()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        foreground = self._terminal is not None and \
+            os.tcgetpgrp(self._terminal) == os.getpgrp()
+        self.send({"continue": foreground})
 
     def _forward(self, signum, frame):
         try:
@@ -2821,7 +2849,8 @@ class _Namespace:
         except OSError:
             pass
 
-    def _take_back_terminal(self):
+    def _give_back_terminal(self):
+        """Make the tool's process group the terminal's foreground again."""
         if self._terminal is None:
             return
         import signal
@@ -2833,7 +2862,10 @@ class _Namespace:
             pass
         finally:
             signal.signal(signal.SIGTTOU, previous)
-            self._terminal = None
+
+    def _take_back_terminal(self):
+        self._give_back_terminal()
+        self._terminal = None
 
     def _reap(self):
         if self._status is None:

@@ -190,7 +190,8 @@ def _is_zombie(pid):
 
 def run_in_terminal(argv, typed, timeout=20):
     """Run `argv` as the foreground job of a fresh pseudo-terminal; type
-    `typed` (a list of (wait_for, text): type text once wait_for is shown) and return (status, everything shown)."""
+    `typed` (a list of (wait_for, text): type text once wait_for is shown;
+    a callable instead of text is called with the pid) and return (status, everything shown)."""
     pid, master = pty.fork()
     if pid == 0:
         try:
@@ -208,7 +209,10 @@ def run_in_terminal(argv, typed, timeout=20):
                 if select.select([master], [], [], remaining)[0]:
                     shown += os.read(master, 4096)
             matched = shown.index(wait_for.encode(), matched) + len(wait_for)
-            os.write(master, text.encode())
+            if callable(text):
+                text(pid)
+            else:
+                os.write(master, text.encode())
         while time.monotonic() < deadline:
             if select.select([master], [], [], deadline - time.monotonic())[0]:
                 try:
@@ -229,3 +233,15 @@ def run_in_terminal(argv, typed, timeout=20):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(master)
+
+
+def wait_until_stopped(pid, timeout=10.0):
+    """Wait (bounded) until process `pid` is stopped (state T)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "T":
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop")
+        time.sleep(0.02)

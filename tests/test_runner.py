@@ -304,6 +304,30 @@ def test_the_application_gets_the_terminal_and_ctrl_c(runner):
     assert status == 128 + signal.SIGINT, shown
 
 
+SUSPENDABLE = r'''
+import os, sys
+for _ in range(2):
+    print("foreground" if os.tcgetpgrp(0) == os.getpgrp() else "background", flush=True)
+    sys.stdin.readline()
+'''
+
+
+def test_ctrl_z_stops_the_tool_too_and_continuing_it_continues_the_application(runner):
+    def continue_like_a_shell(pid):
+        # The tool stopped itself with the application; a shell's `fg` would
+        # now send SIGCONT (the tool is its terminal's foreground job again).
+        sessions.wait_until_stopped(pid)
+        os.kill(pid, signal.SIGCONT)
+
+    status, shown = sessions.run_in_terminal(
+        runner.argv({"command": [runner.python, "-c", SUSPENDABLE]}),
+        [("foreground", "\x1a"), ("", continue_like_a_shell), ("", "first line\n"),
+         ("foreground", "second line\n")],
+    )
+    assert status == 0, shown
+    assert shown.count("foreground") == 2, shown
+
+
 # Failures that must be clear #################################################
 
 
