@@ -2839,8 +2839,10 @@ class _Namespace:
 
         self._give_back_terminal()
         os.kill(os.getpid(), signal.SIGSTOP)
-        foreground = self._terminal is not None and \
-            os.tcgetpgrp(self._terminal) == os.getpgrp()
+        try:
+            foreground = os.tcgetpgrp(self._terminal) == os.getpgrp()
+        except (OSError, TypeError):  # no terminal (any more)
+            foreground = False
         self.send({"continue": foreground})
 
     def _forward(self, signum, frame):

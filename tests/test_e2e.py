@@ -95,12 +95,14 @@ class Tool:
 def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool):
     code, stdout, stderr = tool.run(
         cloudlet_url, "--", "sh", "-c",
-        '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL"', "-", *CURL)
+        '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL '
+        '$SINFONIA_DEPLOYMENT"', "-", *CURL)
     assert code == 0, stderr
     page = GREETING.match(stdout)
     assert page, stdout
+    deployment = re.search(r"deployed (\S+) \(Deployed\)", stderr).group(1)
     assert stdout[page.end():] == (
-        f"{page.group(1)} {cloudlet.HELLOWORLD} {cloudlet_url}\n")
+        f"{page.group(1)} {cloudlet.HELLOWORLD} {cloudlet_url} {deployment}\n")
 
 
 def test_the_applications_exit_status_comes_back(cloudlet_url, tool):
