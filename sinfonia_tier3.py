@@ -2436,6 +2436,9 @@ def _enter_new_namespaces():
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     except OSError as e:
+        if uid == 0:
+            raise TunnelError(f"cannot create the application's namespaces: "
+                              f"{e.strerror}") from None
         raise TunnelError(_explain_userns_failure(e)) from None
 
 
@@ -2490,11 +2493,10 @@ def _netlink_step(what, function, *args, **kwargs):
         raise TunnelError(f"cannot {what}: {os.strerror(e.code)}") from None
 
 
-def _configure_interface(ipr, name, mtu, addresses, routes):
+def _configure_interface(ipr, index, name, addresses, routes):
     """Addresses and routes on the tunnel interface, which is up already."""
     import ipaddress
 
-    index = ipr.link_lookup(ifname=name)[0]
     for text in addresses:
         address = ipaddress.ip_interface(text)
         flags = _IFA_F_NODAD if address.version == 6 else 0  # usable at once
@@ -2516,20 +2518,27 @@ def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIR
     """Make `path` read `text` inside our mount namespace.
 
     A symlink (systemd-resolved's stub, resolvconf) is followed to the file it
-    names; when that file is missing, it is created on a tmpfs over its
-    directory. The file comes from a tmpfs mounted briefly on `staging`: the
-    bind mount keeps it alive after the staging mount is gone, so nothing is
-    ever written to disk.
+    names. When that file is missing (it was in a hidden directory, or its
+    service is not running), it is created on the tmpfs over its directory:
+    one of `hidden_dirs`, or a new one if the directory is under /run. The
+    file comes from a tmpfs mounted briefly on `staging`: the bind mount keeps
+    it alive after the staging mount is gone, so nothing is written to disk.
     """
+    hidden = []
     for directory in hidden_dirs:
         if os.path.isdir(directory):
             _hide_path(directory)
+            hidden.append(os.path.realpath(directory))
     target = os.path.realpath(path)
     if not os.path.exists(target):
         directory = os.path.dirname(target)
-        if not os.path.isdir(directory):
-            raise TunnelError(f"{path} leads to {target}, whose directory does not exist")
-        _hide_path(directory)
+        if directory not in hidden:
+            if not (directory.startswith("/run/") and os.path.isdir(directory)):
+                raise TunnelError(
+                    f"{path} is missing or leads nowhere ({target}), so the "
+                    "cloudlet's DNS cannot be put there: create it (an empty file "
+                    "will do)")
+            _hide_path(directory)
         with open(target, "w") as f:
             f.write(text)
         return
@@ -2546,8 +2555,14 @@ def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIR
 def _namespace_init(channel, interface, mtu):
     """PID 1 of the new namespaces: set them up as the tool asks, start the
     application, and serve as its init. Returns the application's status."""
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    try:
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing leaks out
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    except OSError as e:
+        raise TunnelError(
+            f"cannot mount /proc for the application's PID namespace: {e.strerror} "
+            "(a container that hides parts of /proc forbids it; run on the host)"
+        ) from None
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -2564,7 +2579,7 @@ def _namespace_init(channel, interface, mtu):
         config, _ = channel.receive()
         if config is None:  # the tool gave up
             return 125
-        _configure_interface(ipr, interface.name, mtu, config["addresses"],
+        _configure_interface(ipr, index, interface.name, config["addresses"],
                              config["routes"])
     if config["resolv_conf"] is not None:
         try:
