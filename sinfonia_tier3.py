@@ -2835,15 +2835,17 @@ class _Namespace:
                     break
                 if "stopped" in message:
                     self._suspend()
-                elif "error" in message:  # the command could not be executed
+                elif "error" in message:  # exec failed (with a status), or init
                     failure = message
             status = self._reap()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._take_back_terminal()
+        if failure is not None and "status" in failure:
+            raise _CommandError(failure["error"], failure["status"])
         if failure is not None:
-            raise _CommandError(failure["error"], failure.get("status", 125))
+            raise TunnelError(failure["error"])
         return status
 
     def _suspend(self):

@@ -438,6 +438,16 @@ def _place_in_private_mounts(root, text):
 
 
 @needs_root
+def test_a_missing_resolv_conf_is_a_clear_failure_not_a_tmpfs_over_etc(tmp_path):
+    root = str(tmp_path)
+    for directory in ("etc", "run/systemd/resolve", "stage"):
+        os.makedirs(os.path.join(root, directory))
+    with pytest.raises(RuntimeError, match="TunnelError: .*/etc/resolv.conf is missing or "
+                       "leads nowhere .*: create it"):
+        Child(None, _place_in_private_mounts, (root, RESOLV_CONF)).result(20)
+
+
+@needs_root
 @pytest.mark.parametrize("layout", ["regular file", "systemd-resolved symlink",
                                     "symlink to an existing file"])
 def test_resolv_conf_is_placed_whatever_etc_resolv_conf_is(tmp_path, layout):
