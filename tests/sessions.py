@@ -23,6 +23,7 @@ import time
 
 USER = "sinfonia-test"
 TUN = "/dev/net/tun"
+SCRATCH_PREFIX = "sinfonia-test-"  # the user's scratch directories in /tmp
 
 
 def missing_root():
@@ -94,7 +95,7 @@ def tun_open_to_all():
 def user_directory():
     """A temporary directory owned by the test user (key cache, scratch)."""
     uid, gid = test_user()
-    path = tempfile.mkdtemp(prefix="sinfonia-test-")
+    path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
     try:
         os.chown(path, uid, gid)
         os.chmod(path, 0o700)
@@ -103,17 +104,19 @@ def user_directory():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def files_of_user(uid, ignore=(), roots=("/tmp", "/var/tmp", "/dev/shm", "/run")):
+def files_of_user(uid, roots=("/tmp", "/var/tmp", "/dev/shm", "/run")):
     """Paths under `roots` owned by `uid` (what a run may have left behind),
-    except those under the directories in `ignore`."""
+    except the scratch directories of `user_directory` (this test's and those
+    of tests running at the same time)."""
+    scratch = os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX)
     found = []
     for root in roots:
         for directory, names, files in os.walk(root):
-            if any(directory == i or directory.startswith(i + os.sep) for i in ignore):
+            if (directory + os.sep).startswith(scratch):
                 continue
             for name in names + files:
                 path = os.path.join(directory, name)
-                if path in ignore:
+                if path.startswith(scratch):
                     continue
                 try:
                     if os.lstat(path).st_uid == uid:

@@ -128,7 +128,7 @@ def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
             process.kill()
             process.wait()
     if tool.as_user:
-        assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
+        assert sessions.files_of_user(tool.uid) == []
 
 
 def test_a_dead_endpoint_fails_before_the_application_starts(tool):
@@ -164,7 +164,7 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
     assert len(addresses) == 10, "ten keys, ten tunnels, ten addresses"
     assert sessions.wait_until_gone(pids, {}) == []
     if tool.as_user:
-        assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
+        assert sessions.files_of_user(tool.uid) == []
 
 
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])

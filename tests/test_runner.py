@@ -277,7 +277,7 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
             process.kill()
             process.wait()
     if runner.as_user:
-        assert sessions.files_of_user(runner.uid, ignore=[runner.scratch]) == []
+        assert sessions.files_of_user(runner.uid) == []
 
 
 def test_an_error_inside_the_child_is_one_line(runner):
