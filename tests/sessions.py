@@ -25,6 +25,19 @@ USER = "sinfonia-test"
 TUN = "/dev/net/tun"
 SCRATCH_PREFIX = "sinfonia-test-"  # the user's scratch directories in /tmp
 
+# An application that says "ready", then leaves with 40+N on signal N.
+SIGNAL_TRAP = r'''
+import signal, sys, time
+def leave(signum, frame):
+    print("got", signum, flush=True)
+    sys.exit(40 + signum)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, leave)
+print("ready", flush=True)
+time.sleep(60)
+sys.exit(3)
+'''
+
 
 def missing_root():
     """Why unprivileged runs cannot be arranged here ('' when they can)."""
