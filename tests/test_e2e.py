@@ -61,7 +61,7 @@ class Tool:
     def __init__(self, as_user, scratch):
         self.as_user = as_user
         self.scratch = scratch
-        self.uid = sessions.test_user()[0] if as_user else 0
+        self.uid = sessions.user_ids()[0] if as_user else 0
         self.python = sessions.user_python() if as_user else sys.executable
         self._caches = 0
 

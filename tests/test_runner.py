@@ -97,7 +97,7 @@ class Runner:
         self.as_user = as_user
         self.scratch = scratch
         self.python = sessions.user_python() if as_user else sys.executable
-        self.uid, self.gid = sessions.test_user() if as_user else (0, 0)
+        self.uid, self.gid = sessions.user_ids() if as_user else (0, 0)
         self._driver = driver_file
 
     def argv(self, spec):
