@@ -44,9 +44,8 @@ BULK = 50 << 20  # the issue's 50 MiB each way
 
 
 def networks(*addresses):
-    return [
-        ipaddress.ip_network(f"{a}/{32 if ':' not in a else 128}") for a in addresses
-    ]
+    """Host routes (/32, /128) for the addresses, as allowed IPs."""
+    return [ipaddress.ip_network(address) for address in addresses]
 
 
 def shorten_timers(monkeypatch, **seconds):
@@ -58,8 +57,6 @@ def shorten_timers(monkeypatch, **seconds):
 
 @pytest.fixture
 def namespaces():
-    if not hasattr(sinfonia_tier3, "Datapath"):
-        pytest.fail("sinfonia_tier3.Datapath does not exist yet")
     with Namespace("st3o") as ours, Namespace("st3t") as theirs:
         yield ours, theirs
 
