@@ -261,6 +261,22 @@ def test_mismatched_preshared_key_gets_no_handshake(namespaces, keys):
             assert theirs.latest_handshake(our_public) == 0
 
 
+def test_garbage_to_our_port_changes_nothing(namespaces, keys, start_pair):
+    """Random datagrams, and ones that look like each message type, sent to
+    our UDP port while a transfer runs: dropped, the data arrives whole and
+    the noise's address never becomes the peer's endpoint."""
+    ours_ns, theirs_ns = namespaces
+    ours, theirs = start_pair()
+    transfer = Transfer(theirs_ns, THEIRS_V4, ours_ns, 8 << 20, timeout=30)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as noise:
+        for i in range(2000):
+            kind = bytes([i % 5, 0, 0, 0])
+            size = (148, 92, 64, 32, 1500, 3, 0)[i % 7]
+            noise.sendto((kind + os.urandom(size))[:size], ours.endpoint)
+    transfer.wait()
+    assert ours.datapath.stats()["endpoint"] == theirs.endpoint
+
+
 def test_endpoint_over_ipv6(namespaces, keys, start_pair):
     """UDP between the peers over ::1 instead of 127.0.0.1."""
     ours_ns, theirs_ns = namespaces
