@@ -10,6 +10,7 @@ made with tests/netns.py.
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -318,3 +319,23 @@ def test_the_demo_runs_without_root():
     )
     assert demo.returncode == 0, demo.stderr
     assert demo.stdout == "Hello from the sinfonia test cloudlet!\nYour tunnel address is 10.44.0.2.\n"
+
+
+@pytest.mark.e2e
+@needs_root
+def test_serve_with_wireguard_gives_real_tunnels_until_interrupted():
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "cloudlet.py"), "serve", "--port", "0",
+         "--wireguard", "sinfonia"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        banner = server.stdout.readline()
+        url = banner.split()[3]
+        assert url.startswith("http://127.0.0.1:"), banner
+        result = run_tool(url, "curl", "-sS", "--max-time", "10", "http://helloworld/")
+        assert result.stdout == greeting({"address": ["10.44.0.2/32"]}), result.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        status = server.wait(30)
+    assert status == 0, server.stderr.read()
