@@ -286,13 +286,13 @@ def _store_keypair(path, keypair, replace):
         raise KeyCacheError(f"key file {path}: {e.strerror}") from None
 
 
-def _load_or_create_keypair(uuid, cache_dir=None):
+def _load_or_create_keypair(uuid):
     """The keypair cached for application `uuid`, created on first use.
 
     Reusing it means the Tier 1 hands back the same deployment. `uuid` must
     be canonical (it names a file).
     """
-    directory = cache_dir or _key_cache_dir()
+    directory = _key_cache_dir()
     _prepare_key_cache_dir(directory)
     path = os.path.join(directory, uuid)
     for _attempt in range(3):
@@ -399,13 +399,18 @@ def _deploy_url(tier1_url, uuid, public_key, results):
 
 
 def _is_domain_name(text):
-    """Whether `text` is a syntactically valid DNS name (LDH labels)."""
+    """Whether `text` is a syntactically valid DNS name (LDH labels, the
+    last one not all digits, so that a bad IPv4 address is no name)."""
     import re
 
     name = text.removesuffix(".")
-    return 0 < len(name) <= 253 and all(
-        re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
-        for label in name.split(".")
+    return (
+        0 < len(name) <= 253
+        and not name.rpartition(".")[2].isdigit()
+        and all(
+            re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
+            for label in name.split(".")
+        )
     )
 
 
@@ -413,7 +418,8 @@ class _Validator:
     """Turns the parsed JSON of a deploy answer into Deployments; every
     problem is a BadResponseError naming the field's path."""
 
-    def __init__(self, client_public_key):
+    def __init__(self, uuid, client_public_key):
+        self.uuid = uuid
         self.client_public_key = client_public_key
 
     @staticmethod
@@ -465,6 +471,8 @@ class _Validator:
             app_uuid = str(uuid.UUID(self.member(obj, path, "UUID", str)))
         except ValueError:
             self.fail(f"{path}.UUID", "not a uuid")
+        if app_uuid != self.uuid:
+            self.fail(f"{path}.UUID", "not the requested application")
         application_key = self.key(obj, path, "ApplicationKey")
         if application_key != self.client_public_key:
             self.fail(f"{path}.ApplicationKey", "not this client's public key")
@@ -528,7 +536,7 @@ class _Validator:
         import ipaddress
 
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             self.fail(f"{path}.endpoint", "not host:port with a port 1-65535")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -536,8 +544,12 @@ class _Validator:
                 ipaddress.IPv6Address(host)
             except ValueError:
                 self.fail(f"{path}.endpoint", "not an IPv6 address in brackets")
-        elif not _is_domain_name(host):
-            self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
+            return host, int(port)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _is_domain_name(host):
+                self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
         return host, int(port)
 
 
@@ -549,7 +561,7 @@ def _json_type(value):
     return names.get(type(value), "number")
 
 
-def _parse_deployments(body, client_public_key):
+def _parse_deployments(body, uuid, client_public_key):
     """The deployments in a 200 answer's body (bytes); BadResponseError if
     the body is not UTF-8 JSON of the expected shape."""
     import json
@@ -573,7 +585,7 @@ def _parse_deployments(body, client_public_key):
         raise BadResponseError(
             "bad response from Tier 1: JSON nested too deeply"
         ) from None
-    return _Validator(client_public_key).deployments(data)
+    return _Validator(uuid, client_public_key).deployments(data)
 
 
 def _error_detail(content_type, body):
@@ -716,7 +728,7 @@ def _post_before(url, timeout, clock):
     worker = threading.Thread(target=work, name="sinfonia-tier1", daemon=True)
     worker.start()
     worker.join(timeout)
-    if worker.is_alive():
+    if worker.is_alive() or isinstance(outcome.get("error"), DeadlineError):
         raise DeadlineError(f"no complete answer from Tier 1 within {timeout:g} s")
     if "error" in outcome:
         raise outcome["error"]
@@ -759,7 +771,7 @@ def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=Fa
         raise BadResponseError(
             f"bad response from Tier 1: {_printable(content_type, 60)} instead of JSON"
         )
-    return _parse_deployments(body, keypair.public)
+    return _parse_deployments(body, uuid, keypair.public)
 
 
 def _debug(message):
@@ -837,7 +849,10 @@ _COOKIE_REFRESH_TIME = 120.0
 _REPLAY_WINDOW = 8192  # counters, a power of two; the whitepaper asks for >= 2048
 _INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
 _UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
+_HANDSHAKES_PER_SOURCE, _HANDSHAKE_BURST = 20, 5  # under load, per source host
 _QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
+_GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
+_GSO_BYTES = 65000  # and at most this many bytes
 
 _MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
 _INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
@@ -1110,8 +1125,6 @@ class _Sender:
     a short queue and `request_handshake()` asks for one.
     """
 
-    BATCH = 64
-
     def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
                  clock=None, endpoint=None, headroom=0):
         import time
@@ -1129,17 +1142,20 @@ class _Sender:
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
         capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
         self.capacity = capacity
-        self.buffer = bytearray(capacity * self.BATCH)
+        # As many packets as fit one GSO send when they are all MTU-sized.
+        self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
+        self.buffer = bytearray(capacity * batch)
         view = memoryview(self.buffer)
-        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(self.BATCH)]
+        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
         self.read_views = [
             [view[i * capacity + _TRANSPORT_HEADER - headroom:
                   i * capacity + _TRANSPORT_HEADER + mtu]]
-            for i in range(self.BATCH)
+            for i in range(batch)
         ]
         self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
-                        for i in range(self.BATCH)]
-        self.full_views = {}  # message size -> per-slot views of that size
+                        for i in range(batch)]
+        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_views = [view[:self.full_size] for view in self.slot_views]
 
     def install(self, keypair):
         """Use `keypair` from now on (None: forget keys); flush what waited."""
@@ -1180,47 +1196,44 @@ class _Sender:
             self._ask_for_handshake(now)
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
         key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
+        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
         counter = keypair.send_counter
-        views, segment, sent, data = [], 0, 0, False
+        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
         for i in range(count):
-            size = sizes[i]
-            padded = (size + 15) & ~15
-            if padded > mtu:
-                padded = max(mtu, size)
-            if padded != size:
-                start = i * capacity + _TRANSPORT_HEADER
-                buffer[start + size:start + padded] = bytes(padded - size)
-            data = data or size > 0
-            _TRANSPORT_HEAD.pack_into(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            size = padded = sizes[i]
+            if size & 15:
+                padded = (size + 15) & ~15
+                if padded > mtu:
+                    padded = max(mtu, size)
+                if padded != size:
+                    start = i * capacity + _TRANSPORT_HEADER
+                    buffer[start + size:start + padded] = bytes(padded - size)
+            if size:
+                data = True
+            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
             seal(handles[i], padded, key, counter)
             counter += 1
             message = padded + _TRANSPORT_HEADER + _TAG
             sent += message
-            if views and (message > segment or len(views) * segment + message > 65000):
-                self.emit(views, segment, self.endpoint)
-                views = []
-            if not views:
-                segment = message
-            views.append(self._view(i, message))
+            if run and (message > segment or run == limit):
+                emit(views, segment, endpoint)
+                views, run = [], 0
+            if not run:
+                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
+            views.append(full_views[i] if message == full_size else slot_views[i][:message])
+            run += 1
             if message < segment:  # a shorter message ends a GSO run
-                self.emit(views, segment, self.endpoint)
-                views = []
-        if views:
-            self.emit(views, segment, self.endpoint)
+                emit(views, segment, endpoint)
+                views, run = [], 0
+        if run:
+            emit(views, segment, endpoint)
         keypair.send_counter = counter
         counters = self.counters
         counters[_TX_BYTES] += sent
         counters[_LAST_SENT] = now
         if data:
             counters[_LAST_DATA_SENT] = now
-
-    def _view(self, i, size):
-        views = self.full_views.get(size)
-        if views is None:
-            if len(self.full_views) > 8:
-                return self.slot_views[i][:size]
-            views = self.full_views[size] = [view[:size] for view in self.slot_views]
-        return views[i]
 
     def _hold(self, sizes, count, now):
         for i in range(count):
@@ -1297,6 +1310,7 @@ class _Peer:
         self.load_window_start = -1e9
         self.load_count = 0
         self.under_load_until = -1e9
+        self.rate_buckets = {}  # source host -> (tokens, time), used under load
         # timer inputs (what was sent is in `counters`: the sender writes it)
         self.last_handshake = None  # monotonic time of the last completed handshake
         self.last_received = -1e9
@@ -1354,27 +1368,26 @@ class _Peer:
         inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
         open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
         packet_length, plain = self.allowed.packet_length, self.plain
-        window, too_many = _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
+        ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
         received = data = 0
-        last_index = None
+        keypair = None
         for start in range(0, size, segment):
-            end = start + segment
-            end = min(end, size)
+            end = min(start + segment, size)
             if end - start < _KEEPALIVE_SIZE:
                 continue
             kind, index, counter = unpack(inbox, start)
             if kind != _MSG_TRANSPORT:
                 if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
                     self._receive_handshake(bytes(inbox[start:end]), address, now)
-                    last_index = None  # keypairs may have changed
+                    keypair = None  # keypairs may have changed
                 continue
-            if index != last_index:
+            if keypair is None or index != keypair.local_index:
                 keypair = keypairs.get(index)
                 if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
-                    last_index = None
+                    keypair = None
                     continue
-                last_index, key, ring = index, keypair.receive_key, keypair.replay_ring
-            place = counter & (window - 1)
+                key, ring, unconfirmed = keypair.receive_key, keypair.replay_ring, keypair is self.next
+            place = counter & ring_mask
             if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
                 continue  # replayed, too old, or past the limit
             length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
@@ -1384,7 +1397,8 @@ class _Peer:
             ring[place] = counter
             keypair.replay_top = max(keypair.replay_top, counter)
             received += end - start
-            if keypair is self.next:
+            if unconfirmed:
+                unconfirmed = False
                 self._confirm_next(now)
             if length:
                 data = True
@@ -1562,7 +1576,7 @@ class _Peer:
             self.cookie_secret, self.cookie_secret_born = self.random(32), now
         cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
         if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
-            return True
+            return self._within_rate(address[0], now)
         from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
         nonce = self.random(24)
@@ -1571,6 +1585,19 @@ class _Peer:
         reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
         self.transmit(reply, address)
         return False
+
+    def _within_rate(self, host, now):
+        """Under load, even sources that proved their address get at most
+        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
+        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
+        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
+        if len(self.rate_buckets) >= 4096:
+            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
+        if tokens < 1:
+            self.rate_buckets[host] = (tokens, now)
+            return False
+        self.rate_buckets[host] = (tokens - 1, now)
+        return True
 
     # -- timers ---------------------------------------------------------------
 
@@ -1644,6 +1671,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
+_TUNSETOFFLOAD = 0x400454D0
 
 
 def _open_tun(name, vnet_hdr=False):
@@ -1684,6 +1712,26 @@ class _TunWriter:
     With a virtio_net_hdr on the device, consecutive segments of one TCP flow
     are coalesced into one GSO packet: one write instead of dozens.
     """
+
+    __slots__ = (
+        "buffer",
+        "fd",
+        "header_size",
+        "ip_size",
+        "key",
+        "layout",
+        "layouts",
+        "next_seq",
+        "plain",
+        "plain_view",
+        "segment",
+        "segments",
+        "seq_at",
+        "single_header",
+        "size",
+        "view",
+        "vnet_hdr",
+    )
 
     def __init__(self, tun_fd, plain, vnet_hdr):
         self.fd = tun_fd
@@ -1947,7 +1995,7 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
     link_fd = link.fileno()
     for fd in (tun_fd, link_fd):
         poller.register(fd, select.POLLIN)
-    batch = sender.BATCH
+    batch = sender.batch
     sizes = [0] * batch
     read_views = sender.read_views
     readv, seal_batch = os.readv, sender.seal_batch
@@ -2011,6 +2059,14 @@ class Datapath:
         self._clock = clock or time.monotonic
         self._tun_fd = tun_fd
         self._vnet_hdr = vnet_hdr
+        if vnet_hdr:
+            # Offloads off: the kernel hands us MTU-sized packets, whose
+            # encryption needs no splitting in Python (splitting costs more
+            # than the offload saves); writes may still carry GSO packets.
+            try:
+                fcntl.ioctl(tun_fd, _TUNSETOFFLOAD, 0)
+            except OSError as e:
+                raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
         self._mtu = mtu
         self._socket = sock = _udp_socket(listen, endpoint)
         self.listen_port = sock.getsockname()[1]
@@ -2055,11 +2111,21 @@ class Datapath:
 
         deadline = time.monotonic() + timeout
         while not self._counters[_LAST_HANDSHAKE_WALL]:
-            if not self._workers or any(os.waitpid(pid, os.WNOHANG)[0] for pid in self._workers):
+            if not self._workers or not self._running():
                 raise TunnelError("the WireGuard datapath is not running")
             if time.monotonic() >= deadline:
                 raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
             time.sleep(0.01)
+
+    def _running(self):
+        """Whether both workers are alive (one that ended is reaped)."""
+        for pid in list(self._workers):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self._workers.remove(pid)
+            except ChildProcessError:
+                self._workers.remove(pid)
+        return len(self._workers) == 2
 
     def stats(self):
         """Last handshake (epoch seconds or None), bytes both ways, peer endpoint."""
@@ -2076,16 +2142,16 @@ class Datapath:
         import signal
         import time
 
+        self._running()  # reap what already ended
         for pid in self._workers:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 2.0
+        while self._workers and time.monotonic() < deadline:
+            self._running()
+            time.sleep(0.005)
         for pid in self._workers:
-            while not os.waitpid(pid, os.WNOHANG)[0]:
-                if time.monotonic() >= deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.005)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         self._workers = []
         self._socket.close()
 
@@ -2105,6 +2171,12 @@ def _fork_worker(other_end, function, *args):
         signal.signal(signal.SIGTERM, _leave)
         function(*args)
         status = 0
+    except SystemExit:
+        status = 0
+    except BaseException:  # noqa: BLE001 - a worker must never return into the caller
+        import traceback
+
+        traceback.print_exc()
     finally:
         os._exit(status)
 
@@ -2648,6 +2720,8 @@ class _Namespace:
     """
 
     def __init__(self, interface, *, mtu=_DEFAULT_MTU):
+        import time
+
         self._channel, child_end = _Channel.pair()
         parent = os.getpid()
         pid = os.fork()
@@ -2655,6 +2729,7 @@ class _Namespace:
             self._channel.close()
             _run_namespace_child(child_end, parent, interface, mtu)
         child_end.close()
+        self.forked = time.monotonic()
         self.pid = pid
         self.interface = interface
         self._status = None
@@ -2781,10 +2856,19 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
     """
     if tunnel != "userspace":
         raise TunnelError(f"the {tunnel} tunnel backend is not available")
+    import time
+
     if namespace is None:
         namespace = _Namespace(_TunInside(), mtu=mtu)
+
+    def progress(what):
+        if debug:
+            elapsed = (time.monotonic() - namespace.forked) * 1000
+            _debug(f"{what} ({elapsed:.0f} ms after the namespace child was forked)")
+
     with namespace:
         _, fds = namespace.expect("interface")
+        progress("TUN device ready")
         if len(fds) != 1:
             raise TunnelError("the application's namespace sent no TUN device")
         tun_fd = fds[0]
@@ -2807,6 +2891,7 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
             try:
                 datapath.start()
                 namespace.expect("configured")
+                progress("addresses, routes and resolv.conf in place")
                 try:
                     datapath.wait_for_handshake(connect_timeout)
                 except TunnelError as e:
@@ -2821,6 +2906,9 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
                 if not command:
                     command = [env.get("SHELL") or "/bin/sh"]
                     env["PS1"] = _SHELL_PROMPT
+                    # bash sets PS1 in its rc files; this sets it back each time
+                    env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
+                progress(f"handshake with {endpoint} done; starting {command[0]}")
                 namespace.start(command, env)
                 return namespace.wait()
             finally:
@@ -2847,16 +2935,21 @@ def _deployments_json(deployments, keypair):
     return json.dumps(documents, indent=2)
 
 
-def _print_qrcode(text, style):
-    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
-    squares), as upstream draws it for the WireGuard Android app."""
+def _segno():
+    """The optional QR code library, or one line saying how to get it."""
     try:
         import segno
     except ImportError:
         raise UnavailableError(
             "--qrcode needs segno: pip install 'sinfonia-tier3[qr]'"
         ) from None
-    code = segno.make(text, mode="byte", encoding="utf-8", eci=True)
+    return segno
+
+
+def _print_qrcode(text, style):
+    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
+    squares), as upstream draws it for the WireGuard Android app."""
+    code = _segno().make(text, mode="byte", encoding="utf-8", eci=True)
     if style == "compact":
         code.terminal(out=sys.stdout, compact=True)
     else:
@@ -2900,8 +2993,10 @@ def _run(
         raise UnavailableError(
             "--zeroconf: discovery of a local Tier 2 is not built yet"
         )
-    if qrcode is not None and qrcode not in ("compact", "alt"):
-        raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+    if qrcode is not None:
+        if qrcode not in ("compact", "alt"):
+            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _segno()  # before deploying: the deployment would be wasted
     if not (config_debug or qrcode or as_json):
         # The namespace child sets itself up while Tier 1 answers.
         namespace = _Namespace(_TunInside(), mtu=mtu)
@@ -3038,7 +3133,7 @@ def _argument_parser():
         return int(text)
 
     def count(text):
-        if not text.isdigit() or int(text) < 1:
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
         return int(text)
 
@@ -3137,6 +3232,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("sinfonia-tier3: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of --json or --qrcode went away (`| head`): end quietly,
+        # with the status of a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

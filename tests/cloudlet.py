@@ -7,11 +7,12 @@ path as a Tier 2 does. Setting `misbehaviour` to one of MISBEHAVIOURS turns it
 into one kind of hostile server; `rewrite` edits the deployments it sends, for
 tests of single fields.
 
-The WireGuard side is pluggable: the cloudlet asks `wireguard.tunnel_config_for
-(uuid, client_public_key)` for each new deployment's TunnelConfig. The default,
-StaticWireGuard, returns a valid configuration whose endpoint is a loopback
-port nobody listens on; a real WireGuard server object with the same method
-replaces it where a tunnel must come up.
+The WireGuard side is pluggable: for each new deployment the cloudlet asks
+`wireguard.tunnel_config_for(uuid, client_public_key)` (the key as 32 bytes)
+for its TunnelConfig dict. The default, StaticWireGuard, returns a valid
+configuration whose endpoint is a loopback port nobody listens on; pass
+`Cloudlet(wireguard=...)` an object with the same method (a real WireGuard
+peer, a backend behind it) where a tunnel must come up.
 
     python3 tests/cloudlet.py serve [--port N] [--misbehave NAME]
                                     [--wireguard sinfonia|wireguard-go]
@@ -35,6 +36,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -144,8 +146,9 @@ class Cloudlet:
     """The deploy API on a loopback port, in a background thread."""
 
     def __init__(
-        self, wireguard=None, backends=(HELLOWORLD,), host="127.0.0.1", port=0
+        self, wireguard=None, backends=(HELLOWORLD,), host="127.0.0.1", port=0, tls=None
     ):
+        """`tls`: (certificate file, key file) to serve HTTPS instead of HTTP."""
         self.wireguard = wireguard or StaticWireGuard()
         self.backends = set(backends)
         self.misbehaviour = None  # a key of MISBEHAVIOURS, or None to behave
@@ -155,12 +158,19 @@ class Cloudlet:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _Server((host, port), self._handler_class())
+        self.scheme = "https" if tls else "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True
+            )
         self._thread = None
 
     @property
     def url(self):
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def start(self):
         self._thread = threading.Thread(

@@ -505,6 +505,7 @@ class OurDatapath:
             move_link(self.name, namespace)
             namespace.add_addresses(self.name, addresses, mtu=mtu)
             options.setdefault("listen", ("127.0.0.1", 0))
+            self._listen_host = options["listen"][0]
             self.datapath = sinfonia_tier3.Datapath(
                 self.tun_fd, private_key, peer_public_key, vnet_hdr=vnet_hdr, **options
             )
@@ -520,7 +521,8 @@ class OurDatapath:
 
     @property
     def endpoint(self):
-        return ("127.0.0.1", self.datapath.listen_port)
+        """Where the peer reaches it: (listen host, bound port)."""
+        return (self._listen_host, self.datapath.listen_port)
 
     def start(self):
         self.datapath.start()

@@ -71,7 +71,9 @@ def test_upstream_file_with_rfc7748_keys_is_reused_as_is(key_cache):
 def test_quoted_yaml_values_are_read(key_cache):
     path = key_cache / UUID
     path.parent.mkdir(parents=True)
-    path.write_text(f"public_key: '{b64(RFC7748_PUBLIC)}'\nprivate_key: \"{b64(RFC7748_PRIVATE)}\"\n")
+    path.write_text(
+        f"public_key: '{b64(RFC7748_PUBLIC)}'\nprivate_key: \"{b64(RFC7748_PRIVATE)}\"\n"
+    )
     path.chmod(0o600)
     assert st._load_or_create_keypair(UUID).public == RFC7748_PUBLIC
 
@@ -172,7 +174,10 @@ def test_failed_write_keeps_the_old_file(key_cache, monkeypatch):
     def no_space(fd):
         raise OSError(28, "No space left on device")
 
-    with monkeypatch.context() as patch, pytest.raises(st.KeyCacheError, match="No space"):
+    with (
+        monkeypatch.context() as patch,
+        pytest.raises(st.KeyCacheError, match="No space"),
+    ):
         patch.setattr(os, "fsync", no_space)  # a full disk cannot be had here
         st._store_keypair(str(key_cache / UUID), st._generate_keypair(), replace=True)
     assert sorted(os.listdir(key_cache)) == [UUID]
@@ -188,7 +193,9 @@ def test_concurrent_first_runs_agree_on_one_key(key_cache):
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     children = [
-        context.Process(target=_create_in_child, args=(os.environ["XDG_CACHE_HOME"], queue))
+        context.Process(
+            target=_create_in_child, args=(os.environ["XDG_CACHE_HOME"], queue)
+        )
         for _ in range(4)
     ]
     for child in children:

@@ -11,17 +11,14 @@ Each run goes through a small driver program, started as a separate process
 import errno
 import json
 import os
-import pty
-import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
-import unprivileged
+import sessions
 from netns import Child, Namespace, veth_pair
 
 import sinfonia_tier3 as st3
@@ -70,8 +67,8 @@ ADDRESSES = ["10.77.0.2/32", "fd77::2/128"]
 ROUTES = ["0.0.0.0/0", "::/0"]
 RESOLV_CONF = "nameserver 10.77.0.1\nsearch ns.svc.cluster.local svc.cluster.local\n"
 
-needs_root = pytest.mark.skipif(bool(unprivileged.missing_root()),
-                                reason=unprivileged.missing_root() or "ok")
+needs_root = pytest.mark.skipif(bool(sessions.missing_root()),
+                                reason=sessions.missing_root() or "ok")
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +86,10 @@ def driver_file():
 def runner(request, driver_file):
     """Runs the driver as root or as the test user; `runner.start(spec)` gives
     a Popen, `runner.run(spec)` a finished CompletedProcess-like result."""
-    if unprivileged.missing_root():
-        pytest.skip(unprivileged.missing_root())
+    if sessions.missing_root():
+        pytest.skip(sessions.missing_root())
     as_user = request.param == "user"
-    with unprivileged.tun_open_to_all(), unprivileged.user_directory() as scratch:
+    with sessions.tun_open_to_all(), sessions.user_directory() as scratch:
         yield Runner(driver_file, as_user, scratch)
 
 
@@ -100,15 +97,15 @@ class Runner:
     def __init__(self, driver_file, as_user, scratch):
         self.as_user = as_user
         self.scratch = scratch
-        self.python = unprivileged.user_python() if as_user else sys.executable
-        self.uid, self.gid = unprivileged.test_user() if as_user else (0, 0)
+        self.python = sessions.user_python() if as_user else sys.executable
+        self.uid, self.gid = sessions.test_user() if as_user else (0, 0)
         self._driver = driver_file
 
     def argv(self, spec):
         full = {"addresses": ADDRESSES, "routes": ROUTES, "resolv_conf": RESOLV_CONF}
         full.update(spec)
         argv = [self.python, self._driver, REPO, json.dumps(full)]
-        return unprivileged.as_user(argv) if self.as_user else argv
+        return sessions.as_user(argv) if self.as_user else argv
 
     def start(self, spec, **kwargs):
         kwargs.setdefault("stdout", subprocess.PIPE)
@@ -270,18 +267,18 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
     try:
         holder = json.loads(process.stderr.readline())["holder"]
         assert process.stdout.readline() == "started\n"
-        namespaces = unprivileged.namespaces_of(holder)
-        pids = unprivileged.descendants(process.pid)
+        namespaces = sessions.namespaces_of(holder)
+        pids = sessions.descendants(process.pid)
         assert len(pids) >= 4, "holder, init, shell and sleep"
         process.kill()
         process.wait()
-        assert unprivileged.wait_until_gone(pids, namespaces) == []
+        assert sessions.wait_until_gone(pids, namespaces) == []
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     if runner.as_user:
-        assert unprivileged.files_of_user(runner.uid, ignore=[runner.scratch]) == []
+        assert sessions.files_of_user(runner.uid, ignore=[runner.scratch]) == []
 
 
 def test_an_error_inside_the_child_is_one_line(runner):
@@ -299,49 +296,8 @@ sys.stdin.readline()
 '''
 
 
-def run_in_terminal(argv, typed, timeout=20):
-    """Run `argv` as the foreground job of a fresh pseudo-terminal; type
-    `typed` (a list of (wait_for, text)) and return (status, everything shown)."""
-    pid, master = pty.fork()
-    if pid == 0:
-        try:
-            os.execvp(argv[0], argv)
-        finally:
-            os._exit(127)
-    shown = b""
-    deadline = time.monotonic() + timeout
-    try:
-        for wait_for, text in typed:
-            while wait_for.encode() not in shown:
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"never saw {wait_for!r} in {shown!r}"
-                if select.select([master], [], [], remaining)[0]:
-                    shown += os.read(master, 4096)
-            os.write(master, text.encode())
-        while time.monotonic() < deadline:
-            if select.select([master], [], [], deadline - time.monotonic())[0]:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError as e:
-                    if e.errno != errno.EIO:
-                        raise
-                    chunk = b""
-                if not chunk:
-                    break
-                shown += chunk
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(master)
-
-
 def test_the_application_gets_the_terminal_and_ctrl_c(runner):
-    status, shown = run_in_terminal(
+    status, shown = sessions.run_in_terminal(
         runner.argv({"command": [runner.python, "-c", TERMINAL_CHECK]}),
         [("foreground", "\x03")],
     )
@@ -373,12 +329,12 @@ def test_unopenable_tun_device_says_what_to_do(driver_file):
     # A private mount namespace with a /dev/net/tun of mode 0600, as some
     # distributions ship it; the test user cannot open it.
     spec = json.dumps({"command": ["true"], "addresses": ADDRESSES, "routes": ROUTES})
-    python = unprivileged.user_python()
+    python = sessions.user_python()
     script = ("mount -t tmpfs none /dev/net && mknod -m 0600 /dev/net/tun c 10 200"
               ' && exec "$@"')
     result = subprocess.run(
         ["unshare", "--mount", "sh", "-c", script, "-",
-         *unprivileged.as_user([python, driver_file, REPO, spec])],
+         *sessions.as_user([python, driver_file, REPO, spec])],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 125
@@ -407,10 +363,10 @@ def test_user_namespaces_switched_off_says_what_to_do(driver_file):
     # user.max_user_namespaces=0, for real: inside a user namespace of our
     # own (the limit is per namespace), so the rest of the machine keeps it.
     spec = json.dumps({"command": ["true"], "addresses": ADDRESSES, "routes": ROUTES})
-    python = unprivileged.user_python()
-    with unprivileged.tun_open_to_all():
+    python = sessions.user_python()
+    with sessions.tun_open_to_all():
         result = subprocess.run(
-            unprivileged.as_user([python, "-c", LIMIT_USER_NAMESPACES,
+            sessions.as_user([python, "-c", LIMIT_USER_NAMESPACES,
                                   python, driver_file, REPO, spec]),
             capture_output=True, text=True, timeout=30, check=False,
         )

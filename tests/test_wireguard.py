@@ -342,6 +342,21 @@ def test_cookie_from_another_address_does_not_pass():
     assert _kinds(pair.take()) == [3]
 
 
+def test_under_load_each_source_is_rate_limited_even_with_a_cookie():
+    pair = Pair()
+    pair.b.peer.under_load_until = pair.clock.now + 10
+    pair.a.peer.initiate()
+    pair.deliver(pair.take())
+    pair.deliver(pair.take())  # the cookie
+    pair.a.peer.initiate(retry=True)
+    message = pair.take()[0][2]
+    passed = [pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now) for _ in range(10)]
+    assert passed == [True] * st3._HANDSHAKE_BURST + [False] * (10 - st3._HANDSHAKE_BURST)
+    assert pair.take() == []  # refused without a cookie reply
+    pair.advance(1.0)  # the bucket refills
+    assert pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now)
+
+
 # Timers ########################################################################
 
 

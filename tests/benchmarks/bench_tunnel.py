@@ -283,13 +283,14 @@ def _http_download(client_ns, size, timeout):
 
 
 def _iperf3(client_ns, seconds, reverse):
-    """(Mbit/s received, bytes moved) of one iperf3 run."""
+    """(Mbit/s received, bytes moved, TCP retransmissions) of one iperf3 run."""
     argv = ["iperf3", "-c", SERVER, "-t", str(seconds), "-J"] + (
         ["-R"] if reverse else []
     )
     report = json.loads(client_ns.run(argv, timeout=seconds + 30))
     received = report["end"]["sum_received"]
-    return received["bits_per_second"] / 1e6, received["bytes"]
+    retransmits = report["end"]["sum_sent"].get("retransmits", 0)
+    return received["bits_per_second"] / 1e6, received["bytes"], retransmits
 
 
 # Measurement ##################################################################
@@ -299,8 +300,8 @@ def _measure(case, setup, size, seconds):
     client_ns, _, ends = setup
     cpu_before = [_cpu_seconds(end.pid) for end in ends]
     http_mibs, http_bytes = _http_download(client_ns, size, timeout=600)
-    up_mbits, up_bytes = _iperf3(client_ns, seconds, reverse=False)
-    down_mbits, down_bytes = _iperf3(client_ns, seconds, reverse=True)
+    up_mbits, up_bytes, up_retransmits = _iperf3(client_ns, seconds, reverse=False)
+    down_mbits, down_bytes, down_retransmits = _iperf3(client_ns, seconds, reverse=True)
     moved = http_bytes + up_bytes + down_bytes
     cpu = [_cpu_seconds(end.pid) - before for end, before in zip(ends, cpu_before)]
     return {
@@ -309,6 +310,7 @@ def _measure(case, setup, size, seconds):
         "down": down_mbits,
         "cpu": cpu,
         "bytes": moved,
+        "retransmits": (up_retransmits, down_retransmits),
     }
 
 
@@ -345,7 +347,8 @@ def main(argv=None):
                 results[case].append(result)
                 print(
                     f"round {round_number + 1} {CASES[case]}: HTTP {result['http']:.0f} MiB/s,"
-                    f" iperf3 up {result['up']:.0f} / down {result['down']:.0f} Mbit/s",
+                    f" iperf3 up {result['up']:.0f} / down {result['down']:.0f} Mbit/s"
+                    " (TCP retransmissions {} / {})".format(*result["retransmits"]),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -372,6 +375,8 @@ def _report(cases, results, rss, args):
         f"{'set-up':36} {'HTTP MiB/s':>11} {'up Mbit/s':>10} {'down Mbit/s':>12}"
         f"  CPU s/GiB client end, server end"
     )
+    print("HTTP and down: server -> client; up: client -> server. The client end")
+    print("is ours in (a) and (b). CPU counts every byte moved (HTTP + both iperf3).\n")
     print(header)
     print("-" * len(header))
     for case in cases:

@@ -1,4 +1,5 @@
-"""Running the tool as an ordinary user, and checking that nothing is left.
+"""Running the tool as an ordinary user or in a terminal, and checking that
+nothing is left afterwards.
 
 The tests run as root; for the unprivileged runs they use the system user
 `sinfonia-test` (created when missing), switch to it with setpriv, and open
@@ -7,9 +8,13 @@ machines), restoring its mode afterwards.
 """
 
 import contextlib
+import errno
 import os
+import pty
 import pwd
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -181,3 +186,46 @@ def _is_zombie(pid):
             return f.read().rpartition(")")[2].split()[0] == "Z"
     except OSError:
         return False
+
+
+def run_in_terminal(argv, typed, timeout=20):
+    """Run `argv` as the foreground job of a fresh pseudo-terminal; type
+    `typed` (a list of (wait_for, text): type text once wait_for is shown) and return (status, everything shown)."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    shown = b""
+    matched = 0  # each wait_for is looked for after the previous one
+    deadline = time.monotonic() + timeout
+    try:
+        for wait_for, text in typed:
+            while wait_for.encode() not in shown[matched:]:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"never saw {wait_for!r} in {shown!r}"
+                if select.select([master], [], [], remaining)[0]:
+                    shown += os.read(master, 4096)
+            matched = shown.index(wait_for.encode(), matched) + len(wait_for)
+            os.write(master, text.encode())
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], deadline - time.monotonic())[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    chunk = b""
+                if not chunk:
+                    break
+                shown += chunk
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(master)
