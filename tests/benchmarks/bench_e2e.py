@@ -327,7 +327,9 @@ def _median(values):
 
 
 def _report(args, times, memory, failures, upstream_missing):
-    print(f"bench_e2e: {args.rounds} rounds, the cloudlet's WireGuard server: {args.server}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"bench_e2e: {args.rounds} rounds, the cloudlet's WireGuard server: {args.server}, "
+          f"{os.cpu_count()} CPUs, load average {load}")
     print("time from command to first response: median [min-max] over the rounds")
     labels = {"ours": "ours", "upstream": f"upstream {UPSTREAM_VERSION}",
               "bare": "bare wireguard-go by hand"}
