@@ -498,7 +498,8 @@ def _unshare(flags):
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(flags) != 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"unshare: {os.strerror(errno)}")
+        hint = " (are unprivileged user namespaces allowed here?)" if errno == 1 else ""
+        raise OSError(errno, f"unshare: {os.strerror(errno)}{hint}")
 
 
 def _enter_new_namespaces():
@@ -856,7 +857,12 @@ def run_demo(implementation="sinfonia", timeout=120):
     the tool's exit status. The client key lives in a temporary cache, so the
     demo leaves nothing behind.
     """
-    with WireGuardServer(implementation) as wireguard, Cloudlet(wireguard=wireguard) as api:
+    try:
+        wireguard = WireGuardServer(implementation)
+    except (ImportError, OSError, RuntimeError) as e:
+        print(f"demo: cannot start the cloudlet: {e}", file=sys.stderr)
+        return 1
+    with wireguard, Cloudlet(wireguard=wireguard) as api:
         command = ["curl", "-sS", "http://helloworld/"]
         print(f"$ sinfonia-tier3 {api.url} helloworld -- {' '.join(command)}",
               file=sys.stderr, flush=True)
