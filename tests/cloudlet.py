@@ -503,7 +503,12 @@ def _unshare(flags):
 
 
 def _enter_new_namespaces():
-    """Become root of a new user + network namespace owned by our own uid."""
+    """Become root of a new user + network namespace owned by our own uid.
+
+    Not the tool's `sinfonia_tier3._enter_new_namespaces`: that one also
+    unshares the PID namespace, after which a process cannot start threads,
+    and the cloudlet's services are threads.
+    """
     uid, gid = os.getuid(), os.getgid()
     _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS)
     with open("/proc/self/setgroups", "w") as f:
