@@ -27,7 +27,6 @@ sinfonia-tier3 with `curl http://helloworld/` through it, in one command.
 import argparse
 import base64
 import binascii
-import ctypes
 import datetime
 import hashlib
 import http.server
@@ -488,35 +487,30 @@ class HelloWorldHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-_PR_SET_PDEATHSIG = 1
-
-
-def _unshare(flags):
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(flags) != 0:
-        errno = ctypes.get_errno()
-        hint = " (are unprivileged user namespaces allowed here?)" if errno == 1 else ""
-        raise OSError(errno, f"unshare: {os.strerror(errno)}{hint}")
-
-
 def _enter_new_namespaces():
-    """Become root of a new user + network namespace owned by our own uid.
+    """Become root of a new user + network + mount namespace owned by our uid.
 
     Not the tool's `sinfonia_tier3._enter_new_namespaces`: that one also
     unshares the PID namespace, after which a process cannot start threads,
-    and the cloudlet's services are threads.
+    and the cloudlet's services are threads. The pieces are the tool's.
     """
+    from sinfonia_tier3 import (
+        _CLONE_NEWNET,
+        _CLONE_NEWNS,
+        _CLONE_NEWUSER,
+        _explain_userns_failure,
+        _unshare,
+    )
+
     uid, gid = os.getuid(), os.getgid()
-    _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS)
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"0 {gid} 1")
+    try:
+        _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS)
+        for name, text in [("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                           ("gid_map", f"0 {gid} 1")]:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as e:
+        raise RuntimeError(_explain_userns_failure(e)) from None
 
 
 def _open_tun_with_packet_info(name):
@@ -538,7 +532,7 @@ def _open_tun_with_packet_info(name):
     return fd
 
 
-def _namespace_child(control_fd):
+def _namespace_child(control_fd, parent_pid):
     """Body of the cloudlet's namespace process; serves until `control_fd` closes.
 
     Requests on the control socket (JSON, one per datagram):
@@ -547,10 +541,9 @@ def _namespace_child(control_fd):
     {"error": MESSAGE}.
     """
     sys.path.insert(0, _REPO_ROOT)
-    from sinfonia_tier3 import _open_tun
+    from sinfonia_tier3 import _die_with_parent, _open_tun
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, 9)
+    _die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
     try:
         _enter_new_namespaces()
@@ -602,11 +595,12 @@ class CloudletNamespace:
             "spec = importlib.util.spec_from_file_location('_cloudlet', sys.argv[1])\n"
             "module = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(module)\n"
-            "module._namespace_child(int(sys.argv[2]))\n"
+            "module._namespace_child(int(sys.argv[2]), int(sys.argv[3]))\n"
         )
         with child:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", boot, os.path.abspath(__file__), str(child.fileno())],
+                [sys.executable, "-c", boot, os.path.abspath(__file__),
+                 str(child.fileno()), str(os.getpid())],
                 pass_fds=[child.fileno()],
             )
         try:
