@@ -488,7 +488,7 @@ class HelloWorldHandler(http.server.BaseHTTPRequestHandler):
 
 
 def _enter_new_namespaces():
-    """Become root of a new user + network + mount namespace owned by our uid.
+    """Become root of a new user + network namespace owned by our own uid.
 
     Not the tool's `sinfonia_tier3._enter_new_namespaces`: that one also
     unshares the PID namespace, after which a process cannot start threads,
@@ -496,7 +496,6 @@ def _enter_new_namespaces():
     """
     from sinfonia_tier3 import (
         _CLONE_NEWNET,
-        _CLONE_NEWNS,
         _CLONE_NEWUSER,
         _explain_userns_failure,
         _unshare,
@@ -504,7 +503,7 @@ def _enter_new_namespaces():
 
     uid, gid = os.getuid(), os.getgid()
     try:
-        _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS)
+        _unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
         for name, text in [("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
                            ("gid_map", f"0 {gid} 1")]:
             with open(f"/proc/self/{name}", "w") as f:
