@@ -151,7 +151,7 @@ def _time_command(argv, env, cwd, sample):
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd)
-        sampler = _MemorySampler(process.pid)
+        sampler = _MemorySampler(process.pid) if sample else None
         if sample:
             sampler.start()
         output, first = b"", None
@@ -210,6 +210,13 @@ def run_upstream(venv, url, cache, sample):
 
 def run_bare(url, keypair):
     """The deploy POST and a wireguard-go tunnel by hand; as _time_command."""
+    try:
+        return _bare(url, keypair)
+    except (OSError, ValueError, LookupError, RuntimeError, subprocess.SubprocessError) as e:
+        raise RunFailed(f"{type(e).__name__}: {e}") from None
+
+
+def _bare(url, keypair):
     private, public = keypair
     start = time.perf_counter()
     key = base64.urlsafe_b64encode(public).decode().rstrip("=")
