@@ -413,8 +413,13 @@ def dns_answer(query, records):
 
     def reply(rcode, question=b"", answer=b""):
         header = struct.pack(
-            "!6H", ident, reply_flags | rcode, 1 if question else 0,
-            1 if answer else 0, 0, 0,
+            "!6H",
+            ident,
+            reply_flags | rcode,
+            1 if question else 0,
+            1 if answer else 0,
+            0,
+            0,
         )
         return header + question + answer
 
@@ -433,12 +438,12 @@ def dns_answer(query, records):
         # > 63 also refuses compression pointers, which a question never needs.
         if length > 63 or offset + length > len(query) or offset - 12 + length > 254:
             return reply(_DNS_FORMERR)
-        labels.append(query[offset:offset + length])
+        labels.append(query[offset : offset + length])
         offset += length
     if offset + 4 > len(query):
         return reply(_DNS_FORMERR)
     qtype, qclass = struct.unpack_from("!HH", query, offset)
-    question = query[12:offset + 4]
+    question = query[12 : offset + 4]
     if qclass != _DNS_IN:
         return reply(_DNS_REFUSED, question)
     address = records.get(b".".join(labels).lower())
@@ -446,7 +451,9 @@ def dns_answer(query, records):
         return reply(_DNS_NXDOMAIN, question)
     if qtype not in (_DNS_A, _DNS_ANY):
         return reply(0, question)
-    answer = struct.pack("!HHHIH", 0xC00C, _DNS_A, _DNS_IN, _DNS_TTL, 4) + address.packed
+    answer = (
+        struct.pack("!HHHIH", 0xC00C, _DNS_A, _DNS_IN, _DNS_TTL, 4) + address.packed
+    )
     return reply(0, question, answer)
 
 
@@ -504,8 +511,11 @@ def _enter_new_namespaces():
     uid, gid = os.getuid(), os.getgid()
     try:
         _unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-        for name, text in [("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
-                           ("gid_map", f"0 {gid} 1")]:
+        for name, text in [
+            ("setgroups", "deny"),
+            ("uid_map", f"0 {uid} 1"),
+            ("gid_map", f"0 {gid} 1"),
+        ]:
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     except OSError as e:
@@ -555,8 +565,12 @@ def _namespace_child(control_fd, parent_pid):
             ipr.addr("add", index=lo, address=str(address), prefixlen=32)
         dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns.bind((str(DNS_ADDRESS), 53))
-        threading.Thread(target=serve_dns, args=(dns, cluster_records()), daemon=True).start()
-        web = http.server.ThreadingHTTPServer((str(HELLOWORLD_ADDRESS), 80), HelloWorldHandler)
+        threading.Thread(
+            target=serve_dns, args=(dns, cluster_records()), daemon=True
+        ).start()
+        web = http.server.ThreadingHTTPServer(
+            (str(HELLOWORLD_ADDRESS), 80), HelloWorldHandler
+        )
         web.daemon_threads = True
         threading.Thread(target=web.serve_forever, daemon=True).start()
     except Exception as e:  # noqa: BLE001 - any failure goes to the parent, which raises it
@@ -570,7 +584,9 @@ def _namespace_child(control_fd, parent_pid):
         try:
             request = json.loads(request)
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
-            fd = (_open_tun_with_packet_info if request.get("packet_info") else _open_tun)(name)
+            fd = (
+                _open_tun_with_packet_info if request.get("packet_info") else _open_tun
+            )(name)
             try:
                 index = ipr.link_lookup(ifname=name)[0]
                 ipr.link("set", index=index, state="up", mtu=TUNNEL_MTU)
@@ -598,8 +614,14 @@ class CloudletNamespace:
         )
         with child:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", boot, os.path.abspath(__file__),
-                 str(child.fileno()), str(os.getpid())],
+                [
+                    sys.executable,
+                    "-c",
+                    boot,
+                    os.path.abspath(__file__),
+                    str(child.fileno()),
+                    str(os.getpid()),
+                ],
                 pass_fds=[child.fileno()],
             )
         try:
@@ -673,8 +695,9 @@ def _wireguard_go_binary():
 class _WireGuardGoResponder:
     """wireguard-go serving one client over an existing TUN fd; needs no root."""
 
-    def __init__(self, tun_fd, tun_name, private_key, peer_public_key, allowed_ips,
-                 timeout=5.0):
+    def __init__(
+        self, tun_fd, tun_name, private_key, peer_public_key, allowed_ips, timeout=5.0
+    ):
         self._tmp = tempfile.mkdtemp(prefix="sinfonia-cloudlet-")
         self._uapi_path = os.path.join(self._tmp, f"{tun_name}.sock")
         try:
@@ -694,8 +717,12 @@ class _WireGuardGoResponder:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("wireguard-go did not start")
                 time.sleep(0.005)
-            lines = [f"private_key={private_key.hex()}", "listen_port=0",
-                     f"public_key={peer_public_key.hex()}", "replace_allowed_ips=true"]
+            lines = [
+                f"private_key={private_key.hex()}",
+                "listen_port=0",
+                f"public_key={peer_public_key.hex()}",
+                "replace_allowed_ips=true",
+            ]
             lines += [f"allowed_ip={network}" for network in allowed_ips]
             self._uapi("set=1\n" + "".join(line + "\n" for line in lines))
             self.listen_port = int(self._uapi("get=1\n")["listen_port"])
@@ -714,7 +741,9 @@ class _WireGuardGoResponder:
                 if not chunk:
                     break
                 data += chunk
-        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+        fields = dict(
+            line.split("=", 1) for line in data.decode().split("\n") if "=" in line
+        )
         if fields.get("errno", "0") != "0":
             raise RuntimeError(f"wireguard-go UAPI errno {fields['errno']}")
         return fields
@@ -736,13 +765,17 @@ class _WireGuardGoResponder:
 class _DatapathResponder:
     """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
 
-    def __init__(self, datapath_class, tun_fd, private_key, peer_public_key,
-                 allowed_ips, host):
+    def __init__(
+        self, datapath_class, tun_fd, private_key, peer_public_key, allowed_ips, host
+    ):
         self._tun_fd = tun_fd
         try:
             self._datapath = datapath_class(
-                tun_fd, private_key, peer_public_key,
-                allowed_ips=allowed_ips, listen=(host, 0),
+                tun_fd,
+                private_key,
+                peer_public_key,
+                allowed_ips=allowed_ips,
+                listen=(host, 0),
             )
             self._datapath.start()
         except BaseException:
@@ -792,7 +825,12 @@ class WireGuardServer:
                 tun_fd, tun_name, self._private_key, client_key, allowed
             )
         return _DatapathResponder(
-            self._datapath_class, tun_fd, self._private_key, client_key, allowed, self.host
+            self._datapath_class,
+            tun_fd,
+            self._private_key,
+            client_key,
+            allowed,
+            self.host,
         )
 
     def tunnel_config_for(self, uuid, client_key):
@@ -805,7 +843,9 @@ class WireGuardServer:
         with self._lock:
             if client_key not in self._peers:
                 if len(self._peers) >= self.max_clients:
-                    raise RuntimeError(f"the cloudlet serves at most {self.max_clients} clients")
+                    raise RuntimeError(
+                        f"the cloudlet serves at most {self.max_clients} clients"
+                    )
                 index, self._next_index = self._next_index, self._next_index + 1
                 address = CLIENT_NETWORK[index]
                 tun_name = f"cl{index}"
@@ -862,8 +902,11 @@ def run_demo(implementation="sinfonia", timeout=120):
         return 1
     with wireguard, Cloudlet(wireguard=wireguard) as api:
         command = ["curl", "-sS", "http://helloworld/"]
-        print(f"$ sinfonia-tier3 {api.url} helloworld -- {' '.join(command)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"$ sinfonia-tier3 {api.url} helloworld -- {' '.join(command)}",
+            file=sys.stderr,
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as cache:
             tool = os.path.join(_REPO_ROOT, "sinfonia_tier3.py")
             try:
@@ -888,15 +931,20 @@ def _serve(argv=None):
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--misbehave", choices=sorted(MISBEHAVIOURS))
     serve.add_argument(
-        "--wireguard", choices=("none", "sinfonia", "wireguard-go"), default="none",
+        "--wireguard",
+        choices=("none", "sinfonia", "wireguard-go"),
+        default="none",
         help="serve real tunnels to the helloworld backend with this WireGuard "
         "server (default: none, the deploy API only)",
     )
     demo = sub.add_parser(
-        "demo", help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet"
+        "demo",
+        help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet",
     )
     demo.add_argument(
-        "--wireguard", choices=("sinfonia", "wireguard-go"), default="sinfonia",
+        "--wireguard",
+        choices=("sinfonia", "wireguard-go"),
+        default="sinfonia",
         help="the cloudlet's WireGuard server (default: our own responder)",
     )
     options = parser.parse_args(argv)
