@@ -2455,19 +2455,19 @@ class _TunInside:
     name = "sinfonia0"
 
     def create(self, channel):
-        """In the namespace child: make the device, hand its descriptor out."""
+        """In the namespace child: make the device; its descriptor is what
+        goes to the tool with the {"interface": name} message."""
         try:
-            fd = _open_tun(self.name)
+            return [_open_tun(self.name)]
         except TunnelError as e:
             raise TunnelError(f"{e}: {_tun_advice()}") from None
-        channel.send({"interface": self.name}, fds=[fd])
-        os.close(fd)
 
 
 class _LinkMovedIn:
     """Interface made outside and moved in by the tool (the kernel backend):
     the child says {"awaiting_link": name}; the tool moves the link into the
-    network namespace of `_Namespace.pid` and answers {"link_moved": name}."""
+    network namespace of `_Namespace.pid` and answers {"link_moved": name};
+    then, as with a TUN device, {"interface": name} says it is up."""
 
     def __init__(self, name):
         self.name = name
@@ -2477,6 +2477,7 @@ class _LinkMovedIn:
         message, _ = channel.receive()
         if message != {"link_moved": self.name}:
             raise TunnelError(f"the tunnel link {self.name} was not moved in")
+        return []
 
 
 def _netlink_step(what, function, *args, **kwargs):
@@ -2551,12 +2552,15 @@ def _namespace_init(channel, interface, mtu):
 
     with IPRoute() as ipr:
         _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
-        interface.create(channel)
+        fds = interface.create(channel)
         index = ipr.link_lookup(ifname=interface.name)[0]
         _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
                       index=index, mtu=mtu)
         _netlink_step(f"bring up {interface.name}", ipr.link, "set", index=index,
                       state="up")
+        channel.send({"interface": interface.name}, fds=fds)
+        for fd in fds:
+            os.close(fd)
         config, _ = channel.receive()
         if config is None:  # the tool gave up
             return 125
@@ -2742,7 +2746,10 @@ class _Namespace:
         self.close()
 
     def send(self, message):
-        self._channel.send(message)
+        try:
+            self._channel.send(message)
+        except OSError:  # the child has ended; its last message says why
+            self.expect("error")
 
     def expect(self, key, timeout=_SETUP_TIMEOUT):
         """The child's next message, which must carry `key`: (message, fds).

@@ -36,13 +36,12 @@ if "moved_link" in spec:
 status = 125
 try:
     with st3._Namespace(interface, mtu=spec.get("mtu", 1420)) as namespace:
-        tun_fd = None
         if "moved_link" in spec:
             namespace.expect("awaiting_link")
             os.system(spec["moved_link"]["move"].replace("PID", str(namespace.pid)))
             namespace.send({"link_moved": spec["moved_link"]["name"]})
-        else:
-            tun_fd = namespace.expect("interface")[1][0]
+        fds = namespace.expect("interface")[1]
+        tun_fd = fds[0] if fds else None
         namespace.configure(spec["addresses"], spec["routes"], spec.get("resolv_conf"))
         namespace.expect("configured")
         print(json.dumps({"holder": namespace.pid}), file=sys.stderr, flush=True)
