@@ -44,9 +44,8 @@ BULK = 50 << 20  # the issue's 50 MiB each way
 
 
 def networks(*addresses):
-    return [
-        ipaddress.ip_network(f"{a}/{32 if ':' not in a else 128}") for a in addresses
-    ]
+    """Host routes (/32, /128) for the addresses, as allowed IPs."""
+    return [ipaddress.ip_network(address) for address in addresses]
 
 
 def shorten_timers(monkeypatch, **seconds):
@@ -58,8 +57,6 @@ def shorten_timers(monkeypatch, **seconds):
 
 @pytest.fixture
 def namespaces():
-    if not hasattr(sinfonia_tier3, "Datapath"):
-        pytest.fail("sinfonia_tier3.Datapath does not exist yet")
     with Namespace("st3o") as ours, Namespace("st3t") as theirs:
         yield ours, theirs
 
@@ -327,15 +324,16 @@ def test_peer_that_never_answers(namespaces, keys, monkeypatch):
     times = [t - started for t, _ in arrivals]
     gaps = [times[i + 1] - times[i] for i in range(len(times) - 1)]
     # The first initiation goes at once, each retry REKEY_TIMEOUT plus up to
-    # 1/3 s of jitter after the previous one (0.25 s slack for this machine).
+    # 1/3 s of jitter after the previous one (0.35 s slack for timer ticks
+    # and a busy machine).
     assert times and times[0] < 0.5, times
     assert all(
-        rekey_timeout - 0.05 <= gap <= rekey_timeout + 1 / 3 + 0.25 for gap in gaps
+        rekey_timeout - 0.05 <= gap <= rekey_timeout + 1 / 3 + 0.35 for gap in gaps
     ), gaps
     # Retrying stops once REKEY_ATTEMPT_TIME is used up (implementations that
     # count attempts, like wireguard-go, may send one more) and nothing
     # follows; the error comes then, not at the caller's much longer timeout.
-    last_allowed = attempt_time + rekey_timeout + 1 / 3 + 0.25
+    last_allowed = attempt_time + rekey_timeout + 1 / 3 + 0.35
     assert attempt_time - rekey_timeout <= times[-1] <= last_allowed, times
     assert len(times) <= attempt_time / rekey_timeout + 2, times
     assert attempt_time - 0.5 <= gave_up <= last_allowed + rekey_timeout, (
