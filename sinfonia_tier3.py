@@ -103,6 +103,11 @@ def _warn(message):
     print(f"sinfonia-tier3: warning: {message}", file=sys.stderr)
 
 
+def _debug(message):
+    """A --debug line on stderr."""
+    print(f"sinfonia-tier3: debug: {message}", file=sys.stderr)
+
+
 def _printable(text, limit=_MAX_DETAIL_CHARS):
     """`text` from the network made safe for one terminal line: no control
     characters, whitespace collapsed, at most `limit` characters."""
@@ -772,11 +777,6 @@ def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=Fa
             f"bad response from Tier 1: {_printable(content_type, 60)} instead of JSON"
         )
     return _parse_deployments(body, uuid, keypair.public)
-
-
-def _debug(message):
-    """A --debug line on stderr."""
-    print(f"sinfonia-tier3: debug: {message}", file=sys.stderr)
 
 
 def deploy(tier1_url, application, *, results=1, timeout=_DEFAULT_TIMEOUT):
