@@ -430,8 +430,12 @@ def test_the_demo_command_prints_the_page():
     assert "sinfonia-tier3 http://127.0.0.1:" in demo.stderr
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
 def unprivileged_demo_command():
-    """(argv prefix running as nobody, python to use) or a skip reason."""
+    """(argv prefix that drops root, python to use); skips where nobody cannot
+    run the demo for reasons outside the project."""
     if os.geteuid() != 0:
         return [], sys.executable
     if shutil.which("setpriv") is None:
@@ -440,14 +444,11 @@ def unprivileged_demo_command():
     python = "/usr/bin/python3"
     probe = subprocess.run(
         [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
+            *AS_NOBODY,
             python,
             "-c",
-            "import nacl, pyroute2",
+            "import nacl, pyroute2, sys; open(sys.argv[1]).close()",
+            os.path.join(REPO, "sinfonia_tier3.py"),
         ],
         capture_output=True,
         check=False,
@@ -456,9 +457,9 @@ def unprivileged_demo_command():
     if probe.returncode != 0:
         pytest.skip(
             "nobody cannot run /usr/bin/python3 with pynacl and pyroute2 "
-            "(apt install python3-nacl python3-pyroute2)"
+            "(apt install python3-nacl python3-pyroute2) or cannot read this checkout"
         )
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"], python
+    return AS_NOBODY, python
 
 
 @pytest.mark.e2e
