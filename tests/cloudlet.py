@@ -359,6 +359,17 @@ class Cloudlet:
 # UDP port on 127.0.0.1, which the deploy answer names as the endpoint.
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool():
+    """This checkout's sinfonia_tier3 module, whose pieces the cloudlet borrows."""
+    if _REPO_ROOT not in sys.path:
+        sys.path.insert(0, _REPO_ROOT)
+    import sinfonia_tier3
+
+    return sinfonia_tier3
+
+
 CLOUDLET_ADDRESS = ipaddress.ip_address("10.43.0.1")
 DNS_ADDRESS = ipaddress.ip_address("10.43.0.10")
 HELLOWORLD_ADDRESS = ipaddress.ip_address("10.43.0.20")
@@ -501,16 +512,10 @@ def _enter_new_namespaces():
     unshares the PID namespace, after which a process cannot start threads,
     and the cloudlet's services are threads. The pieces are the tool's.
     """
-    from sinfonia_tier3 import (
-        _CLONE_NEWNET,
-        _CLONE_NEWUSER,
-        _explain_userns_failure,
-        _unshare,
-    )
-
+    tool = _tool()
     uid, gid = os.getuid(), os.getgid()
     try:
-        _unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+        tool._unshare(tool._CLONE_NEWUSER | tool._CLONE_NEWNET)
         for name, text in [
             ("setgroups", "deny"),
             ("uid_map", f"0 {uid} 1"),
@@ -519,7 +524,7 @@ def _enter_new_namespaces():
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     except OSError as e:
-        raise RuntimeError(_explain_userns_failure(e)) from None
+        raise RuntimeError(tool._explain_userns_failure(e)) from None
 
 
 def _open_tun_with_packet_info(name):
@@ -530,11 +535,12 @@ def _open_tun_with_packet_info(name):
     """
     import fcntl
 
-    from sinfonia_tier3 import _IFF_TUN, _TUNSETIFF
-
+    tool = _tool()
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN))
+        fcntl.ioctl(
+            fd, tool._TUNSETIFF, struct.pack("16sH", name.encode(), tool._IFF_TUN)
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -549,10 +555,7 @@ def _namespace_child(control_fd, parent_pid):
     to ADDRESS, its fd passed back with {"ok": true}; any failure is
     {"error": MESSAGE}.
     """
-    sys.path.insert(0, _REPO_ROOT)
-    from sinfonia_tier3 import _die_with_parent, _open_tun
-
-    _die_with_parent(parent_pid)
+    _tool()._die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
     try:
         _enter_new_namespaces()
@@ -585,7 +588,9 @@ def _namespace_child(control_fd, parent_pid):
             request = json.loads(request)
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
             fd = (
-                _open_tun_with_packet_info if request.get("packet_info") else _open_tun
+                _open_tun_with_packet_info
+                if request.get("packet_info")
+                else _tool()._open_tun
             )(name)
             try:
                 index = ipr.link_lookup(ifname=name)[0]
@@ -800,10 +805,7 @@ class WireGuardServer:
 
     def __init__(self, implementation="sinfonia", host="127.0.0.1", max_clients=64):
         if implementation == "sinfonia":
-            sys.path.insert(0, _REPO_ROOT)
-            from sinfonia_tier3 import Datapath
-
-            self._datapath_class = Datapath
+            self._datapath_class = _tool().Datapath
         elif implementation == "wireguard-go":
             _wireguard_go_binary()  # fail now, not at the first deployment
         else:
