@@ -587,11 +587,10 @@ def _namespace_child(control_fd, parent_pid):
         try:
             request = json.loads(request)
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
-            fd = (
-                _open_tun_with_packet_info
-                if request.get("packet_info")
-                else _tool()._open_tun
-            )(name)
+            if request.get("packet_info"):
+                fd = _open_tun_with_packet_info(name)
+            else:
+                fd = _tool()._open_tun(name)
             try:
                 index = ipr.link_lookup(ifname=name)[0]
                 ipr.link("set", index=index, state="up", mtu=TUNNEL_MTU)
