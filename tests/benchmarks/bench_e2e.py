@@ -351,8 +351,13 @@ def main(argv=None):
     times = {(c, k): [] for c in clients for k in ("cold", "warm")}
     memory = {}
     failures = {}
+    try:
+        server = cloudlet.WireGuardServer(args.server)
+    except (ImportError, OSError, RuntimeError) as e:
+        print(f"bench_e2e: cannot start the cloudlet: {e}")
+        return 1
     with (
-        cloudlet.WireGuardServer(args.server) as server,
+        server,
         cloudlet.Cloudlet(wireguard=server) as api,
         tempfile.TemporaryDirectory() as scratch,
     ):
