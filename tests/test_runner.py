@@ -11,6 +11,7 @@ Each run goes through a small driver program, started as a separate process
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,13 +73,18 @@ needs_root = pytest.mark.skipif(bool(sessions.missing_root()),
 
 @pytest.fixture(scope="module")
 def driver_file():
-    """The driver program, readable by the test user too."""
-    fd, path = tempfile.mkstemp(prefix="sinfonia-driver-", suffix=".py")
-    with os.fdopen(fd, "w") as f:
-        f.write(DRIVER)
-    os.chmod(path, 0o644)
-    yield path
-    os.unlink(path)
+    """The driver program, readable by the test user too, alone in its
+    directory (which Python puts first on sys.path)."""
+    directory = tempfile.mkdtemp(prefix="sinfonia-driver-")
+    try:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "driver.py")
+        with open(path, "w") as f:
+            f.write(DRIVER)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        shutil.rmtree(directory)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -236,7 +242,7 @@ def test_exit_status_is_the_applications(runner, command, status, message):
 def test_signals_to_the_tool_reach_the_application(runner, signum):
     process = runner.start({"command": [runner.python, "-c", sessions.SIGNAL_TRAP]})
     try:
-        assert process.stdout.readline() == "ready\n"
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=20)
     finally:
