@@ -140,7 +140,8 @@ def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
                       for kind in ("net", "mnt", "pid")}
         process.kill()
         process.wait()
-        assert sessions.wait_until_gone(pids, namespaces) == []
+        remaining = sessions.wait_until_gone(pids, namespaces)
+        assert remaining == [], sessions.describe(remaining)
     finally:
         if process.poll() is None:
             process.kill()
@@ -180,7 +181,8 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
     assert [p.returncode for p in processes] == [0] * 10, [e for _, e in outputs]
     addresses = {GREETING.fullmatch(stdout).group(1) for stdout, _ in outputs}
     assert len(addresses) == 10, "ten keys, ten tunnels, ten addresses"
-    assert sessions.wait_until_gone(pids, {}) == []
+    remaining = sessions.wait_until_gone(pids, {})
+    assert remaining == [], sessions.describe(remaining)
     if tool.as_user:
         assert sessions.files_of_user(tool.uid) == []
 

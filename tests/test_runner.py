@@ -264,7 +264,8 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
         assert len(pids) >= 4, "holder, init, shell and sleep"
         process.kill()
         process.wait()
-        assert sessions.wait_until_gone(pids, namespaces) == []
+        remaining = sessions.wait_until_gone(pids, namespaces)
+        assert remaining == [], sessions.describe(remaining)
     finally:
         if process.poll() is None:
             process.kill()
