@@ -2805,8 +2805,11 @@ class _Namespace:
     def send(self, message):
         try:
             self._channel.send(message)
-        except OSError:  # the child has ended; its last message says why
+        except (BrokenPipeError, ConnectionResetError):  # its last message says why
             self.expect("error")
+        except OSError as e:  # e.g. an environment too large for one message
+            raise TunnelError(f"cannot pass the application's settings to its "
+                              f"namespace: {e.strerror}") from None
 
     def expect(self, key, timeout=_SETUP_TIMEOUT):
         """The child's next message, which must carry `key`: (message, fds).
