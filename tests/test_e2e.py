@@ -58,12 +58,13 @@ def tool(request):
 
 
 class Tool:
+    """The command line, as root or as the test user, run from `scratch`."""
+
     def __init__(self, as_user, scratch):
         self.as_user = as_user
         self.scratch = scratch
         self.uid = sessions.user_ids()[0] if as_user else 0
         self.python = sessions.user_python() if as_user else sys.executable
-        self._caches = 0
 
     def argv(self, url, *args, options=()):
         argv = [self.python, TOOL, *options, url, "helloworld", *args]
@@ -79,7 +80,8 @@ class Tool:
     def start(self, url, *args, cache="cache", options=(), **kwargs):
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(url, *args, options=options), env=self.env(cache), cwd=self.scratch,
+        return subprocess.Popen(self.argv(url, *args, options=options),
+                                env=self.env(cache), cwd=self.scratch,
                                 stdin=subprocess.DEVNULL, text=True, **kwargs)
 
     def run(self, url, *args, timeout=60, cache="cache", options=()):
