@@ -2739,12 +2739,30 @@ def _report_failure(channel, error):
         pass
 
 
+def _close_private_descriptors(keep):
+    """Close the tool's own descriptors (its sockets, other sessions' TUN
+    devices), which exec would close anyway; those the caller passed on to
+    the application (inheritable ones) stay."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if not os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:  # the directory's own descriptor, closed already
+                pass
+
+
 def _run_namespace_child(channel, parent_pid, interface, mtu):
     """The forked child: holder of the namespaces, then (in a second fork)
     their init. Never returns."""
     status = 125
     try:
         _die_with_parent(parent_pid)
+        import gc
+
+        gc.freeze()  # the tool's objects (whose descriptors go next) are never finalized here
+        _close_private_descriptors(keep=channel.fileno())
         os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
         _enter_new_namespaces()
         init = os.fork()
