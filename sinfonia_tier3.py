@@ -2638,14 +2638,13 @@ def _serve_as_init(channel, start):
     import select
     import signal
 
-    terminal = start["terminal"]
     wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # to hand the terminal over
     application = os.fork()
     if application == 0:
-        _exec_application(channel, start["command"], start["env"], terminal)
+        _exec_application(channel, start["command"], start["env"], start["terminal"])
     while True:
         readable, _, _ = select.select([channel, wakeup_r], [], [])
         if channel in readable:
@@ -2653,9 +2652,9 @@ def _serve_as_init(channel, start):
             if message is None:  # the tool is gone: so is everything here
                 return 125
             try:
-                if "continue" in message:
-                    if message["continue"] and terminal is not None:
-                        os.tcsetpgrp(terminal, application)
+                if "continue" in message:  # the terminal to take, or None
+                    if message["continue"] is not None:
+                        os.tcsetpgrp(message["continue"], application)
                     os.killpg(application, signal.SIGCONT)
                 else:
                     os.kill(application, message["signal"])
@@ -2908,11 +2907,8 @@ class _Namespace:
 
         self._give_back_terminal()
         os.kill(os.getpid(), signal.SIGSTOP)
-        try:
-            foreground = os.tcgetpgrp(self._terminal) == os.getpgrp()
-        except (OSError, TypeError):  # no terminal (any more)
-            foreground = False
-        self.send({"continue": foreground})
+        self._terminal = _foreground_terminal()  # `fg` gives one, `bg` none
+        self.send({"continue": self._terminal})
 
     def _forward(self, signum, frame):
         try:
