@@ -2812,6 +2812,7 @@ class _Namespace:
         self.interface = interface
         self._status = None
         self._terminal = None
+        self._handlers = {}  # signal -> the tool's handler, while forwarding
 
     def __enter__(self):
         return self
@@ -2861,23 +2862,22 @@ class _Namespace:
         })
 
     def start(self, command, env):
-        """Let the application run: exec `command` (found on env's PATH)."""
+        """Let the application run: exec `command` (found on env's PATH).
+        From now until `wait()` returns, SIGINT, SIGTERM and SIGHUP to the
+        tool go to the application."""
+        import signal
+
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self._handlers[signum] = signal.signal(signum, self._forward)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
         self._terminal = _foreground_terminal()
         self.send({"command": list(command), "env": dict(env),
                    "terminal": self._terminal})
 
     def wait(self):
-        """The application's exit status; SIGINT, SIGTERM and SIGHUP to the
-        tool meanwhile go to the application."""
-        import signal
-
-        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {}
-        try:
-            for signum in forwarded:
-                previous[signum] = signal.signal(signum, self._forward)
-        except ValueError:  # not the main thread: signals stay as they are
-            pass
+        """The application's exit status."""
         failure = None
         try:
             while True:  # until the namespace's init has gone
@@ -2890,9 +2890,7 @@ class _Namespace:
                     failure = message
             status = self._reap()
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            self._take_back_terminal()
+            self._restore()
         if failure is not None and "status" in failure:
             raise _CommandError(failure["error"], failure["status"])
         if failure is not None:
@@ -2930,7 +2928,13 @@ class _Namespace:
         finally:
             signal.signal(signal.SIGTTOU, previous)
 
-    def _take_back_terminal(self):
+    def _restore(self):
+        """The tool's own signal handling and terminal back, as before start()."""
+        import signal
+
+        while self._handlers:
+            signum, handler = self._handlers.popitem()
+            signal.signal(signum, handler)
         self._give_back_terminal()
         self._terminal = None
 
@@ -2947,7 +2951,7 @@ class _Namespace:
             except ProcessLookupError:
                 pass
             self._reap()
-        self._take_back_terminal()
+        self._restore()
         self._channel.close()
 
 
