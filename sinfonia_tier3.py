@@ -455,7 +455,7 @@ class _Sender:
             if sizes[i] and len(self.queue) < _QUEUED_PACKETS:
                 start = _TRANSPORT_HEADER
                 self.queue.append(bytes(self.slot_views[i][start:start + sizes[i]]))
-        if count and (sizes[0] or self.keypair is None):
+        if count:  # data or a keepalive that no usable keypair can carry
             self._ask_for_handshake(now)
 
     def _ask_for_handshake(self, now):
