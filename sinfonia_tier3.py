@@ -2638,14 +2638,13 @@ def _serve_as_init(channel, start):
     import select
     import signal
 
-    terminal = start["terminal"]
     wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # to hand the terminal over
     application = os.fork()
     if application == 0:
-        _exec_application(channel, start["command"], start["env"], terminal)
+        _exec_application(channel, start["command"], start["env"], start["terminal"])
     while True:
         readable, _, _ = select.select([channel, wakeup_r], [], [])
         if channel in readable:
@@ -2653,9 +2652,9 @@ def _serve_as_init(channel, start):
             if message is None:  # the tool is gone: so is everything here
                 return 125
             try:
-                if "continue" in message:
-                    if message["continue"] and terminal is not None:
-                        os.tcsetpgrp(terminal, application)
+                if "continue" in message:  # the terminal to take, or None
+                    if message["continue"] is not None:
+                        os.tcsetpgrp(message["continue"], application)
                     os.killpg(application, signal.SIGCONT)
                 else:
                     os.kill(application, message["signal"])
@@ -2739,12 +2738,30 @@ def _report_failure(channel, error):
         pass
 
 
+def _close_private_descriptors(keep):
+    """Close the tool's own descriptors (its sockets, other sessions' TUN
+    devices), which exec would close anyway; those the caller passed on to
+    the application (inheritable ones) stay."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if not os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:  # the directory's own descriptor, closed already
+                pass
+
+
 def _run_namespace_child(channel, parent_pid, interface, mtu):
     """The forked child: holder of the namespaces, then (in a second fork)
     their init. Never returns."""
     status = 125
     try:
         _die_with_parent(parent_pid)
+        import gc
+
+        gc.freeze()  # the tool's objects (whose descriptors go next) are never finalized here
+        _close_private_descriptors(keep=channel.fileno())
         os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
         _enter_new_namespaces()
         init = os.fork()
@@ -2795,6 +2812,7 @@ class _Namespace:
         self.interface = interface
         self._status = None
         self._terminal = None
+        self._handlers = {}  # signal -> the tool's handler, while forwarding
 
     def __enter__(self):
         return self
@@ -2805,8 +2823,11 @@ class _Namespace:
     def send(self, message):
         try:
             self._channel.send(message)
-        except OSError:  # the child has ended; its last message says why
+        except (BrokenPipeError, ConnectionResetError):  # its last message says why
             self.expect("error")
+        except OSError as e:  # e.g. an environment too large for one message
+            raise TunnelError(f"cannot pass the application's settings to its "
+                              f"namespace: {e.strerror}") from None
 
     def expect(self, key, timeout=_SETUP_TIMEOUT):
         """The child's next message, which must carry `key`: (message, fds).
@@ -2841,23 +2862,22 @@ class _Namespace:
         })
 
     def start(self, command, env):
-        """Let the application run: exec `command` (found on env's PATH)."""
+        """Let the application run: exec `command` (found on env's PATH).
+        From now until `wait()` returns, SIGINT, SIGTERM and SIGHUP to the
+        tool go to the application."""
+        import signal
+
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self._handlers[signum] = signal.signal(signum, self._forward)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
         self._terminal = _foreground_terminal()
         self.send({"command": list(command), "env": dict(env),
                    "terminal": self._terminal})
 
     def wait(self):
-        """The application's exit status; SIGINT, SIGTERM and SIGHUP to the
-        tool meanwhile go to the application."""
-        import signal
-
-        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {}
-        try:
-            for signum in forwarded:
-                previous[signum] = signal.signal(signum, self._forward)
-        except ValueError:  # not the main thread: signals stay as they are
-            pass
+        """The application's exit status."""
         failure = None
         try:
             while True:  # until the namespace's init has gone
@@ -2870,9 +2890,7 @@ class _Namespace:
                     failure = message
             status = self._reap()
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            self._take_back_terminal()
+            self._restore()
         if failure is not None and "status" in failure:
             raise _CommandError(failure["error"], failure["status"])
         if failure is not None:
@@ -2887,11 +2905,8 @@ class _Namespace:
 
         self._give_back_terminal()
         os.kill(os.getpid(), signal.SIGSTOP)
-        try:
-            foreground = os.tcgetpgrp(self._terminal) == os.getpgrp()
-        except (OSError, TypeError):  # no terminal (any more)
-            foreground = False
-        self.send({"continue": foreground})
+        self._terminal = _foreground_terminal()  # `fg` gives one, `bg` none
+        self.send({"continue": self._terminal})
 
     def _forward(self, signum, frame):
         try:
@@ -2913,7 +2928,13 @@ class _Namespace:
         finally:
             signal.signal(signal.SIGTTOU, previous)
 
-    def _take_back_terminal(self):
+    def _restore(self):
+        """The tool's own signal handling and terminal back, as before start()."""
+        import signal
+
+        while self._handlers:
+            signum, handler = self._handlers.popitem()
+            signal.signal(signum, handler)
         self._give_back_terminal()
         self._terminal = None
 
@@ -2930,7 +2951,7 @@ class _Namespace:
             except ProcessLookupError:
                 pass
             self._reap()
-        self._take_back_terminal()
+        self._restore()
         self._channel.close()
 
 
