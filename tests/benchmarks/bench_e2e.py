@@ -435,7 +435,7 @@ def _report(args, times, memory, failures, upstream_missing):
             if other == "upstream":
                 met = ours / theirs <= TARGET_RATIO
                 verdict = f"  (target <= {TARGET_RATIO}: {'met' if met else 'NOT met'})"
-            print(f"  ours/{other} {kind}: {ours / theirs:.3f}{verdict}")
+            print(f"  ours/{other} {kind}: {ours / theirs:.4f}{verdict}")
     print(
         "peak memory of the client's own processes (not curl), sampled every "
         f"{SAMPLE_INTERVAL * 1000:.0f} ms in an untimed cold and warm run:"
