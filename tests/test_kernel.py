@@ -1,0 +1,336 @@
+"""Kernel WireGuard backend and the sudo root helper, tested against a real
+WireGuard kernel.
+
+This machine's kernel has no WireGuard, so `pytest -m kernel` here boots a
+guest with Debian's kernel (tests/vm/run.py) and runs this same file inside
+it, where the tests below find a kernel with WireGuard and run as root. The
+guest's root filesystem is the host's, read-only with a RAM overlay, so the
+tests that add a user and a sudoers rule change only the guest.
+"""
+
+import base64
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import sinfonia_tier3 as st3
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE_FILE = REPO / "sinfonia_tier3.py"
+IN_GUEST = bool(os.environ.get("SINFONIA_TIER3_IN_VM"))
+#: An unprivileged uid for processes the helper is asked about; it needs no
+#: passwd entry (only the sudo test, in the guest, adds a real user).
+CALLER_UID = 4242
+OTHER_UID = 4243
+PYROUTE2_DEBIAN = "0.7.2"
+
+
+def _load_vm_runner():
+    spec = importlib.util.spec_from_file_location("vm_run", REPO / "tests/vm/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+vm = _load_vm_runner()
+PYROUTE2_DEBIAN_DIR = vm.cache_dir() / f"pyroute2-{PYROUTE2_DEBIAN}"
+
+
+def _kernel_wireguard_missing():
+    """Why kernel WireGuard links cannot be made here, or None if they can."""
+    if os.geteuid() != 0:
+        return "not root"
+    name = f"wgprobe{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(["ip", "link", "add", name, "type", "wireguard"],
+                            capture_output=True, text=True, check=False)
+    if result.returncode:
+        return f"ip link add type wireguard: {result.stderr.strip()}"
+    subprocess.run(["ip", "link", "del", name], check=True)
+    return None
+
+
+KERNEL_WG_MISSING = _kernel_wireguard_missing()
+needs_kernel_wg = pytest.mark.skipif(
+    KERNEL_WG_MISSING is not None,
+    reason=f"kernel WireGuard unavailable here ({KERNEL_WG_MISSING}); "
+           "test_tests_pass_inside_guest runs these in a VM")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root helper needs root")
+in_guest_only = pytest.mark.skipif(
+    not IN_GUEST, reason="adds a user and a sudoers rule: only inside the test VM")
+
+
+# The guest, booted from the host ##############################################
+
+
+def _ensure_pyroute2_debian():
+    """pyroute2 as Debian 12 ships it, in the cache, for the guest to use too."""
+    if (PYROUTE2_DEBIAN_DIR / "pyroute2").is_dir():
+        return
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--target", str(PYROUTE2_DEBIAN_DIR), f"pyroute2=={PYROUTE2_DEBIAN}"],
+                   check=True, timeout=300)
+
+
+@pytest.mark.skipif(IN_GUEST, reason="already inside the test VM")
+@pytest.mark.skipif(KERNEL_WG_MISSING is None,
+                    reason="this kernel has WireGuard: the tests run here directly")
+def test_tests_pass_inside_guest():
+    why_not = vm.qemu_available()
+    if why_not:
+        pytest.skip(f"cannot boot the kernel test VM: {why_not}")
+    _ensure_pyroute2_debian()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests/vm/run.py"), "--",
+         sys.executable, "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider",
+         "-q", "-rs", str(REPO / "tests/test_kernel.py")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800,
+        check=False)
+    output = result.stdout.decode("utf-8", "replace")
+    print(output)
+    assert result.returncode == 0, f"tests inside the guest failed:\n{output[-6000:]}"
+    assert " passed" in output, output
+
+
+# The root helper ###############################################################
+
+
+def _keypair():
+    from nacl.bindings import crypto_scalarmult_base
+    private = os.urandom(32)
+    return private, crypto_scalarmult_base(private)
+
+
+def _spec(**overrides):
+    settings = {"endpoint": ("192.0.2.1", 51820), "listen_port": 0,
+                "allowed_ips": ["10.7.0.0/16", "fd07::/64"], "persistent_keepalive": 25,
+                **overrides}
+    return st3._kernel_link_spec(_keypair()[0], _keypair()[1], **settings)
+
+
+def _b64(key):
+    return base64.b64encode(key).decode()
+
+
+class _NetnsHolder:
+    """A process as `uid`, in a new user+network namespace when `own_netns`."""
+
+    def __init__(self, uid, *, new_namespaces=True, root_netns=False):
+        if root_netns:       # network namespace made by root, then drop to uid
+            argv = ["unshare", "-n", "setpriv", f"--reuid={uid}", f"--regid={uid}",
+                    "--clear-groups"]
+            user = None
+        else:
+            argv = ["unshare", "-r", "-n"] if new_namespaces else []
+            user = uid
+        self.process = subprocess.Popen(
+            [*argv, "sh", "-c", "echo ready; exec sleep 120"],
+            user=user, group=user, extra_groups=[] if user else None,
+            stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline() == "ready\n"
+        self.pid = self.process.pid
+
+    def run(self, *argv):
+        """Run `argv` as root in this process's network namespace."""
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-n", *argv],
+                              capture_output=True, text=True, check=False)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture
+def holders():
+    started = []
+
+    def start(uid=CALLER_UID, **options):
+        holder = _NetnsHolder(uid, **options)
+        started.append(holder)
+        return holder
+
+    yield start
+    for holder in started:
+        holder.stop()
+
+
+def _run_helper(args, request, *, sudo_uid=CALLER_UID, pythonpath=None):
+    env = {"PATH": os.environ["PATH"], "SUDO_UID": str(sudo_uid)}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, str(MODULE_FILE), "--root-helper", *args],
+                          input=request, capture_output=True, env=env, timeout=60,
+                          check=False)
+
+
+def _link_exists(name):
+    return subprocess.run(["ip", "link", "show", name], capture_output=True,
+                          check=False).returncode == 0
+
+
+def _udp_ports():
+    out = subprocess.run(["ss", "-Hnlu"], capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines()}
+
+
+def _pyroute2_variants():
+    return [pytest.param(None, id="pyroute2-installed"),
+            pytest.param(PYROUTE2_DEBIAN_DIR, id=f"pyroute2-{PYROUTE2_DEBIAN}",
+                         marks=pytest.mark.skipif(
+                             not (PYROUTE2_DEBIAN_DIR / "pyroute2").is_dir(),
+                             reason=f"pyroute2 {PYROUTE2_DEBIAN} not in {PYROUTE2_DEBIAN_DIR}"
+                                    " (test_tests_pass_inside_guest installs it)"))]
+
+
+@needs_kernel_wg
+@pytest.mark.parametrize("pythonpath", _pyroute2_variants())
+def test_helper_creates_configures_and_moves_link(holders, pythonpath):
+    holder = holders()
+    ifname = f"wgt{uuid.uuid4().hex[:8]}"
+    spec = _spec(listen_port=0)
+    result = _run_helper([str(holder.pid), ifname], st3._encode_kernel_link_request(spec),
+                         pythonpath=pythonpath)
+    assert result.returncode == 0, result.stderr
+    if pythonpath:   # the helper really ran with that pyroute2
+        probe = subprocess.run([sys.executable, "-c", "import pyroute2; print(pyroute2.__file__)"],
+                               env={"PYTHONPATH": str(pythonpath)}, capture_output=True,
+                               text=True, check=True)
+        assert probe.stdout.startswith(str(pythonpath))
+    assert not _link_exists(ifname), "the link must leave the helper's namespace"
+    dump = holder.run("wg", "show", ifname, "dump")
+    assert dump.returncode == 0, dump.stderr
+    device, peer = [line.split("\t") for line in dump.stdout.splitlines()]
+    assert device[0] == _b64(spec.private_key)
+    listen_port = device[2]
+    assert peer[0] == _b64(spec.peer_public_key)
+    assert peer[2] == "192.0.2.1:51820"
+    assert sorted(peer[3].split(",")) == ["10.7.0.0/16", "fd07::/64"]
+    assert peer[7] == "25"
+    assert "wireguard" in holder.run("ip", "-d", "link", "show", ifname).stdout
+    assert listen_port in _udp_ports(), "the UDP socket stays in the caller's namespace"
+    holder.stop()
+    assert listen_port not in _udp_ports(), "the link must go with the namespace"
+
+
+@needs_root
+@pytest.mark.parametrize("request_bytes, complaint", [
+    (b"", "not a JSON object"),
+    (b"[]", "expected exactly the keys"),
+    (b"\xff{}", "not a JSON object"),
+    (b"x" * 20000, "more than"),
+])
+def test_helper_refuses_malformed_stream(request_bytes, complaint):
+    result = _run_helper(["2", "wgok"], request_bytes)
+    _assert_refused(result, complaint)
+
+
+def _request_with(**changes):
+    import json
+    request = json.loads(st3._encode_kernel_link_request(_spec()))
+    for key, value in changes.items():
+        if value is KeyError:
+            del request[key]
+        else:
+            request[key] = value
+    return json.dumps(request).encode()
+
+
+@needs_root
+@pytest.mark.parametrize("changes, complaint", [
+    ({"extra": 1}, "expected exactly the keys"),
+    ({"listen_port": KeyError}, "expected exactly the keys"),
+    ({"private_key": _b64(bytes(31)) + "A"}, "44 characters"),
+    ({"private_key": "*" * 43 + "="}, "not valid base64"),
+    ({"private_key": _b64(bytes(32))}, "all zeros"),
+    ({"peer_public_key": 5}, "44 characters"),
+    ({"listen_port": 70000}, "listen port"),
+    ({"listen_port": "51820"}, "listen port"),
+    ({"listen_port": True}, "listen port"),
+    ({"persistent_keepalive": -1}, "persistent keepalive"),
+    ({"persistent_keepalive": 2.5}, "persistent keepalive"),
+    ({"endpoint": ["cloudlet.example", 51820]}, "literal"),
+    ({"endpoint": ["0.0.0.0", 51820]}, "cannot be a peer"),
+    ({"endpoint": ["192.0.2.1", 0]}, "endpoint port"),
+    ({"endpoint": "192.0.2.1:51820"}, "endpoint must be"),
+    ({"allowed_ips": ["10.0.0.1/8"]}, "CIDR"),
+    ({"allowed_ips": ["10.0.0.0/33"]}, "CIDR"),
+    ({"allowed_ips": "10.0.0.0/8"}, "list of strings"),
+    ({"allowed_ips": ["10.0.0.0/8"] * 300}, "more than 256"),
+])
+def test_helper_refuses_malformed_configuration(changes, complaint):
+    _assert_refused(_run_helper(["2", "wgok"], _request_with(**changes)), complaint)
+
+
+@needs_root
+def test_helper_refuses_duplicate_keys():
+    request = _request_with()[:-1] + b', "listen_port": 1}'
+    _assert_refused(_run_helper(["2", "wgok"], request), "twice")
+
+
+@needs_root
+@pytest.mark.parametrize("ifname", [
+    "", "a" * 16, "../etc", "wg0;reboot", "wg 0", "Wg0", "0wg", "wg/0", "wg\u00e90", "-wg",
+])
+def test_helper_refuses_bad_interface_name(ifname):
+    _assert_refused(_run_helper(["2", ifname], _request_with()), "invalid interface name")
+
+
+@needs_root
+@pytest.mark.parametrize("args, complaint", [
+    (["1"], "usage"),
+    (["1", "wg0", "extra"], "usage"),
+    (["-5", "wgok"], "invalid PID"),
+    (["1", "wgok"], "invalid PID"),
+    (["12a", "wgok"], "invalid PID"),
+    (["\u0663\u0663", "wgok"], "invalid PID"),
+    (["99999999", "wgok"], "invalid PID"),
+])
+def test_helper_refuses_bad_arguments(args, complaint):
+    _assert_refused(_run_helper(args, _request_with()), complaint)
+
+
+@needs_root
+def test_helper_refuses_missing_sudo_uid():
+    result = subprocess.run([sys.executable, str(MODULE_FILE), "--root-helper", "2", "wgok"],
+                            input=_request_with(), capture_output=True, check=False,
+                            env={"PATH": os.environ["PATH"]})
+    _assert_refused(result, "SUDO_UID")
+
+
+@needs_root
+@pytest.mark.parametrize("situation, complaint", [
+    ("foreign", "does not belong to user"),
+    ("own-netns", "own network namespace"),
+    ("root-netns", "helper's user namespace"),
+    ("exited", "no such process"),
+])
+def test_helper_refuses_process(holders, situation, complaint):
+    if situation == "foreign":
+        pid = holders(OTHER_UID).pid
+    elif situation == "own-netns":
+        pid = holders(new_namespaces=False).pid
+    elif situation == "root-netns":
+        pid = holders(root_netns=True).pid
+    else:
+        holder = holders()
+        holder.stop()
+        pid = holder.pid
+    ifname = f"wgt{uuid.uuid4().hex[:8]}"
+    _assert_refused(_run_helper([str(pid), ifname], _request_with()), complaint)
+    assert not _link_exists(ifname)
+
+
+def _assert_refused(result, complaint):
+    stderr = result.stderr.decode() if isinstance(result.stderr, bytes) else result.stderr
+    assert result.returncode != 0
+    assert len(stderr.splitlines()) == 1, stderr
+    assert complaint in stderr, stderr
