@@ -63,6 +63,8 @@ needs_kernel_wg = pytest.mark.skipif(
     reason=f"kernel WireGuard unavailable here ({KERNEL_WG_MISSING}); "
            "test_tests_pass_inside_guest runs these in a VM")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root helper needs root")
+#: Pure input validation: it runs on the host; the (slow, emulated) guest skips it.
+host_side = pytest.mark.skipif(IN_GUEST, reason="validation only; runs on the host")
 in_guest_only = pytest.mark.skipif(
     not IN_GUEST, reason="adds a user and a sudoers rule: only inside the test VM")
 
@@ -90,7 +92,7 @@ def test_tests_pass_inside_guest():
     result = subprocess.run(
         [sys.executable, str(REPO / "tests/vm/run.py"), "--",
          sys.executable, "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider",
-         "-q", "-rs", str(REPO / "tests/test_kernel.py")],
+         "-q", "-rs", "--durations=5", str(REPO / "tests/test_kernel.py")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800,
         check=False)
     output = result.stdout.decode("utf-8", "replace")
@@ -221,6 +223,7 @@ def test_helper_creates_configures_and_moves_link(holders, pythonpath):
     assert listen_port not in _udp_ports(), "the link must go with the namespace"
 
 
+@host_side
 @needs_root
 @pytest.mark.parametrize("request_bytes, complaint", [
     (b"", "not a JSON object"),
@@ -244,6 +247,7 @@ def _request_with(**changes):
     return json.dumps(request).encode()
 
 
+@host_side
 @needs_root
 @pytest.mark.parametrize("changes, complaint", [
     ({"extra": 1}, "expected exactly the keys"),
@@ -270,12 +274,14 @@ def test_helper_refuses_malformed_configuration(changes, complaint):
     _assert_refused(_run_helper(["2", "wgok"], _request_with(**changes)), complaint)
 
 
+@host_side
 @needs_root
 def test_helper_refuses_duplicate_keys():
     request = _request_with()[:-1] + b', "listen_port": 1}'
     _assert_refused(_run_helper(["2", "wgok"], request), "twice")
 
 
+@host_side
 @needs_root
 @pytest.mark.parametrize("ifname", [
     "", "a" * 16, "../etc", "wg0;reboot", "wg 0", "Wg0", "0wg", "wg/0", "wg\u00e90", "-wg",
@@ -284,6 +290,7 @@ def test_helper_refuses_bad_interface_name(ifname):
     _assert_refused(_run_helper(["2", ifname], _request_with()), "invalid interface name")
 
 
+@host_side
 @needs_root
 @pytest.mark.parametrize("args, complaint", [
     (["1"], "usage"),
@@ -298,6 +305,7 @@ def test_helper_refuses_bad_arguments(args, complaint):
     _assert_refused(_run_helper(args, _request_with()), complaint)
 
 
+@host_side
 @needs_root
 def test_helper_refuses_missing_sudo_uid():
     result = subprocess.run([sys.executable, str(MODULE_FILE), "--root-helper", "2", "wgok"],
@@ -334,3 +342,79 @@ def _assert_refused(result, complaint):
     assert result.returncode != 0
     assert len(stderr.splitlines()) == 1, stderr
     assert complaint in stderr, stderr
+
+
+# The sudo path, as an unprivileged user ########################################
+
+SUDO_USER = "st3-vm-caller"
+CALLER_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import sinfonia_tier3 as st3
+spec = st3._parse_kernel_link_request(sys.stdin.buffer.read())
+try:
+    st3._provide_kernel_link(int(sys.argv[2]), sys.argv[3], spec, use_sudo=True)
+except st3.SinfoniaError as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_status)
+"""
+
+
+@pytest.fixture(scope="module")
+def sudo_user():
+    """A user who may run the root helper through sudo without a password,
+    and one who may not (guest only: this changes /etc)."""
+    import pwd
+    for name in (SUDO_USER, SUDO_USER + "-x"):
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name],
+                       check=True)
+    os.chmod("/root", 0o711)   # this Python lives under /root on the host
+    rule = f"{SUDO_USER} ALL=(root) NOPASSWD: {sys.executable} {MODULE_FILE} --root-helper *\n"
+    Path("/etc/sudoers.d/sinfonia-tier3-test").write_text(rule)
+    os.chmod("/etc/sudoers.d/sinfonia-tier3-test", 0o440)
+    return pwd.getpwnam(SUDO_USER).pw_uid, pwd.getpwnam(SUDO_USER + "-x").pw_uid
+
+
+def _call_through_sudo(uid, pid, ifname, spec):
+    return subprocess.run(
+        [sys.executable, "-c", CALLER_SCRIPT, str(REPO), str(pid), ifname],
+        input=st3._encode_kernel_link_request(spec), capture_output=True, user=uid,
+        group=uid, extra_groups=[], env={"PATH": os.environ["PATH"], "HOME": "/"},
+        stdin=None, timeout=120, check=False)
+
+
+@in_guest_only
+@needs_kernel_wg
+def test_sudo_helper_end_to_end(sudo_user, holders):
+    uid, _ = sudo_user
+    holder = holders(uid)
+    ifname = f"wgs{uuid.uuid4().hex[:8]}"
+    spec = _spec()
+    result = _call_through_sudo(uid, holder.pid, ifname, spec)
+    assert result.returncode == 0, result.stderr
+    dump = holder.run("wg", "show", ifname, "dump")
+    assert dump.stdout.split("\t")[0] == _b64(spec.private_key), dump.stderr
+    assert not _link_exists(ifname)
+
+
+@in_guest_only
+@needs_kernel_wg
+def test_sudo_without_rule_fails_with_one_line(sudo_user, holders):
+    _, uid_without_rule = sudo_user
+    holder = holders(uid_without_rule)
+    result = _call_through_sudo(uid_without_rule, holder.pid, "wgnorule", _spec())
+    assert result.returncode == 125
+    stderr = result.stderr.decode()
+    assert stderr.startswith("the sudo root helper failed: sudo: "), stderr
+    assert len(stderr.splitlines()) == 1, stderr
+
+
+@in_guest_only
+@needs_kernel_wg
+def test_sudo_helper_refuses_someone_elses_process(sudo_user, holders):
+    uid, other_uid = sudo_user
+    holder = holders(other_uid)
+    result = _call_through_sudo(uid, holder.pid, "wgforeign", _spec())
+    assert result.returncode == 125
+    assert "does not belong to user" in result.stderr.decode()
+    assert holder.run("ip", "link", "show", "wgforeign").returncode != 0

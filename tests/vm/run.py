@@ -82,13 +82,22 @@ mount -t tmpfs -o mode=0755 run /newroot/run
 mkdir -p /newroot/run/vmio /newroot/run/netns /newroot/run/sudo
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 \
     vmio /newroot/run/vmio || fail "cannot mount the result directory"
-hostname sinfonia-vm
+hostname localhost
+# Debian's kernel may default to no unprivileged user namespaces; the tests
+# turn it off themselves where they want that.
+echo 1 >/proc/sys/kernel/unprivileged_userns_clone 2>/dev/null
 ip link set lo up
 echo "sinfonia-tier3 vm: up after $(cut -d' ' -f1 /proc/uptime) s"
-chroot /newroot /bin/sh /run/vmio/command
-echo $? >/newroot/run/vmio/status
-umount /newroot/run/vmio
-poweroff -f
+# switch_root rather than chroot: a chrooted process may not create user namespaces.
+mkdir -p /newroot/run/vm
+cp /bin/busybox /newroot/run/vm/busybox
+cat >/newroot/run/vm/stage2 <<'EOF'
+/bin/sh /run/vmio/command
+echo $? >/run/vmio/status
+/run/vm/busybox umount /run/vmio
+/run/vm/busybox poweroff -f
+EOF
+exec switch_root /newroot /run/vm/busybox sh /run/vm/stage2
 """
 
 
