@@ -8,16 +8,38 @@ Usage: sinfonia-tier3 [options] TIER1_URL APPLICATION [--] [COMMAND [ARGS...]]
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BadResponseError",
+    "Datapath",
+    "DeadlineError",
+    "Deployment",
+    "KeyCacheError",
+    "RefusedError",
     "SinfoniaError",
+    "TunnelConfig",
+    "TunnelError",
+    "UnavailableError",
+    "UnreachableError",
+    "UsageError",
+    "deploy",
     "main",
+    "sinfonia_tier3",
 ]
 
 import fcntl
 import os
 import struct
 import sys
+from dataclasses import dataclass, field
 
 # Constants and errors ########################################################
+
+_ALIASES = {"helloworld": "00000000-0000-0000-0000-000000000000"}
+_USER_AGENT = f"sinfonia-tier3/{__version__}"
+_DEFAULT_TIMEOUT = 30.0
+_MAX_RESPONSE_BYTES = 1 << 20  # a list of three deployments is about 2 KiB
+_MAX_DETAIL_CHARS = 200  # how much of a server's error text reaches the user
+_PERSISTENT_KEEPALIVE = 30  # seconds, as upstream configures its peer
+_RESOLV_NDOTS = 5  # cluster-local names have up to four dots
 
 
 class SinfoniaError(Exception):
@@ -27,22 +49,1620 @@ class SinfoniaError(Exception):
     exit_status = 125
 
 
+class UsageError(SinfoniaError):
+    """The caller asked for something that cannot be done as asked."""
+
+    kind = "usage"
+    exit_status = 2
+
+
+class KeyCacheError(SinfoniaError):
+    """The per-application key cache cannot be used safely."""
+
+    kind = "key_cache"
+
+
+class UnreachableError(SinfoniaError):
+    """The Tier 1 could not be reached (name, connection, TLS)."""
+
+    kind = "unreachable"
+
+
+class DeadlineError(SinfoniaError):
+    """The Tier 1 exchange did not finish within the deadline."""
+
+    kind = "timeout"
+
+
+class RefusedError(SinfoniaError):
+    """The Tier 1 answered with an HTTP error status."""
+
+    kind = "refused"
+
+
+class BadResponseError(SinfoniaError):
+    """The Tier 1 answered, but not with a valid list of deployments."""
+
+    kind = "bad_response"
+
+
 class TunnelError(SinfoniaError):
     """The tunnel or the namespace around the application could not be set up."""
 
     kind = "tunnel"
 
 
+class UnavailableError(SinfoniaError):
+    """A feature that needs something this installation does not have."""
+
+    kind = "unavailable"
+
+
+def _warn(message):
+    """Tell the user about something repaired on the way; stdout is the app's."""
+    print(f"sinfonia-tier3: warning: {message}", file=sys.stderr)
+
+
+def _printable(text, limit=_MAX_DETAIL_CHARS):
+    """`text` from the network made safe for one terminal line: no control
+    characters, whitespace collapsed, at most `limit` characters."""
+    import re
+
+    cleaned = re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", str(text))  # terminal escapes
+    cleaned = "".join(c if c.isprintable() else " " for c in cleaned)
+    cleaned = " ".join(cleaned.split())
+    if len(cleaned) > limit:
+        cleaned = cleaned[: limit - 1] + "…"
+    return cleaned
+
+
 # Keys and key cache ##########################################################
+
+
+@dataclass(frozen=True)
+class _KeyPair:
+    """An X25519 keypair; the private half never leaves its 0600 file."""
+
+    private: bytes = field(repr=False)
+    public: bytes
+
+
+def _b64_key(text):
+    """The 32 bytes of a key in standard or URL-safe base64; ValueError if not."""
+    import base64
+    import binascii
+
+    if not isinstance(text, str) or not text.isascii():
+        raise ValueError("not a 32-byte base64 key")
+    text = text.strip().replace("-", "+").replace("_", "/")
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("not a 32-byte base64 key") from None
+    if len(key) != 32:
+        raise ValueError("not a 32-byte base64 key")
+    return key
+
+
+def _key_text(key):
+    """A key as WireGuard shows it: standard base64, 44 characters."""
+    import base64
+
+    return base64.b64encode(key).decode("ascii")
+
+
+def _public_key(private):
+    """The X25519 public key of `private` (clamped as X25519 requires)."""
+    from nacl.bindings import crypto_scalarmult_base
+
+    return crypto_scalarmult_base(private)
+
+
+def _generate_keypair():
+    """A fresh keypair, the private key clamped as `wg genkey` does."""
+    private = bytearray(os.urandom(32))
+    private[0] &= 248
+    private[31] = (private[31] & 127) | 64
+    private = bytes(private)
+    return _KeyPair(private, _public_key(private))
+
+
+def _key_cache_dir():
+    """`$XDG_CACHE_HOME/sinfonia`, or `~/.cache/sinfonia` (XDG rules)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sinfonia")
+
+
+def _parse_key_file(text):
+    """The keypair in upstream's two-line YAML format; ValueError if corrupt
+    or if the public key is not the private key's."""
+    fields = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep:
+            if line.strip():
+                raise ValueError("unexpected line")
+            continue
+        fields[name.strip()] = value.strip().strip("'\"")
+    try:
+        keypair = _KeyPair(
+            _b64_key(fields["private_key"]), _b64_key(fields["public_key"])
+        )
+    except KeyError as e:
+        raise ValueError(f"no {e.args[0]}") from None
+    if _public_key(keypair.private) != keypair.public:
+        raise ValueError("public key does not belong to the private key")
+    return keypair
+
+
+def _prepare_key_cache_dir(directory):
+    """Create `directory` 0700 if missing; refuse one that is not ours."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError as e:
+        raise KeyCacheError(f"key cache {directory}: {e.strerror}") from None
+    import stat
+
+    if not stat.S_ISDIR(info.st_mode):
+        raise KeyCacheError(f"key cache {directory}: not a directory (or a symlink)")
+    if info.st_uid != os.geteuid():
+        raise KeyCacheError(f"key cache {directory}: owned by uid {info.st_uid}")
+    if info.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
+def _read_key_file(path):
+    """The text of the key file, or None if there is none; refuses
+    symlinks, other owners and anything that is not a regular file."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if os.path.islink(path):
+            raise KeyCacheError(f"key file {path}: is a symlink, refusing it") from None
+        raise KeyCacheError(f"key file {path}: {e.strerror}") from None
+    with open(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyCacheError(f"key file {path}: not a regular file")
+        if info.st_uid != os.geteuid():
+            raise KeyCacheError(f"key file {path}: owned by uid {info.st_uid}")
+        if info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+            _warn(f"key file {path} was readable by others; made it 0600")
+        return file.read(4096).decode("utf-8", "replace")
+
+
+def _write_atomically(path, text, replace=True):
+    """Write `text` to a new 0600 file at `path`: temp file in the same
+    directory, fsync, rename, so readers see the old file or the whole new one.
+
+    With `replace` false an existing file wins and False is returned.
+    OSError is the caller's to translate.
+    """
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with open(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        if replace:
+            os.replace(temp, path)
+        else:
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return False
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def _store_keypair(path, keypair, replace):
+    """Save `keypair` in upstream's format; False if `path` appeared meanwhile
+    and `replace` is false."""
+    text = (
+        f"private_key: {_key_text(keypair.private)}\n"
+        f"public_key: {_key_text(keypair.public)}\n"
+    )
+    try:
+        return _write_atomically(path, text, replace)
+    except OSError as e:
+        raise KeyCacheError(f"key file {path}: {e.strerror}") from None
+
+
+def _load_or_create_keypair(uuid):
+    """The keypair cached for application `uuid`, created on first use.
+
+    Reusing it means the Tier 1 hands back the same deployment. `uuid` must
+    be canonical (it names a file).
+    """
+    directory = _key_cache_dir()
+    _prepare_key_cache_dir(directory)
+    path = os.path.join(directory, uuid)
+    for _attempt in range(3):
+        text = _read_key_file(path)
+        if text is None:
+            keypair = _generate_keypair()
+            if _store_keypair(path, keypair, replace=False):
+                return keypair
+            continue  # another run created it meanwhile: use theirs
+        try:
+            return _parse_key_file(text)
+        except ValueError as e:
+            _warn(f"key file {path} is unusable ({e}); replacing it with a new key")
+            keypair = _generate_keypair()
+            _store_keypair(path, keypair, replace=True)
+            return keypair
+    raise KeyCacheError(f"key file {path}: keeps changing under us")
 
 
 # Tier 1 client and response validation #######################################
 
 
+@dataclass(frozen=True)
+class TunnelConfig:
+    """The WireGuard side of a deployment, validated and parsed."""
+
+    public_key: bytes  # the cloudlet's WireGuard key
+    allowed_ips: tuple  # ipaddress networks routed into the tunnel
+    endpoint_host: str  # a name, an IPv4 or an IPv6 literal (no brackets)
+    endpoint_port: int
+    addresses: tuple  # ipaddress interfaces: this client's tunnel addresses
+    nameservers: tuple  # ipaddress addresses
+    search_domains: tuple  # str
+
+    @property
+    def endpoint(self):
+        """`host:port`, with an IPv6 host in brackets."""
+        if ":" in self.endpoint_host:
+            return f"[{self.endpoint_host}]:{self.endpoint_port}"
+        return f"{self.endpoint_host}:{self.endpoint_port}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One backend deployment offered by the Tier 1."""
+
+    uuid: str  # canonical application uuid
+    application_key: bytes  # this client's public key, as the server has it
+    status: str
+    tunnel_config: TunnelConfig
+    deployment_name: str = ""
+    created: "str | None" = None
+
+    def as_json(self):
+        """The deployment in the server's own field names."""
+        config = self.tunnel_config
+        result = {
+            "UUID": self.uuid,
+            "ApplicationKey": _key_text(self.application_key),
+            "Status": self.status,
+            "DeploymentName": self.deployment_name,
+            "TunnelConfig": {
+                "publicKey": _key_text(config.public_key),
+                "allowedIPs": [str(n) for n in config.allowed_ips],
+                "endpoint": config.endpoint,
+                "address": [str(a) for a in config.addresses],
+                "dns": [str(a) for a in config.nameservers]
+                + list(config.search_domains),
+            },
+        }
+        if self.created is not None:
+            result["Created"] = self.created
+        return result
+
+
+def _application_uuid(application):
+    """The canonical uuid of APPLICATION (a uuid or an alias); UsageError if
+    it is neither."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(_ALIASES.get(application, application)))
+    except (ValueError, TypeError, AttributeError):
+        raise UsageError(
+            f"application {application!r}: not a uuid nor one of "
+            + ", ".join(sorted(_ALIASES))
+        ) from None
+
+
+def _deploy_url(tier1_url, uuid, public_key, results):
+    """The deploy request URL; UsageError for a URL that is not http(s)."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(tier1_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"Tier 1 URL {tier1_url!r}: expected http:// or https://")
+    if parts.query or parts.fragment:
+        raise UsageError(f"Tier 1 URL {tier1_url!r}: no query or fragment expected")
+    key = base64.urlsafe_b64encode(public_key).decode("ascii").rstrip("=")
+    path = f"{parts.path.rstrip('/')}/api/v1/deploy/{uuid}/{key}"
+    query = urllib.parse.urlencode({"results": results})
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+def _is_domain_name(text):
+    """Whether `text` is a syntactically valid DNS name (LDH labels, the
+    last one not all digits, so that a bad IPv4 address is no name)."""
+    import re
+
+    name = text.removesuffix(".")
+    return (
+        0 < len(name) <= 253
+        and not name.rpartition(".")[2].isdigit()
+        and all(
+            re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", label)
+            for label in name.split(".")
+        )
+    )
+
+
+class _Validator:
+    """Turns the parsed JSON of a deploy answer into Deployments; every
+    problem is a BadResponseError naming the field's path."""
+
+    def __init__(self, uuid, client_public_key):
+        self.uuid = uuid
+        self.client_public_key = client_public_key
+
+    @staticmethod
+    def fail(path, problem):
+        raise BadResponseError(f"bad response from Tier 1: {path}: {problem}")
+
+    def member(self, obj, path, name, kind, required=True):
+        if name not in obj:
+            if required:
+                self.fail(f"{path}.{name}", "missing")
+            return None
+        value = obj[name]
+        if kind is str and not isinstance(value, str):
+            self.fail(f"{path}.{name}", f"expected a string, got {_json_type(value)}")
+        if kind is list:
+            if not isinstance(value, list):
+                self.fail(f"{path}.{name}", f"expected a list, got {_json_type(value)}")
+            for index, item in enumerate(value):
+                if not isinstance(item, str):
+                    self.fail(
+                        f"{path}.{name}[{index}]",
+                        f"expected a string, got {_json_type(item)}",
+                    )
+        if kind is dict and not isinstance(value, dict):
+            self.fail(f"{path}.{name}", f"expected an object, got {_json_type(value)}")
+        return value
+
+    def key(self, obj, path, name):
+        try:
+            return _b64_key(self.member(obj, path, name, str))
+        except ValueError as e:
+            self.fail(f"{path}.{name}", str(e))
+
+    def deployments(self, data):
+        if not isinstance(data, list):
+            self.fail("deployments", f"expected a list, got {_json_type(data)}")
+        if not data:
+            self.fail("deployments", "empty list, no deployment offered")
+        return [
+            self.deployment(item, f"deployments[{i}]") for i, item in enumerate(data)
+        ]
+
+    def deployment(self, obj, path):
+        import uuid
+
+        if not isinstance(obj, dict):
+            self.fail(path, f"expected an object, got {_json_type(obj)}")
+        try:
+            app_uuid = str(uuid.UUID(self.member(obj, path, "UUID", str)))
+        except ValueError:
+            self.fail(f"{path}.UUID", "not a uuid")
+        if app_uuid != self.uuid:
+            self.fail(f"{path}.UUID", "not the requested application")
+        application_key = self.key(obj, path, "ApplicationKey")
+        if application_key != self.client_public_key:
+            self.fail(f"{path}.ApplicationKey", "not this client's public key")
+        status = _printable(self.member(obj, path, "Status", str), 100)
+        name = self.member(obj, path, "DeploymentName", str, required=False) or ""
+        created = self.member(obj, path, "Created", str, required=False)
+        config = self.tunnel_config(
+            self.member(obj, path, "TunnelConfig", dict), f"{path}.TunnelConfig"
+        )
+        return Deployment(
+            uuid=app_uuid,
+            application_key=application_key,
+            status=status,
+            tunnel_config=config,
+            deployment_name=_printable(name, 253),
+            created=None if created is None else _printable(created, 64),
+        )
+
+    def tunnel_config(self, obj, path):
+        import ipaddress
+
+        public_key = self.key(obj, path, "publicKey")
+        allowed_ips = []
+        for index, text in enumerate(self.member(obj, path, "allowedIPs", list)):
+            try:
+                allowed_ips.append(ipaddress.ip_network(text.strip(), strict=False))
+            except ValueError:
+                self.fail(f"{path}.allowedIPs[{index}]", "not an IP network")
+        if not allowed_ips:
+            self.fail(f"{path}.allowedIPs", "empty list")
+        host, port = self.endpoint(self.member(obj, path, "endpoint", str), path)
+        addresses = []
+        for index, text in enumerate(self.member(obj, path, "address", list)):
+            try:
+                addresses.append(ipaddress.ip_interface(text.strip()))
+            except ValueError:
+                self.fail(f"{path}.address[{index}]", "not an IP address")
+        if not addresses:
+            self.fail(f"{path}.address", "empty list")
+        nameservers, search_domains = [], []
+        for index, text in enumerate(self.member(obj, path, "dns", list)):
+            try:
+                nameservers.append(ipaddress.ip_address(text.strip()))
+            except ValueError:
+                if not _is_domain_name(text):
+                    self.fail(
+                        f"{path}.dns[{index}]", "neither an IP address nor a domain"
+                    )
+                search_domains.append(text)
+        return TunnelConfig(
+            public_key=public_key,
+            allowed_ips=tuple(allowed_ips),
+            endpoint_host=host,
+            endpoint_port=port,
+            addresses=tuple(addresses),
+            nameservers=tuple(nameservers),
+            search_domains=tuple(search_domains),
+        )
+
+    def endpoint(self, text, path):
+        import ipaddress
+
+        host, sep, port = text.rpartition(":")
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            self.fail(f"{path}.endpoint", "not host:port with a port 1-65535")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                self.fail(f"{path}.endpoint", "not an IPv6 address in brackets")
+            return host, int(port)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not _is_domain_name(host):
+                self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
+        return host, int(port)
+
+
+def _json_type(value):
+    """The JSON name of a parsed value's type, for error messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "list", str: "string", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _parse_deployments(body, uuid, client_public_key):
+    """The deployments in a 200 answer's body (bytes); BadResponseError if
+    the body is not UTF-8 JSON of the expected shape."""
+    import json
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadResponseError("bad response from Tier 1: body is not UTF-8") from None
+    if not text.strip():
+        raise BadResponseError("bad response from Tier 1: empty body")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        cut_short = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
+        problem = "JSON cut short" if cut_short else "not JSON"
+        raise BadResponseError(
+            f"bad response from Tier 1: {problem} ({e.msg}: line {e.lineno} "
+            f"column {e.colno})"
+        ) from None
+    except RecursionError:
+        raise BadResponseError(
+            "bad response from Tier 1: JSON nested too deeply"
+        ) from None
+    return _Validator(uuid, client_public_key).deployments(data)
+
+
+def _error_detail(content_type, body):
+    """What an HTTP error answer says, in a few printable words."""
+    import json
+
+    text = body.decode("utf-8", "replace")
+    if "json" in content_type:
+        try:
+            problem = json.loads(text)
+        except (ValueError, RecursionError):
+            problem = None
+        if isinstance(problem, dict):
+            for name in ("detail", "title"):
+                if isinstance(problem.get(name), str) and problem[name].strip():
+                    return _printable(problem[name])
+        return "(unreadable JSON error body)"
+    if "html" in content_type or text.lstrip()[:1] == "<":
+        return "(an HTML page)"
+    return _printable(text.strip().split("\n", 1)[0]) if text.strip() else ""
+
+
+def _read_bounded(response, deadline, clock):
+    """The body of `response`: at most _MAX_RESPONSE_BYTES, read in chunks as
+    they come so that a dripping body still ends at `deadline`."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > _MAX_RESPONSE_BYTES:
+        raise BadResponseError(
+            f"bad response from Tier 1: a body of {int(length)} bytes, "
+            f"more than the {_MAX_RESPONSE_BYTES} allowed"
+        )
+    chunks, size = [], 0
+    while True:
+        if clock() > deadline:
+            raise DeadlineError("Tier 1 was still sending its answer at the deadline")
+        chunk = response.read1(16384)
+        if not chunk:
+            if length.isdigit() and size < int(length):
+                raise BadResponseError(
+                    f"bad response from Tier 1: body cut short, {size} of {length} bytes"
+                )
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > _MAX_RESPONSE_BYTES:
+            raise BadResponseError(
+                f"bad response from Tier 1: body larger than {_MAX_RESPONSE_BYTES} bytes"
+            )
+        chunks.append(chunk)
+
+
+def _exchange(url, deadline, clock):
+    """POST to `url`; (status, reason, headers, body) of whatever answered.
+
+    Redirects are not followed: urllib would turn the POST into a GET, which
+    deploys nothing. Every transport failure becomes a SinfoniaError.
+    """
+    import http.client
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect())
+    request = urllib.request.Request(
+        url,
+        data=b"",
+        method="POST",
+        headers={"User-Agent": _USER_AGENT, "Accept": "application/json"},
+    )
+    host = urllib.parse.urlsplit(url).netloc
+    try:
+        try:
+            response = opener.open(request, timeout=max(deadline - clock(), 0.001))
+        except urllib.error.HTTPError as error:
+            response = error
+        with response:
+            body = _read_bounded(response, deadline, clock)
+            return response.status, response.reason, response.headers, body
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, socket.timeout):
+            raise DeadlineError(f"no answer from {host} by the deadline") from None
+        if isinstance(reason, socket.gaierror):
+            raise UnreachableError(
+                f"cannot resolve {host}: {reason.strerror}"
+            ) from None
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise UnreachableError(
+                f"TLS with {host} failed: {reason.verify_message}"
+            ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise UnreachableError(f"TLS with {host} failed: {reason.reason}") from None
+        if isinstance(reason, OSError):
+            raise UnreachableError(
+                f"cannot reach {host}: {reason.strerror or reason}"
+            ) from None
+        raise UnreachableError(f"cannot reach {host}: {_printable(reason)}") from None
+    except socket.timeout:
+        raise DeadlineError(f"no answer from {host} by the deadline") from None
+    except http.client.IncompleteRead:
+        raise BadResponseError(f"bad response from {host}: body cut short") from None
+    except http.client.RemoteDisconnected:
+        raise BadResponseError(
+            f"{host} closed the connection without answering"
+        ) from None
+    except http.client.HTTPException as e:
+        raise BadResponseError(
+            f"bad response from {host}: not HTTP ({type(e).__name__})"
+        ) from None
+    except ConnectionError as e:
+        raise BadResponseError(
+            f"{host} broke the connection: {e.strerror or type(e).__name__}"
+        ) from None
+    except ssl.SSLError as e:
+        raise UnreachableError(f"TLS with {host} failed: {e.reason}") from None
+
+
+def _post_before(url, timeout, clock):
+    """`_exchange` with a hard deadline `timeout` seconds from now.
+
+    Name resolution cannot be interrupted, so the exchange runs in a daemon
+    thread that is abandoned, not waited for, when the deadline passes.
+    """
+    import threading
+
+    deadline = clock() + timeout
+    outcome = {}
+
+    def work():
+        try:
+            outcome["answer"] = _exchange(url, deadline, clock)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the waiting thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name="sinfonia-tier1", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive() or isinstance(outcome.get("error"), DeadlineError):
+        raise DeadlineError(f"no complete answer from Tier 1 within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"]
+
+
+def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=False):
+    """Ask the Tier 1 to deploy `uuid` for `keypair`; the validated list."""
+    import time
+
+    if isinstance(results, bool) or not isinstance(results, int) or results < 1:
+        raise UsageError(f"results: expected a whole number >= 1, got {results!r}")
+    if not timeout > 0:
+        raise UsageError(f"timeout: expected seconds > 0, got {timeout!r}")
+    url = _deploy_url(tier1_url, uuid, keypair.public, results)
+    if debug:
+        _debug(f"POST {url}")
+    started = time.monotonic()
+    status, reason, headers, body = _post_before(url, timeout, time.monotonic)
+    content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if debug:
+        elapsed = (time.monotonic() - started) * 1000
+        _debug(
+            f"HTTP {status} {_printable(reason, 60)}, {content_type or 'no type'}, "
+            f"{len(body)} bytes in {elapsed:.0f} ms"
+        )
+    if 300 <= status < 400:
+        location = _printable(headers.get("Location", "elsewhere"))
+        raise RefusedError(
+            f"Tier 1 answered HTTP {status}, a redirect to {location}: "
+            "not followed, give that URL instead"
+        )
+    if status != 200:
+        detail = _error_detail(content_type, body)
+        raise RefusedError(
+            f"Tier 1 refused the deployment: HTTP {status} {_printable(reason, 60)}"
+            + (f": {detail}" if detail else "")
+        )
+    if content_type and content_type != "application/json":
+        raise BadResponseError(
+            f"bad response from Tier 1: {_printable(content_type, 60)} instead of JSON"
+        )
+    return _parse_deployments(body, uuid, keypair.public)
+
+
+def _debug(message):
+    """A --debug line on stderr."""
+    print(f"sinfonia-tier3: debug: {message}", file=sys.stderr)
+
+
+def deploy(tier1_url, application, *, results=1, timeout=_DEFAULT_TIMEOUT):
+    """Ask the Tier 1 at `tier1_url` to deploy `application` (a uuid or an
+    alias) for this user's cached key; returns the offered deployments.
+
+    Raises a SinfoniaError subclass whose message says what went wrong.
+    """
+    uuid = _application_uuid(application)
+    keypair = _load_or_create_keypair(uuid)
+    return _request_deployments(
+        tier1_url, uuid, keypair, results=results, timeout=timeout
+    )
+
+
 # Tunnel configuration and renderers ##########################################
 
 
+def _render_resolv_conf(config):
+    """resolv.conf for the application: the cloudlet's nameservers and
+    search domains; ndots so that `helloworld` is tried as a service first."""
+    lines = [f"nameserver {address}" for address in config.nameservers]
+    if config.search_domains:
+        lines.append("search " + " ".join(config.search_domains))
+    lines.append(f"options ndots:{_RESOLV_NDOTS}")
+    return "\n".join(lines) + "\n"
+
+
+def _render_wg_quick(config, keypair, included_applications=()):
+    """The tunnel in wg-quick format (what `wg-quick strip` turns into a
+    `wg setconf` file); `included_applications` is the WireGuard Android
+    app's per-app list, as upstream puts it in the QR code."""
+    lines = [
+        "[Interface]",
+        f"PrivateKey = {_key_text(keypair.private)}",
+        "Address = " + ", ".join(str(a) for a in config.addresses),
+    ]
+    dns = [str(a) for a in config.nameservers] + list(config.search_domains)
+    if dns:
+        lines.append("DNS = " + ", ".join(dns))
+    if included_applications:
+        lines.append("IncludedApplications = " + ", ".join(included_applications))
+    lines += [
+        "",
+        "[Peer]",
+        f"PublicKey = {_key_text(config.public_key)}",
+        f"Endpoint = {config.endpoint}",
+        f"PersistentKeepalive = {_PERSISTENT_KEEPALIVE}",
+        "AllowedIPs = " + ", ".join(str(n) for n in config.allowed_ips),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 # WireGuard protocol ##########################################################
+
+_WG_CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+_WG_IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+_WG_LABEL_MAC1 = b"mac1----"
+_WG_LABEL_COOKIE = b"cookie--"
+
+_REKEY_AFTER_MESSAGES = 1 << 60
+_REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+_REKEY_AFTER_TIME = 120.0
+_REJECT_AFTER_TIME = 180.0
+_REKEY_ATTEMPT_TIME = 90.0
+_REKEY_TIMEOUT = 5.0
+_REKEY_TIMEOUT_JITTER = 1 / 3
+_KEEPALIVE_TIMEOUT = 10.0
+_COOKIE_REFRESH_TIME = 120.0
+_REPLAY_WINDOW = 8192  # counters, a power of two; the whitepaper asks for >= 2048
+_INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
+_UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
+_HANDSHAKES_PER_SOURCE, _HANDSHAKE_BURST = 20, 5  # under load, per source host
+_QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
+_GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
+_GSO_BYTES = 65000  # and at most this many bytes
+
+_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
+_INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
+_TRANSPORT_HEADER = 16
+_TAG = 16
+_KEEPALIVE_SIZE = _TRANSPORT_HEADER + _TAG
+_TAI64_BASE = (1 << 62) + 10
+_NO_KEY = b"\0" * 32
+
+
+def _hash(*parts):
+    import hashlib
+
+    h = hashlib.blake2s()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _mac(key, data):
+    import hashlib
+
+    return hashlib.blake2s(data, digest_size=16, key=key).digest()
+
+
+def _kdf(key, data, count):
+    """WireGuard's HKDF over HMAC-BLAKE2s: `count` 32-byte outputs."""
+    import hmac
+
+    prk = hmac.digest(key, data, "blake2s")
+    out, previous = [], b""
+    for i in range(1, count + 1):
+        previous = hmac.digest(prk, previous + bytes((i,)), "blake2s")
+        out.append(previous)
+    return out
+
+
+def _nonce(counter):
+    return b"\0\0\0\0" + counter.to_bytes(8, "little")
+
+
+def _seal(key, counter, plaintext, ad):
+    from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
+
+    return crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, _nonce(counter), key)
+
+
+def _open(key, counter, ciphertext, ad):
+    """The plaintext, or None when `ciphertext` does not authenticate."""
+    from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt
+    from nacl.exceptions import CryptoError
+
+    try:
+        return crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, _nonce(counter), key)
+    except CryptoError:
+        return None
+
+
+def _dh(private, public):
+    """X25519, or None for a public key of low order (all-zero shared secret)."""
+    from nacl.bindings import crypto_scalarmult
+    from nacl.exceptions import CryptoError
+
+    try:
+        shared = crypto_scalarmult(private, public)
+    except CryptoError:  # libsodium refuses low-order points
+        return None
+    return None if shared == _NO_KEY else shared
+
+
+def _public_key(private):
+    from nacl.bindings import crypto_scalarmult_base
+
+    return crypto_scalarmult_base(private)
+
+
+def _tai64n(nanoseconds):
+    seconds, nanos = divmod(nanoseconds, 1_000_000_000)
+    return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
+
+
+class _Keypair:
+    """Transport keys of one completed handshake, with counters and replay window.
+
+    The sending half (send_key, send_counter) is used by one sender only, the
+    receiving half by one receiver only, so the two can live in different
+    processes. The replay window is a ring indexed by counter modulo its
+    size holding the last counter accepted in each place: a counter within
+    the window was seen exactly when its place holds it.
+    """
+
+    __slots__ = (
+        "created",
+        "initiator",
+        "local_index",
+        "receive_key",
+        "remote_index",
+        "replay_ring",
+        "replay_top",
+        "send_counter",
+        "send_key",
+    )
+
+    def __init__(self, send_key, receive_key, local_index, remote_index, created, initiator):
+        self.send_key = send_key
+        self.receive_key = receive_key
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.created = created
+        self.initiator = initiator
+        self.send_counter = 0
+        self.replay_top = -1  # greatest counter accepted so far
+        self.replay_ring = [-1] * _REPLAY_WINDOW if receive_key is not None else None
+
+
+class _Handshake:
+    """The initiator's half-done handshake, waiting for the response."""
+
+    __slots__ = ("chain", "ephemeral", "hash", "local_index", "mac1", "sent", "started")
+
+    def __init__(self, local_index, ephemeral, chain, hash_, mac1, started, sent):
+        self.local_index = local_index
+        self.ephemeral = ephemeral
+        self.chain = chain
+        self.hash = hash_
+        self.mac1 = mac1
+        self.started = started  # first attempt of this round (REKEY_ATTEMPT_TIME)
+        self.sent = sent
+
+
+class _AllowedIPs:
+    """Source-address filter for decrypted packets (the peer's allowed IPs)."""
+
+    def __init__(self, networks):
+        import ipaddress
+
+        self.v4, self.v6 = [], []
+        for network in networks:
+            network = ipaddress.ip_network(network, strict=False)
+            mask = int(network.netmask)
+            entry = (int(network.network_address) & mask, mask)
+            (self.v4 if network.version == 4 else self.v6).append(entry)
+
+    def packet_length(self, buffer, size):
+        """Length of the IP packet at the start of `buffer` (`size` bytes were
+        decrypted, padding included) when it is well formed and comes from an
+        allowed address; 0 when it must be dropped."""
+        if size < 20:
+            return 0
+        version = buffer[0] >> 4
+        if version == 4:
+            length = (buffer[2] << 8) | buffer[3]
+            if length < 20 or length > size:
+                return 0
+            source = _U32_BE.unpack_from(buffer, 12)[0]
+            for network, mask in self.v4:
+                if source & mask == network:
+                    return length
+        elif version == 6 and size >= 40:
+            length = 40 + ((buffer[4] << 8) | buffer[5])
+            if length > size:
+                return 0
+            high, low = _U64_PAIR_BE.unpack_from(buffer, 8)
+            source = (high << 64) | low
+            for network, mask in self.v6:
+                if source & mask == network:
+                    return length
+        return 0
+
+
+_U32_BE = struct.Struct(">I")
+_U64_PAIR_BE = struct.Struct(">QQ")
+_U32_LE = struct.Struct("<I")
+_U64_LE = struct.Struct("<Q")
+_TRANSPORT_HEAD = struct.Struct("<IIQ")  # type, receiver index, counter
+
+
+class _TransportCipher:
+    """ChaCha20-Poly1305 for transport data: `seal(slot, length, key, counter)`
+    encrypts in place (the tag follows), `open(slot, offset, size, key,
+    counter, out)` decrypts into slot `out` and returns the plaintext length
+    or -1. Slots are what `slot(buffer, offset)` returned.
+
+    Fast path: libsodium through pynacl's cffi `lib` straight into the
+    buffers (not a public pynacl API, hence guarded). Fallback:
+    `nacl.bindings`, plus copies. Both are closures over their state, which
+    saves attribute look-ups per packet.
+    """
+
+    def __init__(self, fast=True):
+        import nacl.bindings  # importing it runs sodium_init(): the fast ChaCha20
+
+        self.fast = False
+        if fast:
+            try:
+                from nacl._sodium import ffi, lib
+
+                self._cffi_closures(ffi, lib)
+                self.fast = True
+            except (ImportError, AttributeError):
+                pass
+        if not self.fast:
+            self._bindings_closures(nacl.bindings)
+
+    def _cffi_closures(self, ffi, lib):
+        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+        null, nonce = ffi.NULL, bytearray(12)
+        nonce_pointer, pack_nonce = ffi.from_buffer(nonce), _U64_LE.pack_into
+
+        def seal(slot, length, key, counter):
+            pack_nonce(nonce, 4, counter)
+            encrypt(slot, null, slot, length, null, 0, null, nonce_pointer, key)
+
+        def open_(slot, offset, size, key, counter, out):
+            pack_nonce(nonce, 4, counter)
+            if size < _TAG or decrypt(out, null, null, slot + offset, size, null, 0,
+                                      nonce_pointer, key):
+                return -1
+            return size - _TAG
+
+        self.seal, self.open = seal, open_
+        self.slot = lambda buffer, offset: ffi.from_buffer(memoryview(buffer)[offset:])
+
+    def _bindings_closures(self, bindings):
+        from nacl.exceptions import CryptoError
+
+        encrypt = bindings.crypto_aead_chacha20poly1305_ietf_encrypt
+        decrypt = bindings.crypto_aead_chacha20poly1305_ietf_decrypt
+
+        def seal(slot, length, key, counter):
+            nonce = _nonce(counter)
+            slot[:length + _TAG] = encrypt(bytes(slot[:length]), None, nonce, key)
+
+        def open_(slot, offset, size, key, counter, out):
+            try:
+                out[:size - _TAG] = decrypt(bytes(slot[offset:offset + size]), None,
+                                            _nonce(counter), key)
+            except CryptoError:  # forged or corrupt
+                return -1
+            return size - _TAG
+
+        self.seal, self.open = seal, open_
+        self.slot = lambda buffer, offset: memoryview(buffer)[offset:]
+
+
+# Shared counters: written by the process that knows, read by the others.
+_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL = range(5)
+_COUNTERS = 5
+
+
+def _shared_counters(area=None):
+    """Doubles that forked processes share: the start of `area` (an mmap),
+    or of a new anonymous mmap."""
+    import mmap
+
+    counters = memoryview(area if area is not None else mmap.mmap(-1, 8 * _COUNTERS))
+    counters = counters[:8 * _COUNTERS].cast("d")
+    counters[_LAST_SENT] = counters[_LAST_DATA_SENT] = -1e9
+    return counters
+
+
+class _Sender:
+    """Encrypts outgoing IP packets: the only user of the send keys and counters.
+
+    Packets are read straight into `slots` (one per packet, room for the
+    transport header before and the tag after), sealed in place and handed to
+    `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
+    which is the shape UDP GSO wants. Without a usable keypair packets wait in
+    a short queue and `request_handshake()` asks for one.
+    """
+
+    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
+                 clock=None, endpoint=None, headroom=0):
+        import time
+
+        self.cipher = cipher
+        self.counters = counters
+        self.emit = emit
+        self.request_handshake = request_handshake
+        self.clock = clock or time.monotonic
+        self.mtu = mtu
+        self.endpoint = endpoint
+        self.keypair = None
+        self.queue = []
+        self.next_request = -1e9
+        self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
+        capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
+        self.capacity = capacity
+        # As many packets as fit one GSO send when they are all MTU-sized.
+        self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
+        self.buffer = bytearray(capacity * batch)
+        view = memoryview(self.buffer)
+        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
+        self.read_views = [
+            [view[i * capacity + _TRANSPORT_HEADER - headroom:
+                  i * capacity + _TRANSPORT_HEADER + mtu]]
+            for i in range(batch)
+        ]
+        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
+                        for i in range(batch)]
+        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_views = [view[:self.full_size] for view in self.slot_views]
+
+    def install(self, keypair):
+        """Use `keypair` from now on (None: forget keys); flush what waited."""
+        self.keypair = keypair
+        if keypair is None:
+            return
+        queued, self.queue = self.queue, []
+        if queued:
+            for packet in queued:
+                self.send_packet(packet)
+        elif keypair.initiator:
+            self.keepalive()  # the responder needs a first packet to confirm
+
+    def set_endpoint(self, endpoint):
+        self.endpoint = endpoint
+
+    def keepalive(self):
+        """Send an empty transport message (if there is a keypair to seal it)."""
+        self.seal_batch([0], 1)
+
+    def send_packet(self, packet):
+        """Encrypt and send one IP packet given as bytes (slow path, tests)."""
+        size = len(packet)
+        self.slot_views[0][_TRANSPORT_HEADER:_TRANSPORT_HEADER + size] = packet
+        self.seal_batch([size], 1)
+
+    def seal_batch(self, sizes, count):
+        """Encrypt and send the `count` packets read into the slots."""
+        keypair = self.keypair
+        now = self.clock()
+        if (keypair is None or self.endpoint is None
+                or now - keypair.created >= _REJECT_AFTER_TIME
+                or keypair.send_counter + count >= _REJECT_AFTER_MESSAGES):
+            self._hold(sizes, count, now)
+            return
+        if keypair.initiator and (now - keypair.created >= _REKEY_AFTER_TIME
+                                  or keypair.send_counter >= _REKEY_AFTER_MESSAGES):
+            self._ask_for_handshake(now)
+        mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
+        key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
+        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
+        counter = keypair.send_counter
+        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
+        for i in range(count):
+            size = padded = sizes[i]
+            if size & 15:
+                padded = (size + 15) & ~15
+                if padded > mtu:
+                    padded = max(mtu, size)
+                if padded != size:
+                    start = i * capacity + _TRANSPORT_HEADER
+                    buffer[start + size:start + padded] = bytes(padded - size)
+            if size:
+                data = True
+            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            seal(handles[i], padded, key, counter)
+            counter += 1
+            message = padded + _TRANSPORT_HEADER + _TAG
+            sent += message
+            if run and (message > segment or run == limit):
+                emit(views, segment, endpoint)
+                views, run = [], 0
+            if not run:
+                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
+            views.append(full_views[i] if message == full_size else slot_views[i][:message])
+            run += 1
+            if message < segment:  # a shorter message ends a GSO run
+                emit(views, segment, endpoint)
+                views, run = [], 0
+        if run:
+            emit(views, segment, endpoint)
+        keypair.send_counter = counter
+        counters = self.counters
+        counters[_TX_BYTES] += sent
+        counters[_LAST_SENT] = now
+        if data:
+            counters[_LAST_DATA_SENT] = now
+
+    def _hold(self, sizes, count, now):
+        for i in range(count):
+            if sizes[i] and len(self.queue) < _QUEUED_PACKETS:
+                start = _TRANSPORT_HEADER
+                self.queue.append(bytes(self.slot_views[i][start:start + sizes[i]]))
+        if count and (sizes[0] or self.keypair is None):
+            self._ask_for_handshake(now)
+
+    def _ask_for_handshake(self, now):
+        if now >= self.next_request:
+            self.next_request = now + 1.0
+            self.request_handshake()
+
+
+class _Peer:
+    """The WireGuard protocol for one peer: handshakes, cookies, keypairs, timers.
+
+    Pure state, no I/O: `clock` is injectable and every output goes through
+    the hooks, so tests drive two instances against each other in one process.
+    Hooks (set by the owner): `transmit(datagram, address)` sends a handshake
+    or cookie message; `sender` is the object encrypting outgoing data
+    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`).
+    """
+
+    def __init__(self, private_key, peer_public_key, *, preshared_key=None,
+                 allowed_ips=(), persistent_keepalive=0, endpoint=None,
+                 clock=None, wallclock_ns=None, random=os.urandom, cipher=None,
+                 counters=None):
+        import time
+
+        if len(private_key) != 32 or len(peer_public_key) != 32:
+            raise TunnelError("WireGuard keys must be 32 bytes")
+        if preshared_key is not None and len(preshared_key) != 32:
+            raise TunnelError("the WireGuard preshared key must be 32 bytes")
+        self.private_key = bytes(private_key)
+        self.public_key = _public_key(self.private_key)
+        self.peer_public_key = bytes(peer_public_key)
+        self.preshared_key = bytes(preshared_key) if preshared_key else _NO_KEY
+        self.static_secret = _dh(self.private_key, self.peer_public_key)
+        if self.static_secret is None:
+            raise TunnelError("the peer's WireGuard public key is invalid")
+        self.allowed = _AllowedIPs(allowed_ips)
+        self.persistent_keepalive = persistent_keepalive
+        self.endpoint = endpoint
+        self.clock = clock or time.monotonic
+        self.wallclock_ns = wallclock_ns or time.time_ns
+        self.random = random
+        self.transmit = None
+        self.sender = None
+        chain = _hash(_WG_CONSTRUCTION)
+        self.initial_chain = chain
+        self.initiation_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.peer_public_key)
+        self.responder_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.public_key)
+        self.mac1_key_out = _hash(_WG_LABEL_MAC1, self.peer_public_key)
+        self.mac1_key_in = _hash(_WG_LABEL_MAC1, self.public_key)
+        self.cookie_key_out = _hash(_WG_LABEL_COOKIE, self.peer_public_key)
+        self.cookie_key_in = _hash(_WG_LABEL_COOKIE, self.public_key)
+        # handshake and keypairs
+        self.handshake = None
+        self.current = self.previous = self.next = None
+        self.keypairs = {}  # local index -> _Keypair, for the receiving path
+        self.last_timestamp = b""
+        self.stamp_sent_ns = 0
+        self.last_initiation_consumed = -1e9
+        self.last_initiation_sent = -1e9
+        self.retransmit_at = None
+        self.last_response_mac1 = None  # (local index, mac1) of our last response
+        # cookies
+        self.cookie = None
+        self.cookie_received = -1e9
+        self.cookie_secret = random(32)
+        self.cookie_secret_born = self.clock()
+        self.load_window_start = -1e9
+        self.load_count = 0
+        self.under_load_until = -1e9
+        self.rate_buckets = {}  # source host -> (tokens, time), used under load
+        # timer inputs (what was sent is in `counters`: the sender writes it)
+        self.last_handshake = None  # monotonic time of the last completed handshake
+        self.last_received = -1e9
+        self.last_data_received = -1e9
+        self.unanswered_data = -1e9
+        self.counters = counters if counters is not None else _shared_counters()
+        self.cipher = cipher or _TransportCipher()
+        self.inbox = bytearray(65536)  # datagrams as received (with GRO, several)
+        self.inbox_handle = self.cipher.slot(self.inbox, 0)
+        self.plain = bytearray(65536)  # one decrypted packet
+        self.plain_handle = self.cipher.slot(self.plain, 0)
+
+    # -- handshake initiation -------------------------------------------------
+
+    def initiate(self, now=None, retry=False):
+        """Send a handshake initiation unless one went out within REKEY_TIMEOUT."""
+        now = self.clock() if now is None else now
+        if self.endpoint is None or (self.handshake is not None and not retry):
+            return
+        if not retry and now - self.last_initiation_sent < _REKEY_TIMEOUT:
+            return
+        ephemeral = self.random(32)
+        ephemeral_public = _public_key(ephemeral)
+        shared = _dh(ephemeral, self.peer_public_key)
+        chain = _kdf(self.initial_chain, ephemeral_public, 1)[0]
+        hash_ = _hash(self.initiation_hash, ephemeral_public)
+        chain, key = _kdf(chain, shared, 2)
+        static = _seal(key, 0, self.public_key, hash_)
+        hash_ = _hash(hash_, static)
+        chain, key = _kdf(chain, self.static_secret, 2)
+        self.stamp_sent_ns = max(self.wallclock_ns(), self.stamp_sent_ns + 1)
+        timestamp = _seal(key, 0, _tai64n(self.stamp_sent_ns), hash_)
+        hash_ = _hash(hash_, timestamp)
+        started = self.handshake.started if retry and self.handshake else now
+        self._forget_handshake()
+        index = self._new_index()
+        message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
+        message, mac1 = self._add_macs(message, now)
+        self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, started, now)
+        self.keypairs[index] = None  # reserved until the response or the next attempt
+        self.last_initiation_sent = now
+        jitter = _REKEY_TIMEOUT_JITTER * self.random(1)[0] / 255
+        self.retransmit_at = now + _REKEY_TIMEOUT + jitter
+        self._transmit(message, now)
+
+    # -- receiving ------------------------------------------------------------
+
+    def receive(self, size, segment, address, now, deliver):
+        """Handle `size` bytes that arrived in `self.inbox` from `address`: one
+        datagram, or with UDP GRO several of `segment` bytes (the last may be
+        shorter). Each IP packet that authenticates, is not a replay and comes
+        from an allowed address is left at the start of `self.plain` and
+        `deliver(length)` is called; everything else is dropped silently.
+        """
+        inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
+        open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
+        packet_length, plain = self.allowed.packet_length, self.plain
+        ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
+        received = data = 0
+        keypair = None
+        for start in range(0, size, segment):
+            end = min(start + segment, size)
+            if end - start < _KEEPALIVE_SIZE:
+                continue
+            kind, index, counter = unpack(inbox, start)
+            if kind != _MSG_TRANSPORT:
+                if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
+                    self._receive_handshake(bytes(inbox[start:end]), address, now)
+                    keypair = None  # keypairs may have changed
+                continue
+            if keypair is None or index != keypair.local_index:
+                keypair = keypairs.get(index)
+                if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
+                    keypair = None
+                    continue
+                key, ring, unconfirmed = keypair.receive_key, keypair.replay_ring, keypair is self.next
+            place = counter & ring_mask
+            if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
+                continue  # replayed, too old, or past the limit
+            length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
+                           key, counter, plain_handle)
+            if length < 0:
+                continue
+            ring[place] = counter
+            keypair.replay_top = max(keypair.replay_top, counter)
+            received += end - start
+            if unconfirmed:
+                unconfirmed = False
+                self._confirm_next(now)
+            if length:
+                data = True
+                length = packet_length(plain, length)
+                if length:
+                    deliver(length)
+        if received:
+            self.counters[_RX_BYTES] += received
+            self.last_received = now
+            if address != self.endpoint:
+                self._roam(address)
+            current = self.current
+            if data:
+                self.last_data_received = now
+                if (current is not None and current.initiator and now - current.created
+                        >= _REJECT_AFTER_TIME - _KEEPALIVE_TIMEOUT - _REKEY_TIMEOUT):
+                    self.initiate(now)
+
+    def receive_datagram(self, datagram, address, now, deliver):
+        """`receive` for one datagram given as bytes (tests, slow paths)."""
+        size = min(len(datagram), len(self.inbox))
+        self.inbox[:size] = datagram[:size]
+        self.receive(size, size or 1, address, now, deliver)
+
+    def _receive_handshake(self, message, address, now):
+        kind, size = message[0], len(message)
+        if kind == _MSG_INITIATION and size == _INITIATION_SIZE:
+            if self._macs_pass(message, address, now):
+                self._consume_initiation(message, address, now)
+        elif kind == _MSG_RESPONSE and size == _RESPONSE_SIZE:
+            if self._macs_pass(message, address, now):
+                self._consume_response(message, address, now)
+        elif kind == _MSG_COOKIE and size == _COOKIE_SIZE:
+            self._consume_cookie(message, now)
+
+    def _consume_initiation(self, message, address, now):
+        """Responder: check an initiation, answer it, keep the keypair as `next`."""
+        import hmac
+
+        ephemeral = message[8:40]
+        chain = _kdf(self.initial_chain, ephemeral, 1)[0]
+        hash_ = _hash(self.responder_hash, ephemeral)
+        shared = _dh(self.private_key, ephemeral)
+        if shared is None:
+            return
+        chain, key = _kdf(chain, shared, 2)
+        static = _open(key, 0, message[40:88], hash_)
+        if static is None or not hmac.compare_digest(static, self.peer_public_key):
+            return
+        hash_ = _hash(hash_, message[40:88])
+        chain, key = _kdf(chain, self.static_secret, 2)
+        stamp = _open(key, 0, message[88:116], hash_)
+        if stamp is None or stamp <= self.last_timestamp:
+            return  # replayed or older than one already accepted
+        if now - self.last_initiation_consumed < 1 / _INITIATIONS_PER_SECOND:
+            return
+        hash_ = _hash(hash_, message[88:116])
+        ephemeral_private = self.random(32)
+        ephemeral_public = _public_key(ephemeral_private)
+        first = _dh(ephemeral_private, ephemeral)
+        second = _dh(ephemeral_private, self.peer_public_key)
+        if first is None or second is None:
+            return
+        self.last_timestamp = stamp
+        self.last_initiation_consumed = now
+        chain = _kdf(chain, ephemeral_public, 1)[0]
+        hash_ = _hash(hash_, ephemeral_public)
+        chain = _kdf(chain, first, 1)[0]
+        chain = _kdf(chain, second, 1)[0]
+        chain, tau, key = _kdf(chain, self.preshared_key, 3)
+        hash_ = _hash(hash_, tau)
+        empty = _seal(key, 0, b"", hash_)
+        remote_index = _U32_LE.unpack_from(message, 4)[0]
+        index = self._new_index()
+        response = struct.pack("<III", _MSG_RESPONSE, index, remote_index) + ephemeral_public + empty
+        response, mac1 = self._add_macs(response, now)
+        receive_key, send_key = _kdf(chain, b"", 2)
+        if self.next is not None:
+            self.keypairs.pop(self.next.local_index, None)
+        self.next = _Keypair(send_key, receive_key, index, remote_index, now, False)
+        self.keypairs[index] = self.next
+        self.last_response_mac1 = (index, mac1)
+        self.last_received = now
+        self._roam(address)
+        self._transmit(response, now)
+
+    def _consume_response(self, message, address, now):
+        """Initiator: finish the handshake; the new keypair is used at once."""
+        sender_index, receiver_index = struct.unpack_from("<II", message, 4)
+        handshake = self.handshake
+        if handshake is None or receiver_index != handshake.local_index:
+            return
+        ephemeral = message[12:44]
+        first = _dh(handshake.ephemeral, ephemeral)
+        second = _dh(self.private_key, ephemeral)
+        if first is None or second is None:
+            return
+        chain = _kdf(handshake.chain, ephemeral, 1)[0]
+        hash_ = _hash(handshake.hash, ephemeral)
+        chain = _kdf(chain, first, 1)[0]
+        chain = _kdf(chain, second, 1)[0]
+        chain, tau, key = _kdf(chain, self.preshared_key, 3)
+        hash_ = _hash(hash_, tau)
+        if _open(key, 0, message[44:60], hash_) != b"":
+            return
+        send_key, receive_key = _kdf(chain, b"", 2)
+        keypair = _Keypair(send_key, receive_key, handshake.local_index, sender_index, now, True)
+        self.handshake = None
+        self.retransmit_at = None
+        for old in (self.previous, self.next):
+            if old is not None:
+                self.keypairs.pop(old.local_index, None)
+        self.previous, self.current, self.next = self.current, keypair, None
+        self.keypairs[keypair.local_index] = keypair
+        self.last_received = now
+        self._roam(address)
+        self._handshake_complete(now)
+
+    def _confirm_next(self, now):
+        """Responder: the initiator used the new keypair, so it becomes current."""
+        if self.previous is not None:
+            self.keypairs.pop(self.previous.local_index, None)
+        self.previous, self.current, self.next = self.current, self.next, None
+        self._handshake_complete(now)
+
+    def _handshake_complete(self, now):
+        self.last_handshake = now
+        self.counters[_LAST_HANDSHAKE_WALL] = self.wallclock_ns() / 1e9
+        self.sender.install(self.current)
+
+    def _consume_cookie(self, message, now):
+        """Initiator (or responder): remember the cookie for mac2 of later messages."""
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
+        from nacl.exceptions import CryptoError
+
+        index = _U32_LE.unpack_from(message, 4)[0]
+        if self.handshake is not None and index == self.handshake.local_index:
+            mac1 = self.handshake.mac1
+        elif self.last_response_mac1 is not None and index == self.last_response_mac1[0]:
+            mac1 = self.last_response_mac1[1]
+        else:
+            return
+        try:
+            cookie = crypto_aead_xchacha20poly1305_ietf_decrypt(
+                message[32:64], mac1, message[8:32], self.cookie_key_out)
+        except CryptoError:  # not from our peer
+            return
+        self.cookie, self.cookie_received = cookie, now
+
+    # -- mac1, mac2 and cookies ---------------------------------------------
+
+    def _add_macs(self, message, now):
+        """`message` with mac1 and mac2 appended, and the mac1."""
+        mac1 = _mac(self.mac1_key_out, message)
+        message += mac1
+        if self.cookie is not None and now - self.cookie_received < _COOKIE_REFRESH_TIME:
+            return message + _mac(self.cookie, message), mac1
+        return message + bytes(16), mac1
+
+    def _macs_pass(self, message, address, now):
+        """Whether a handshake message may be processed: mac1 must be right, and
+        when under load mac2 too; otherwise under load a cookie reply goes back."""
+        import hmac
+
+        if not hmac.compare_digest(message[-32:-16], _mac(self.mac1_key_in, message[:-32])):
+            return False
+        if now - self.load_window_start >= 1.0:
+            self.load_window_start, self.load_count = now, 0
+        self.load_count += 1
+        if self.load_count > _UNDER_LOAD_HANDSHAKES:
+            self.under_load_until = now + 1.0
+        if now >= self.under_load_until:
+            return True
+        if now - self.cookie_secret_born >= _COOKIE_REFRESH_TIME:
+            self.cookie_secret, self.cookie_secret_born = self.random(32), now
+        cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
+        if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
+            return self._within_rate(address[0], now)
+        from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
+        nonce = self.random(24)
+        sealed = crypto_aead_xchacha20poly1305_ietf_encrypt(
+            cookie, message[-32:-16], nonce, self.cookie_key_in)
+        reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
+        self.transmit(reply, address)
+        return False
+
+    def _within_rate(self, host, now):
+        """Under load, even sources that proved their address get at most
+        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
+        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
+        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
+        if len(self.rate_buckets) >= 4096:
+            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
+        if tokens < 1:
+            self.rate_buckets[host] = (tokens, now)
+            return False
+        self.rate_buckets[host] = (tokens - 1, now)
+        return True
+
+    # -- timers ---------------------------------------------------------------
+
+    def tick(self, now=None):
+        """Run the timer state machine; call it a few times a second."""
+        now = self.clock() if now is None else now
+        counters = self.counters
+        last_sent, last_data_sent = counters[_LAST_SENT], counters[_LAST_DATA_SENT]
+        handshake = self.handshake
+        if handshake is not None and now >= self.retransmit_at:
+            if now - handshake.started >= _REKEY_ATTEMPT_TIME:
+                self._forget_handshake()
+                self.retransmit_at = None
+            else:
+                self.initiate(now, retry=True)
+        if self.last_handshake is not None and now - self.last_handshake >= 3 * _REJECT_AFTER_TIME:
+            self._forget_keypairs()
+        if self.current is not None:
+            passive = (self.last_data_received > last_sent
+                       and now - self.last_data_received >= _KEEPALIVE_TIMEOUT)
+            persistent = (self.persistent_keepalive and now - max(last_sent, self.last_received)
+                          >= self.persistent_keepalive)
+            if passive or persistent:
+                self._keepalive(now)
+        elif (self.persistent_keepalive and self.handshake is None
+              and now - max(last_sent, self.last_received) >= self.persistent_keepalive):
+            self.initiate(now)
+        if (last_data_sent > self.last_received and last_data_sent > self.unanswered_data
+                and now - last_data_sent >= _KEEPALIVE_TIMEOUT + _REKEY_TIMEOUT):
+            self.unanswered_data = last_data_sent
+            self.initiate(now)
+
+    def _keepalive(self, now):
+        self.counters[_LAST_SENT] = now  # the sender confirms it when it sends
+        self.sender.keepalive()
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _transmit(self, message, now):
+        self.counters[_LAST_SENT] = now
+        self.transmit(message, self.endpoint)
+
+    def _roam(self, address):
+        """The peer authenticated from `address`: send there from now on."""
+        if address != self.endpoint:
+            self.endpoint = address
+            self.sender.set_endpoint(address)
+
+    def _new_index(self):
+        while True:
+            index = _U32_LE.unpack(self.random(4))[0]
+            if index not in self.keypairs:
+                return index
+
+    def _forget_handshake(self):
+        if self.handshake is not None:
+            if self.keypairs.get(self.handshake.local_index, 0) is None:
+                del self.keypairs[self.handshake.local_index]
+            self.handshake = None
+
+    def _forget_keypairs(self):
+        self.current = self.previous = self.next = None
+        self.keypairs = {index: None for index, kp in self.keypairs.items() if kp is None}
+        self.last_handshake = None
+        self.sender.install(None)
 
 
 # Datapath event loop #########################################################
@@ -51,6 +1671,7 @@ _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
+_TUNSETOFFLOAD = 0x400454D0
 
 
 def _open_tun(name, vnet_hdr=False):
@@ -73,7 +1694,1227 @@ def _open_tun(name, vnet_hdr=False):
     return fd
 
 
+_SOL_UDP = 17
+_UDP_SEGMENT = 103
+_UDP_GRO = 104
+_VNET_HEADER = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_VNET_HEADER_SIZE = _VNET_HEADER.size
+_VNET_NEEDS_CSUM = 1
+_VNET_GSO_TCPV4, _VNET_GSO_TCPV6 = 1, 4
+_TCP_ACK, _TCP_PSH = 0x10, 0x08
+_U16_BE = struct.Struct(">H")
+_COALESCE_LIMIT = 65535 - 1500  # bytes in one GSO packet written to the TUN
+
+
+class _TunWriter:
+    """Writes decrypted packets (left in `plain` by `_Peer.receive`) to the TUN.
+
+    With a virtio_net_hdr on the device, consecutive segments of one TCP flow
+    are coalesced into one GSO packet: one write instead of dozens.
+    """
+
+    __slots__ = (
+        "buffer",
+        "fd",
+        "header_size",
+        "ip_size",
+        "key",
+        "layout",
+        "layouts",
+        "next_seq",
+        "plain",
+        "plain_view",
+        "segment",
+        "segments",
+        "seq_at",
+        "single_header",
+        "size",
+        "view",
+        "vnet_hdr",
+    )
+
+    def __init__(self, tun_fd, plain, vnet_hdr):
+        self.fd = tun_fd
+        self.plain = plain
+        self.plain_view = memoryview(plain)
+        self.vnet_hdr = vnet_hdr
+        self.single_header = bytes(_VNET_HEADER_SIZE)
+        self.buffer = bytearray(_VNET_HEADER_SIZE + 65536)
+        self.view = memoryview(self.buffer)
+        self.size = 0  # bytes of the IP packet being coalesced (0: none)
+        self.key = None
+        self.next_seq = 0
+        self.segment = 0
+        self.segments = 0
+        self.header_size = self.ip_size = self.seq_at = 0
+        self.layout = None
+        self.layouts = {}  # header size (negative: IPv6) -> _flow_layout
+
+    def write(self, length):
+        """Queue (or write) the IP packet of `length` bytes at the start of `plain`."""
+        size = self.size
+        if size and length > self.header_size:  # the common case: the flow goes on
+            fields = self.layout.unpack_from(self.plain)
+            payload = length - self.header_size
+            if (fields[::2] == self.key and fields[self.seq_at] == self.next_seq
+                    and fields[self.seq_at + 2] & ~_TCP_PSH == _TCP_ACK
+                    and payload <= self.segment and size + payload <= _COALESCE_LIMIT):
+                start = _VNET_HEADER_SIZE + size
+                self.buffer[start:start + payload] = self.plain_view[self.header_size:length]
+                self.size = size + payload
+                self.segments += 1
+                self.next_seq = (self.next_seq + payload) & 0xFFFFFFFF
+                flags = fields[self.seq_at + 2]
+                if flags & _TCP_PSH or payload < self.segment:  # the end of a burst
+                    self.buffer[_VNET_HEADER_SIZE + self.ip_size + 13] |= flags
+                    self.flush()
+                return
+        self.flush()
+        if not (self.vnet_hdr and self._start_flow(length)):
+            self._write_single(length)
+
+    def _start_flow(self, length):
+        """Begin coalescing with this packet if it is a plain TCP segment with
+        data; False when it must go out alone."""
+        plain = self.plain
+        first = plain[0]
+        if first == 0x45 and plain[9] == 6 and not (plain[6] & 0x3F or plain[7]):
+            ip_size = 20
+        elif first >> 4 == 6 and plain[6] == 6:
+            ip_size = 40
+        else:
+            return False
+        if length < ip_size + 20:
+            return False
+        header_size = ip_size + (plain[ip_size + 12] >> 4) * 4
+        payload = length - header_size
+        if payload <= 0 or plain[ip_size + 13] != _TCP_ACK:
+            return False
+        shape = header_size if ip_size == 20 else -header_size
+        layout = self.layouts.get(shape)
+        if layout is None:
+            layout = self.layouts[shape] = _flow_layout(ip_size, header_size)
+        fields = layout.unpack_from(plain)
+        self.buffer[_VNET_HEADER_SIZE:_VNET_HEADER_SIZE + length] = self.plain_view[:length]
+        self.size, self.key, self.segment, self.segments = length, fields[::2], payload, 1
+        self.layout, self.seq_at = layout, 5 if ip_size == 20 else 3
+        self.next_seq = (fields[self.seq_at] + payload) & 0xFFFFFFFF
+        self.header_size, self.ip_size = header_size, ip_size
+        return True
+
+    def flush(self):
+        """Write the packet being coalesced, as one GSO packet if it grew."""
+        size = self.size
+        if not size:
+            return
+        self.size = 0
+        buffer, ip = self.buffer, _VNET_HEADER_SIZE
+        if self.segments == 1:
+            buffer[:ip] = self.single_header
+            self._write(self.view[:ip + size])
+            return
+        ip_size = self.ip_size
+        tcp_size = size - ip_size
+        if ip_size == 20:
+            _U16_BE.pack_into(buffer, ip + 2, size)
+            _U16_BE.pack_into(buffer, ip + 10, 0)
+            _U16_BE.pack_into(buffer, ip + 10, 0xFFFF ^ _fold(sum(struct.unpack_from(">10H", buffer, ip))))
+            pseudo = sum(struct.unpack_from(">4H", buffer, ip + 12)) + 6 + tcp_size
+            gso_type = _VNET_GSO_TCPV4
+        else:
+            _U16_BE.pack_into(buffer, ip + 4, tcp_size)
+            pseudo = sum(struct.unpack_from(">16H", buffer, ip + 8)) + 6 + tcp_size
+            gso_type = _VNET_GSO_TCPV6
+        _U16_BE.pack_into(buffer, ip + ip_size + 16, _fold(pseudo))
+        _VNET_HEADER.pack_into(buffer, 0, _VNET_NEEDS_CSUM, gso_type, self.header_size,
+                               self.segment, ip_size, 16)
+        self._write(self.view[:ip + size])
+
+    def _write_single(self, length):
+        if self.vnet_hdr:
+            try:
+                os.writev(self.fd, (self.single_header, self.plain_view[:length]))
+            except OSError:
+                pass  # like a full queue on a NIC: the packet is lost
+        else:
+            self._write(self.plain_view[:length])
+
+    def _write(self, data):
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass  # like a full queue on a NIC: the packet is lost
+
+
+def _flow_layout(ip_size, header_size):
+    """A Struct whose even fields are what must match for two TCP segments of
+    one flow to be coalesced: everything in the headers except lengths, IPv4
+    id, checksums, sequence number and PSH (odd fields are skipped values)."""
+    options = header_size - ip_size - 20
+    if ip_size == 20:
+        return struct.Struct(f">2s4s4s2s12sI5sB2s2s{options + 2}s")
+    return struct.Struct(f">4s2s38sI5sB2s2s{options + 2}s")
+
+
+def _fold(total):
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+class _SenderLink:
+    """The control process's handle on the `_Sender` in the sending process."""
+
+    def __init__(self, sock, endpoint_area):
+        self.sock = sock
+        self.endpoint_area = endpoint_area
+
+    def install(self, keypair):
+        if keypair is not None:
+            keypair = (keypair.send_key, keypair.local_index, keypair.remote_index,
+                       keypair.created, keypair.initiator)
+        self._send(("install", keypair))
+
+    def set_endpoint(self, endpoint):
+        _store_endpoint(self.endpoint_area, endpoint)
+        self._send(("endpoint", endpoint))
+
+    def keepalive(self):
+        self._send(("keepalive",))
+
+    def _send(self, message):
+        import pickle
+
+        self.sock.send(pickle.dumps(message))
+
+
+def _store_endpoint(area, endpoint):
+    text = repr(endpoint[:2]).encode() if endpoint else b""
+    area[1:1 + len(text)] = text
+    area[0] = len(text)
+
+
+def _load_endpoint(area):
+    import ast
+
+    text = bytes(area[1:1 + area[0]]).decode()
+    if not text:
+        return None
+    host, port = ast.literal_eval(text)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, port
+
+
+def _udp_emitter(sock, gso):
+    """An `emit` for `_Sender`: one sendmsg per run of messages with UDP GSO."""
+    import errno
+
+    segment_option = struct.Struct("=H")
+    state = {"gso": gso}
+
+    def emit(views, segment, endpoint):
+        try:
+            if state["gso"] and len(views) > 1:
+                try:
+                    sock.sendmsg(views, [(_SOL_UDP, _UDP_SEGMENT, segment_option.pack(segment))],
+                                 0, endpoint)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                        return
+                    state["gso"] = False  # the kernel or device cannot: one by one
+            for view in views:
+                sock.sendto(view, endpoint)
+        except OSError:
+            pass  # unreachable or full: like any lost datagram
+
+    return emit
+
+
+def _receive_loop(peer, sock, tun_fd, link, parent_pid, vnet_hdr, gro):
+    """The control and decrypting process: UDP -> TUN, handshakes, timers.
+    Returns when the parent or the sending process is gone."""
+    import select
+    import socket
+
+    poller = select.poll()
+    sock_fd, link_fd = sock.fileno(), link.fileno()
+    for fd in (sock_fd, link_fd):
+        poller.register(fd, select.POLLIN)
+    writer = _TunWriter(tun_fd, peer.plain, vnet_hdr)
+    write, flush, receive, clock = writer.write, writer.flush, peer.receive, peer.clock
+    recvmsg_into, inbox = sock.recvmsg_into, (peer.inbox,)
+    ancillary = socket.CMSG_SPACE(4) if gro else 0
+    dontwait = socket.MSG_DONTWAIT
+    peer.initiate()
+    next_tick = 0.0
+    while True:
+        for fd, _ in poller.poll(100):
+            if fd == sock_fd:
+                now = clock()
+                for _ in range(256):  # bounded, so that timers keep running
+                    try:
+                        size, cmsgs, _, address = recvmsg_into(inbox, ancillary, dontwait)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue  # e.g. ICMP errors reported on the socket
+                    segment = size
+                    if cmsgs:
+                        level, kind, data = cmsgs[0]
+                        if level == _SOL_UDP and kind == _UDP_GRO:
+                            segment = int.from_bytes(data[:4], sys.byteorder) or size
+                    if size:
+                        receive(size, segment, address, now, write)
+                flush()
+            elif fd == link_fd:
+                try:
+                    message = link.recv(4096, dontwait)
+                except BlockingIOError:
+                    continue
+                if not message:
+                    return
+                peer.initiate()  # the sender only ever asks for a handshake
+        now = clock()
+        if now >= next_tick:
+            if os.getppid() != parent_pid:
+                return
+            next_tick = now + 0.1
+            peer.tick(now)
+
+
+def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
+    """The encrypting process: TUN -> UDP. Returns when the parent or the
+    receiving process is gone."""
+    import pickle
+    import select
+    import socket
+
+    poller = select.poll()
+    link_fd = link.fileno()
+    for fd in (tun_fd, link_fd):
+        poller.register(fd, select.POLLIN)
+    batch = sender.batch
+    sizes = [0] * batch
+    read_views = sender.read_views
+    readv, seal_batch = os.readv, sender.seal_batch
+    headroom = _VNET_HEADER_SIZE if vnet_hdr else 0
+    while True:
+        events = poller.poll(1000)
+        if not events and os.getppid() != parent_pid:
+            return
+        for fd, _ in events:
+            if fd == tun_fd:
+                count = batch
+                while count == batch:
+                    count = 0
+                    while count < batch:
+                        try:
+                            size = readv(tun_fd, read_views[count]) - headroom
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        if size > 0:
+                            sizes[count] = size
+                            count += 1
+                    if count:
+                        seal_batch(sizes, count)
+            elif fd == link_fd:
+                try:
+                    message = link.recv(4096, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if not message:
+                    return
+                message = pickle.loads(message)
+                if message[0] == "install":
+                    keypair = message[1]
+                    if keypair is not None:
+                        send_key, local_index, remote_index, created, initiator = keypair
+                        keypair = _Keypair(send_key, None, local_index, remote_index,
+                                           created, initiator)
+                    sender.install(keypair)
+                elif message[0] == "endpoint":
+                    sender.set_endpoint(message[1])
+                elif message[0] == "keepalive":
+                    sender.keepalive()
+            else:
+                return
+
+
+class Datapath:
+    """Userspace WireGuard between a TUN file descriptor and a UDP socket.
+
+    One peer. `start()` forks two worker processes that share the keys: one
+    encrypts TUN -> UDP, the other decrypts UDP -> TUN and runs handshakes
+    and timers; this object only watches them through shared counters.
+    """
+
+    def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
+                 allowed_ips=(), preshared_key=None, persistent_keepalive=0,
+                 listen=None, vnet_hdr=False, mtu=1420, clock=None):
+        import mmap
+        import time
+
+        self._clock = clock or time.monotonic
+        self._tun_fd = tun_fd
+        self._vnet_hdr = vnet_hdr
+        if vnet_hdr:
+            # Offloads off: the kernel hands us MTU-sized packets, whose
+            # encryption needs no splitting in Python (splitting costs more
+            # than the offload saves); writes may still carry GSO packets.
+            try:
+                fcntl.ioctl(tun_fd, _TUNSETOFFLOAD, 0)
+            except OSError as e:
+                raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
+        self._mtu = mtu
+        self._socket = sock = _udp_socket(listen, endpoint)
+        self.listen_port = sock.getsockname()[1]
+        self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
+        self._shared = mmap.mmap(-1, 8 * _COUNTERS + 256)
+        self._counters = _shared_counters(self._shared)
+        self._endpoint_area = memoryview(self._shared)[8 * _COUNTERS:]
+        _store_endpoint(self._endpoint_area, self._endpoint)
+        self._peer = _Peer(private_key, peer_public_key, preshared_key=preshared_key,
+                           allowed_ips=allowed_ips, persistent_keepalive=persistent_keepalive,
+                           endpoint=self._endpoint, clock=self._clock, counters=self._counters)
+        self._gso = _try_setsockopt(sock, _SOL_UDP, _UDP_SEGMENT, 0)
+        self._gro = _try_setsockopt(sock, _SOL_UDP, _UDP_GRO, 1)
+        self._workers = []
+
+    def start(self):
+        """Fork the two workers; with an endpoint the handshake starts at once."""
+        import socket
+
+        if self._workers:
+            return
+        control, data = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        peer, sock = self._peer, self._socket
+        sender = _Sender(peer.cipher, self._counters, _udp_emitter(sock, self._gso),
+                         lambda: data.send(b"handshake"), mtu=self._mtu, clock=self._clock,
+                         endpoint=self._endpoint,
+                         headroom=_VNET_HEADER_SIZE if self._vnet_hdr else 0)
+        peer.transmit = lambda message, address: _send_quietly(sock, message, address)
+        peer.sender = _SenderLink(control, self._endpoint_area)
+        parent = os.getpid()
+        self._workers.append(_fork_worker(
+            control, _send_loop, sender, self._tun_fd, data, parent, self._vnet_hdr))
+        self._workers.append(_fork_worker(
+            data, _receive_loop, peer, sock, self._tun_fd, control, parent,
+            self._vnet_hdr, self._gro))
+        control.close()
+        data.close()
+
+    def wait_for_handshake(self, timeout):
+        """Return once a handshake has completed; TunnelError after `timeout` s."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self._counters[_LAST_HANDSHAKE_WALL]:
+            if not self._workers or not self._running():
+                raise TunnelError("the WireGuard datapath is not running")
+            if time.monotonic() >= deadline:
+                raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
+            time.sleep(0.01)
+
+    def _running(self):
+        """Whether both workers are alive (one that ended is reaped)."""
+        for pid in list(self._workers):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self._workers.remove(pid)
+            except ChildProcessError:
+                self._workers.remove(pid)
+        return len(self._workers) == 2
+
+    def stats(self):
+        """Last handshake (epoch seconds or None), bytes both ways, peer endpoint."""
+        counters = self._counters
+        return {
+            "last_handshake": counters[_LAST_HANDSHAKE_WALL] or None,
+            "rx_bytes": int(counters[_RX_BYTES]),
+            "tx_bytes": int(counters[_TX_BYTES]),
+            "endpoint": _load_endpoint(self._endpoint_area),
+        }
+
+    def stop(self):
+        """End the workers and close the socket; safe to call more than once."""
+        import signal
+        import time
+
+        self._running()  # reap what already ended
+        for pid in self._workers:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while self._workers and time.monotonic() < deadline:
+            self._running()
+            time.sleep(0.005)
+        for pid in self._workers:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self._workers = []
+        self._socket.close()
+
+
+def _fork_worker(other_end, function, *args):
+    """Run `function(*args)` in a child process, which never returns to the
+    caller; `other_end` is the link end the child must not hold."""
+    import signal
+
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        other_end.close()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the session ends us, not Ctrl-C
+        signal.signal(signal.SIGTERM, _leave)
+        function(*args)
+        status = 0
+    except SystemExit:
+        status = 0
+    except BaseException:  # noqa: BLE001 - a worker must never return into the caller
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _leave(signum, frame):
+    raise SystemExit(0)
+
+
+def _send_quietly(sock, message, address):
+    try:
+        sock.sendto(message, address)
+    except OSError:
+        pass  # unreachable: the retransmission timer tries again
+
+
+def _try_setsockopt(sock, level, option, value):
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True
+
+
+def _udp_socket(listen, endpoint):
+    """The UDP socket: bound to `listen`, or to the wildcard of the endpoint's family."""
+    import socket
+
+    if listen is not None:
+        host, port = listen
+    else:
+        host, port = "", 0
+    family = socket.AF_INET6
+    if host:
+        try:
+            family = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0][0]
+        except OSError as e:
+            raise TunnelError(f"cannot resolve listen address {host}: {e}") from None
+    elif endpoint is not None:
+        try:
+            family = socket.getaddrinfo(endpoint[0], endpoint[1], 0, socket.SOCK_DGRAM)[0][0]
+        except OSError as e:
+            raise TunnelError(f"cannot resolve WireGuard endpoint {endpoint[0]}: {e}") from None
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6 and not host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+            if not _try_setsockopt(sock, socket.SOL_SOCKET, forced, 4 << 20):
+                _try_setsockopt(sock, socket.SOL_SOCKET, option, 4 << 20)
+        sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    except OSError as e:
+        sock.close()
+        raise TunnelError(f"cannot bind the WireGuard UDP socket: {e.strerror}") from None
+    return sock
+
+
+def _resolve_endpoint(sock, endpoint):
+    """`endpoint` (host, port) as a socket address `sock` can send to."""
+    import socket
+
+    host, port = endpoint
+    try:
+        results = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+    except OSError as e:
+        raise TunnelError(f"cannot resolve WireGuard endpoint {host}: {e}") from None
+    for family, _, _, _, address in results:
+        if family == sock.family:
+            return address
+    for family, _, _, _, address in results:
+        if family == socket.AF_INET and sock.family == socket.AF_INET6:
+            return ("::ffff:" + address[0], address[1], 0, 0)
+    raise TunnelError(f"WireGuard endpoint {host} has no address the socket can reach")
+
+
 # Namespace runner ############################################################
+#
+# The application runs in a tree of processes forked from the tool:
+#
+#   tool (caller's namespaces: datapath, Tier 1)
+#    `- holder: unshares user+net+mount+PID namespaces, waits for init
+#        `- init: PID 1 of the new PID namespace; sets up the network, /proc
+#            |    and resolv.conf, reaps orphans, passes signals on
+#            `- application (exec'd as the caller, without capabilities)
+#
+# Tool and namespace talk over a SOCK_SEQPACKET pair: JSON messages, and the
+# TUN descriptor as SCM_RIGHTS. Each child dies with its parent
+# (PR_SET_PDEATHSIG), and everything in a PID namespace dies with its init,
+# so nothing outlives the tool. The child is forked early and prepares what it
+# can (namespaces, pyroute2, the interface) while the tool is still talking to
+# Tier 1; the addresses, routes and command follow when they are known.
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_NOEXEC = 0x8
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_MNT_DETACH = 0x2
+_IFA_F_NODAD = 0x02
+
+_RESOLV_CONF = "/etc/resolv.conf"
+# Local resolver services reached through a socket file, not resolv.conf: hidden
+# inside the namespace so that names go to the cloudlet's DNS.
+_RESOLVER_SOCKET_DIRS = ("/run/systemd/resolve", "/run/nscd")
+_SHELL_PROMPT = "sinfonia$ "
+_DEFAULT_MTU = 1420
+_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
+_DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for the first handshake
+_SETUP_TIMEOUT = 30.0
+_MAX_MESSAGE = 1 << 20
+
+
+def _libc_call(name, *args):
+    """Call a libc function that Python lacks; OSError on failure."""
+    import ctypes
+
+    function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    if function(*args) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _unshare(flags):
+    unshare = getattr(os, "unshare", None)  # Python 3.12+
+    if unshare is not None:
+        unshare(flags)
+    else:
+        _libc_call("unshare", flags)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _libc_call(
+        "mount",
+        source and source.encode(),
+        target.encode(),
+        fstype and fstype.encode(),
+        flags,
+        data and data.encode(),
+    )
+
+
+def _die_with_parent(parent_pid):
+    """SIGKILL this process when its parent ends, even if that already happened."""
+    _libc_call("prctl", _PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(125)
+
+
+def _exit_status(wait_status):
+    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return code if code >= 0 else 128 - code
+
+
+class _CommandError(SinfoniaError):
+    """The application could not be started: 126 not executable, 127 not found."""
+
+    kind = "command"
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class _Channel:
+    """One end of the conversation between the tool and its namespace child:
+    JSON messages, with file descriptors attached when needed."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    @classmethod
+    def pair(cls):
+        import socket
+
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return cls(a), cls(b)
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def send(self, message, fds=()):
+        import json
+        import socket
+
+        socket.send_fds(self._sock, [json.dumps(message).encode()], list(fds))
+
+    def receive(self, timeout=None):
+        """(message, fds) of the next message; message is None when the other
+        side has closed. socket.timeout when nothing came within `timeout`."""
+        import json
+        import socket
+
+        self._sock.settimeout(timeout)
+        data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+        return (json.loads(data) if data else None), fds
+
+    def close(self):
+        self._sock.close()
+
+
+def _explain_userns_failure(error, proc_sys="/proc/sys"):
+    """Why the kernel refused a user namespace, and what the user can do."""
+
+    def sysctl(name):
+        try:
+            with open(os.path.join(proc_sys, *name.split("."))) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    if sysctl("kernel.unprivileged_userns_clone") == "0":
+        return (
+            "unprivileged user namespaces are disabled "
+            "(kernel.unprivileged_userns_clone=0): enable them with "
+            "`sudo sysctl -w kernel.unprivileged_userns_clone=1`, or run as root"
+        )
+    if sysctl("user.max_user_namespaces") == "0":
+        return (
+            "user namespaces are disabled (user.max_user_namespaces=0): allow them "
+            "with `sudo sysctl -w user.max_user_namespaces=15000`, or run as root"
+        )
+    if sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1":
+        return (
+            "AppArmor restricts unprivileged user namespaces "
+            "(kernel.apparmor_restrict_unprivileged_userns=1, as on Ubuntu 24.04): "
+            "allow them with an AppArmor profile for this Python, or "
+            "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, "
+            "or run as root"
+        )
+    return (
+        f"cannot create the application's user namespace: {error.strerror}: "
+        "allow unprivileged user namespaces here (containers often forbid them), "
+        "or run as root"
+    )
+
+
+def _enter_new_namespaces():
+    """Unshare network, mount and PID namespaces, and for any caller but root a
+    user namespace mapping the caller's own uid and gid. Its capabilities there
+    last until exec, where the non-root uid loses them. (Root needs no user
+    namespace and keeps being root, as with `ip netns exec`.)"""
+    uid, gid = os.geteuid(), os.getegid()
+    flags = _CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWPID
+    try:
+        if uid == 0:
+            _unshare(flags)
+            return
+        _unshare(flags | _CLONE_NEWUSER)
+        for name, text in [("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")]:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as e:
+        raise TunnelError(_explain_userns_failure(e)) from None
+
+
+def _tun_advice(path="/dev/net/tun"):
+    if not os.path.exists(path):
+        return "load the tun kernel module (`sudo modprobe tun`)"
+    return (
+        f"let your user open it (`sudo chmod 0666 {path}`, as most distributions "
+        "ship it), or run as root"
+    )
+
+
+class _TunInside:
+    """Interface of the userspace backend: a TUN device made inside the
+    namespace; its descriptor goes to the tool, which runs the datapath."""
+
+    name = "sinfonia0"
+
+    def create(self, channel):
+        """In the namespace child: make the device, hand its descriptor out."""
+        try:
+            fd = _open_tun(self.name)
+        except TunnelError as e:
+            raise TunnelError(f"{e}: {_tun_advice()}") from None
+        channel.send({"interface": self.name}, fds=[fd])
+        os.close(fd)
+
+
+class _LinkMovedIn:
+    """Interface made outside and moved in by the tool (the kernel backend):
+    the child says {"awaiting_link": name}; the tool moves the link into the
+    network namespace of `_Namespace.pid` and answers {"link_moved": name}."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def create(self, channel):
+        channel.send({"awaiting_link": self.name})
+        message, _ = channel.receive()
+        if message != {"link_moved": self.name}:
+            raise TunnelError(f"the tunnel link {self.name} was not moved in")
+
+
+def _netlink_step(what, function, *args, **kwargs):
+    """Run one pyroute2 request; a refusal becomes a TunnelError naming `what`."""
+    from pyroute2 import NetlinkError
+
+    try:
+        return function(*args, **kwargs)
+    except NetlinkError as e:
+        raise TunnelError(f"cannot {what}: {os.strerror(e.code)}") from None
+
+
+def _configure_interface(ipr, name, mtu, addresses, routes):
+    """Addresses and routes on the tunnel interface, which is up already."""
+    import ipaddress
+
+    index = ipr.link_lookup(ifname=name)[0]
+    for text in addresses:
+        address = ipaddress.ip_interface(text)
+        flags = _IFA_F_NODAD if address.version == 6 else 0  # usable at once
+        _netlink_step(f"add address {address} to {name}", ipr.addr, "add", index=index,
+                      address=str(address.ip), prefixlen=address.network.prefixlen,
+                      flags=flags)
+    for text in routes:
+        _netlink_step(f"add a route to {text} via {name}", ipr.route, "replace",
+                      dst=str(ipaddress.ip_network(text)), oif=index)
+
+
+def _hide_path(path):
+    """Cover a directory with an empty tmpfs (inside our mount namespace)."""
+    _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755")
+
+
+def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIRS,
+                       staging="/tmp"):
+    """Make `path` read `text` inside our mount namespace.
+
+    A symlink (systemd-resolved's stub, resolvconf) is followed to the file it
+    names; when that file is missing, it is created on a tmpfs over its
+    directory. The file comes from a tmpfs mounted briefly on `staging`: the
+    bind mount keeps it alive after the staging mount is gone, so nothing is
+    ever written to disk.
+    """
+    for directory in hidden_dirs:
+        if os.path.isdir(directory):
+            _hide_path(directory)
+    target = os.path.realpath(path)
+    if not os.path.exists(target):
+        directory = os.path.dirname(target)
+        if not os.path.isdir(directory):
+            raise TunnelError(f"{path} leads to {target}, whose directory does not exist")
+        _hide_path(directory)
+        with open(target, "w") as f:
+            f.write(text)
+        return
+    _hide_path(staging)
+    try:
+        staged = os.path.join(staging, "resolv.conf")
+        with open(staged, "w") as f:
+            f.write(text)
+        _mount(staged, target, None, _MS_BIND)
+    finally:
+        _libc_call("umount2", staging.encode(), _MNT_DETACH)
+
+
+def _namespace_init(channel, interface, mtu):
+    """PID 1 of the new namespaces: set them up as the tool asks, start the
+    application, and serve as its init. Returns the application's status."""
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
+        interface.create(channel)
+        index = ipr.link_lookup(ifname=interface.name)[0]
+        _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
+                      index=index, mtu=mtu)
+        _netlink_step(f"bring up {interface.name}", ipr.link, "set", index=index,
+                      state="up")
+        config, _ = channel.receive()
+        if config is None:  # the tool gave up
+            return 125
+        _configure_interface(ipr, interface.name, mtu, config["addresses"],
+                             config["routes"])
+    if config["resolv_conf"] is not None:
+        try:
+            _place_resolv_conf(config["resolv_conf"])
+        except OSError as e:
+            raise TunnelError(f"cannot put the cloudlet's DNS in {_RESOLV_CONF}: {e}") \
+                from None
+    try:  # let the caller use ping(8), which has no privileges in here
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write(f"{os.getgid()} {os.getgid()}")
+    except OSError:
+        pass
+    channel.send({"configured": True})
+    start, _ = channel.receive()
+    if start is None:
+        return 125
+    return _serve_as_init(channel, start)
+
+
+def _serve_as_init(channel, start):
+    """Start the application, then do init's job until it ends: reap every
+    orphan, pass on the signals the tool forwards. The rest of the PID
+    namespace dies when this returns."""
+    import select
+    import signal
+
+    wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    application = os.fork()
+    if application == 0:
+        _exec_application(channel, start["command"], start["env"], start["terminal"])
+    while True:
+        readable, _, _ = select.select([channel, wakeup_r], [], [])
+        if channel in readable:
+            message, _ = channel.receive()
+            if message is None:  # the tool is gone: so is everything here
+                return 125
+            try:
+                os.kill(application, message["signal"])
+            except ProcessLookupError:
+                pass
+        if wakeup_r in readable:
+            os.read(wakeup_r, 4096)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                if pid == application:
+                    return _exit_status(status)
+
+
+def _exec_application(channel, command, env, terminal):
+    """In the application's own process: take the terminal when the tool had
+    it, restore default signal handling, exec. Never returns."""
+    import signal
+
+    status = 126
+    try:
+        os.setpgid(0, 0)
+        if terminal is not None:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(terminal, os.getpgrp())
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTTOU, signal.SIGPIPE, signal.SIGXFSZ,
+                       signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        name = command[0]
+        program = _find_program(name, env.get("PATH", os.defpath))
+        if program is None:
+            status, message = 127, f"{name}: command not found"
+        else:
+            try:
+                os.execve(program, command, env)
+            except (FileNotFoundError, NotADirectoryError):
+                status, message = 127, f"{name}: no such file"
+            except OSError as e:
+                message = f"{name}: cannot execute: {e.strerror}"
+        channel.send({"error": message, "status": status})
+    except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
+        _report_failure(channel, e)
+    finally:
+        os._exit(status)
+
+
+def _find_program(name, path):
+    """What the shell would run for `name`: a path as given, else the first
+    executable file of that name on `path`, else the first file of that name
+    (exec then says why not: 126); None when there is none at all (127)."""
+    if "/" in name:
+        return name
+    found = None
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            found = found or candidate
+    return found
+
+
+def _report_failure(channel, error):
+    """Tell the tool, in one line, why the namespace child gives up."""
+    if isinstance(error, SinfoniaError):
+        message = str(error)
+    else:
+        message = f"the application's namespace failed: {type(error).__name__}: {error}"
+    try:
+        channel.send({"error": message})
+    except OSError:
+        pass
+
+
+def _run_namespace_child(channel, parent_pid, interface, mtu):
+    """The forked child: holder of the namespaces, then (in a second fork)
+    their init. Never returns."""
+    status = 125
+    try:
+        _die_with_parent(parent_pid)
+        os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
+        _enter_new_namespaces()
+        init = os.fork()
+        if init:
+            channel.close()
+            status = _exit_status(os.waitpid(init, 0)[1])
+        else:
+            _die_with_parent(None)  # the holder is outside our PID namespace
+            status = _namespace_init(channel, interface, mtu)
+    except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
+        _report_failure(channel, e)
+    finally:
+        os._exit(status)
+
+
+def _foreground_terminal():
+    """Our controlling terminal's descriptor when we are its foreground job."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return fd
+        except OSError:
+            pass
+    return None
+
+
+class _Namespace:
+    """The application's namespaces, held by a child forked at construction.
+
+    `interface` says how the tunnel interface gets in (`_TunInside` or
+    `_LinkMovedIn`). Then: `expect()` the interface message, `configure()`,
+    `start()` the application, `wait()` for its exit status; `close()` (or
+    leaving the `with` block) kills whatever is left.
+    """
+
+    def __init__(self, interface, *, mtu=_DEFAULT_MTU):
+        import time
+
+        self._channel, child_end = _Channel.pair()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._channel.close()
+            _run_namespace_child(child_end, parent, interface, mtu)
+        child_end.close()
+        self.forked = time.monotonic()
+        self.pid = pid
+        self.interface = interface
+        self._status = None
+        self._terminal = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def send(self, message):
+        self._channel.send(message)
+
+    def expect(self, key, timeout=_SETUP_TIMEOUT):
+        """The child's next message, which must carry `key`: (message, fds).
+        The child's own failures arrive as its one-line TunnelError."""
+        import socket
+
+        try:
+            message, fds = self._channel.receive(timeout)
+        except socket.timeout:
+            raise TunnelError(
+                f"the application's namespace was not ready within {timeout:g} s "
+                "(the machine may be overloaded)") from None
+        if message is None:
+            status = self._reap()
+            raise TunnelError(f"the application's namespace ended unexpectedly "
+                              f"(status {status})")
+        if "error" in message:
+            self._reap()
+            raise TunnelError(message["error"])
+        if key not in message:
+            raise TunnelError(f"the application's namespace said {message!r}, "
+                              f"not {key!r}")
+        return message, fds
+
+    def configure(self, addresses, routes, resolv_conf):
+        """Send the tunnel addresses and routes (networks) and the resolv.conf
+        text (None: keep the host's); `expect("configured")` confirms."""
+        self.send({
+            "addresses": [str(address) for address in addresses],
+            "routes": [str(route) for route in routes],
+            "resolv_conf": resolv_conf,
+        })
+
+    def start(self, command, env):
+        """Let the application run: exec `command` (found on env's PATH)."""
+        self._terminal = _foreground_terminal()
+        self.send({"command": list(command), "env": dict(env),
+                   "terminal": self._terminal})
+
+    def wait(self):
+        """The application's exit status; SIGINT, SIGTERM and SIGHUP to the
+        tool meanwhile go to the application."""
+        import signal
+
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {}
+        try:
+            for signum in forwarded:
+                previous[signum] = signal.signal(signum, self._forward)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        try:
+            status = self._reap()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._take_back_terminal()
+        try:
+            message, _ = self._channel.receive(0)
+        except (BlockingIOError, OSError):
+            message = None
+        if message and "error" in message:
+            raise _CommandError(message["error"], message.get("status", 125))
+        return status
+
+    def _forward(self, signum, frame):
+        try:
+            self._channel.send({"signal": signum})
+        except OSError:
+            pass
+
+    def _take_back_terminal(self):
+        if self._terminal is None:
+            return
+        import signal
+
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self._terminal, os.getpgrp())
+        except OSError:
+            pass
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+            self._terminal = None
+
+    def _reap(self):
+        if self._status is None:
+            self._status = _exit_status(os.waitpid(self.pid, 0)[1])
+        return self._status
+
+    def close(self):
+        """Kill the namespace child if still there, and reap it (idempotent)."""
+        if self._status is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            self._reap()
+        self._take_back_terminal()
+        self._channel.close()
+
+
+def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
+                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT, tunnel="userspace",
+                     debug=False, namespace=None):
+    """Run `command` (empty: the user's shell) in its own namespaces behind the
+    tunnel described by `config`; returns its exit status.
+
+    `namespace`, when given, is a `_Namespace(_TunInside(), mtu=mtu)` forked
+    earlier, so that its set-up overlapped the Tier 1 request.
+    """
+    if tunnel != "userspace":
+        raise TunnelError(f"the {tunnel} tunnel backend is not available")
+    import time
+
+    if namespace is None:
+        namespace = _Namespace(_TunInside(), mtu=mtu)
+
+    def progress(what):
+        if debug:
+            elapsed = (time.monotonic() - namespace.forked) * 1000
+            _debug(f"{what} ({elapsed:.0f} ms after the namespace child was forked)")
+
+    with namespace:
+        _, fds = namespace.expect("interface")
+        progress("TUN device ready")
+        if len(fds) != 1:
+            raise TunnelError("the application's namespace sent no TUN device")
+        tun_fd = fds[0]
+        endpoint = f"{config.endpoint_host}:{config.endpoint_port}"
+        try:
+            namespace.configure(
+                config.addresses,
+                config.allowed_ips,
+                _render_resolv_conf(config) if config.nameservers else None,
+            )
+            datapath = Datapath(
+                tun_fd,
+                keypair.private,
+                config.public_key,
+                endpoint=(config.endpoint_host, config.endpoint_port),
+                allowed_ips=config.allowed_ips,
+                persistent_keepalive=_PERSISTENT_KEEPALIVE,
+                mtu=mtu,
+            )
+            try:
+                datapath.start()
+                namespace.expect("configured")
+                progress("addresses, routes and resolv.conf in place")
+                try:
+                    datapath.wait_for_handshake(connect_timeout)
+                except TunnelError as e:
+                    if "handshake" not in str(e):  # the datapath itself failed
+                        raise
+                    raise TunnelError(
+                        f"the cloudlet did not answer at its endpoint {endpoint} "
+                        f"within {connect_timeout:g} s: check that UDP to it gets "
+                        "through, or allow more time with --connect-timeout") from None
+                env = dict(os.environ)
+                env.update(env_extra)
+                if not command:
+                    command = [env.get("SHELL") or "/bin/sh"]
+                    env["PS1"] = _SHELL_PROMPT
+                    # bash sets PS1 in its rc files; this sets it back each time
+                    env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
+                progress(f"handshake with {endpoint} done; starting {command[0]}")
+                namespace.start(command, env)
+                return namespace.wait()
+            finally:
+                datapath.stop()
+        finally:
+            os.close(tun_fd)
 
 
 # Kernel backend and root helper ##############################################
@@ -422,7 +3263,283 @@ def _provide_kernel_link(pid, ifname, spec, *, use_sudo, timeout=30):
 # Orchestration ###############################################################
 
 
+def _deployments_json(deployments, keypair):
+    """The --json document: the server's fields plus this client's public key."""
+    import json
+
+    documents = []
+    for deployment in deployments:
+        document = deployment.as_json()
+        document["ClientPublicKey"] = _key_text(keypair.public)
+        documents.append(document)
+    return json.dumps(documents, indent=2)
+
+
+def _segno():
+    """The optional QR code library, or one line saying how to get it."""
+    try:
+        import segno
+    except ImportError:
+        raise UnavailableError(
+            "--qrcode needs segno: pip install 'sinfonia-tier3[qr]'"
+        ) from None
+    return segno
+
+
+def _print_qrcode(text, style):
+    """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
+    squares), as upstream draws it for the WireGuard Android app."""
+    code = _segno().make(text, mode="byte", encoding="utf-8", eci=True)
+    if style == "compact":
+        code.terminal(out=sys.stdout, compact=True)
+    else:
+        code.save(sys.stdout, kind="txt", dark="⬛", light="⬜")
+    sys.stdout.flush()
+
+
+def _write_config_files(config, keypair):
+    """--config-debug: wg.conf and resolv.conf in the current directory."""
+    for name, text in (
+        ("wg.conf", _render_wg_quick(config, keypair)),
+        ("resolv.conf", _render_resolv_conf(config)),
+    ):
+        try:
+            _write_atomically(name, text)
+        except OSError as e:
+            raise SinfoniaError(f"cannot write {name}: {e.strerror}") from None
+    print("sinfonia-tier3: wrote wg.conf and resolv.conf", file=sys.stderr)
+
+
+def _run(
+    tier1_url,
+    uuid,
+    command,
+    *,
+    results=1,
+    timeout=_DEFAULT_TIMEOUT,
+    config_debug=False,
+    debug=False,
+    qrcode=None,
+    as_json=False,
+    zeroconf=False,
+    mtu=_DEFAULT_MTU,
+    connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+):
+    """Deploy `uuid` and do what was asked with it; the exit status.
+
+    Raises SinfoniaError for every failure of the tool itself.
+    """
+    if zeroconf:
+        raise UnavailableError(
+            "--zeroconf: discovery of a local Tier 2 is not built yet"
+        )
+    if qrcode is not None:
+        if qrcode not in ("compact", "alt"):
+            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _segno()  # before deploying: the deployment would be wasted
+    if not (config_debug or qrcode or as_json):
+        # The namespace child sets itself up while Tier 1 answers.
+        namespace = _Namespace(_TunInside(), mtu=mtu)
+        with namespace:
+            keypair = _load_or_create_keypair(uuid)
+            deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                           timeout=timeout, debug=debug)[0]
+            return _run_application(
+                deployment.tunnel_config,
+                keypair,
+                command,
+                env_extra=_application_environment(deployment, tier1_url),
+                mtu=mtu,
+                connect_timeout=connect_timeout,
+                debug=debug,
+                namespace=namespace,
+            )
+    keypair = _load_or_create_keypair(uuid)
+    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                    timeout=timeout, debug=debug)
+    config = deployments[0].tunnel_config
+    if as_json:
+        print(_deployments_json(deployments, keypair), flush=True)
+    if config_debug:
+        _write_config_files(config, keypair)
+    if qrcode:
+        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
+    return 0
+
+
+def _application_environment(deployment, tier1_url):
+    """The SINFONIA_* variables that tell the application where it runs."""
+    return {
+        "SINFONIA_DEPLOYMENT": deployment.deployment_name,
+        "SINFONIA_UUID": deployment.uuid,
+        "SINFONIA_ADDRESS": " ".join(
+            str(a.ip) for a in deployment.tunnel_config.addresses),
+        "SINFONIA_TIER1_URL": tier1_url,
+    }
+
+
+def _deploy_verbosely(tier1_url, uuid, keypair, *, results, timeout, debug):
+    """The deployments for `uuid`, first the chosen one, told on stderr."""
+    print(f"sinfonia-tier3: deploying {uuid}...", file=sys.stderr)
+    deployments = _request_deployments(
+        tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug
+    )
+    chosen = deployments[0]  # until candidates are ranked
+    config = chosen.tunnel_config
+    print(
+        f"sinfonia-tier3: deployed {chosen.deployment_name or chosen.uuid} "
+        f"({chosen.status}), tunnel endpoint {config.endpoint}",
+        file=sys.stderr,
+    )
+    if debug:
+        import json
+
+        _debug(f"chosen deployment: {json.dumps(chosen.as_json())}")
+    return deployments
+
+
+def sinfonia_tier3(
+    tier1_url,
+    application_uuid,
+    application,
+    config_debug=False,
+    debug=False,
+    qrcode=None,
+    zeroconf=False,
+):
+    """Upstream 0.7.4's entry point, same signature: deploy `application_uuid`
+    from `tier1_url` and run `application` (a command list) through the
+    tunnel; returns the exit status, after printing the one line on failure."""
+    try:
+        return _run(
+            str(tier1_url),
+            _application_uuid(str(application_uuid)),
+            list(application),
+            config_debug=config_debug,
+            debug=debug,
+            qrcode=qrcode,
+            zeroconf=zeroconf,
+        )
+    except SinfoniaError as e:
+        print(f"sinfonia-tier3: {e}", file=sys.stderr)
+        return e.exit_status
+
+
 # Command line ################################################################
+
+_EXIT_STATUS_HELP = """\
+exit status:
+  0        success (with a COMMAND: the application's own status)
+  128+N    the application was killed by signal N
+  2        usage error
+  125      failure of sinfonia-tier3 itself (Tier 1 unreachable, timed out,
+           refused or answered badly; key cache unusable; tunnel failed)
+  126      COMMAND found but not executable
+  127      COMMAND not found
+
+APPLICATION is a backend uuid or the alias helloworld. Progress goes to
+stderr; stdout belongs to the application (or to --json / --qrcode).
+"""
+
+
+def _argument_parser():
+    """The command line of DESIGN §6; argparse exits 2 on bad arguments."""
+    import argparse
+
+    def tier1_url(text):
+        if not text.startswith(("http://", "https://")) or len(text) < 9:
+            raise argparse.ArgumentTypeError("expected an http:// or https:// URL")
+        return text
+
+    def application(text):
+        try:
+            return _application_uuid(text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    def seconds(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0
+        if not 0 < value < 86400:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected seconds > 0")
+        return value
+
+    def mtu(text):
+        if not text.isdigit() or not _MIN_MTU <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a whole number from {_MIN_MTU} to 65535")
+        return int(text)
+
+    def count(text):
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+        return int(text)
+
+    parser = argparse.ArgumentParser(
+        prog="sinfonia-tier3",
+        usage="%(prog)s [options] TIER1_URL APPLICATION [--] [COMMAND [ARGS...]]",
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog=_EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the request URL, HTTP status, timings and chosen deployment",
+    )
+    parser.add_argument(
+        "--config-debug",
+        action="store_true",
+        help="write wg.conf and resolv.conf to the current directory and exit",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the deployments as JSON on stdout and exit; failures as "
+        '{"error": {"kind": ..., "message": ...}}',
+    )
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=_DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="deadline for the whole Tier 1 exchange (default %(default)g)",
+    )
+    parser.add_argument(
+        "--results",
+        type=count,
+        default=1,
+        metavar="N",
+        help="how many candidate deployments to ask for (default 1; the first is used)",
+    )
+    parser.add_argument(
+        "--mtu",
+        type=mtu,
+        default=_DEFAULT_MTU,
+        help="MTU of the application's tunnel interface (default %(default)d)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=_DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for the cloudlet's first WireGuard handshake before "
+        "giving up without starting COMMAND (default %(default)g)",
+    )
+    parser.add_argument(
+        "--qrcode",
+        choices=["compact", "alt"],
+        help="print the tunnel as a QR code for the WireGuard Android app and exit",
+    )
+    parser.add_argument("tier1_url", metavar="TIER1_URL", type=tier1_url)
+    parser.add_argument("application", metavar="APPLICATION", type=application)
+    parser.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
+    return parser
 
 
 def main(argv=None):
@@ -430,8 +3547,39 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [_ROOT_HELPER_FLAG]:
         return _root_helper_main(argv[1:], sys.stdin.buffer)
-    print(f"sinfonia-tier3 {__version__}")
-    return 0
+    options = _argument_parser().parse_args(argv)
+    command = options.command
+    if command[:1] == ["--"]:
+        command = command[1:]
+    try:
+        return _run(
+            options.tier1_url,
+            options.application,
+            command,
+            results=options.results,
+            timeout=options.timeout,
+            config_debug=options.config_debug,
+            debug=options.debug,
+            qrcode=options.qrcode,
+            as_json=options.json,
+            mtu=options.mtu,
+            connect_timeout=options.connect_timeout,
+        )
+    except SinfoniaError as e:
+        print(f"sinfonia-tier3: {e}", file=sys.stderr)
+        if options.json:
+            import json
+
+            print(json.dumps({"error": {"kind": e.kind, "message": str(e)}}))
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("sinfonia-tier3: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of --json or --qrcode went away (`| head`): end quietly,
+        # with the status of a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

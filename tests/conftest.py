@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated key cache for every test, the test cloudlet,
+and a runner for the command line as a user starts it."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # test this checkout's module, not an installed one
+
+from cloudlet import Cloudlet
+
+
+@pytest.fixture(autouse=True)
+def key_cache(tmp_path, monkeypatch):
+    """Every test (and every CLI it starts) gets its own $XDG_CACHE_HOME, so
+    no test reads or writes the user's real keys."""
+    cache = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache / "sinfonia"
+
+
+@pytest.fixture
+def cloudlet():
+    """A well-behaved test cloudlet on loopback; tests switch misbehaviour on."""
+    with Cloudlet() as running:
+        yield running
+
+
+def run_cli(*args, cwd=None, timeout=60, env=None):
+    """Run `python sinfonia_tier3.py ARGS` the way a user would; the
+    CompletedProcess with text stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sinfonia_tier3.py"), *map(str, args)],
+        check=False,
+        cwd=cwd,
+        env=env if env is not None else dict(os.environ),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

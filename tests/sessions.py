@@ -1,0 +1,231 @@
+"""Running the tool as an ordinary user or in a terminal, and checking that
+nothing is left afterwards.
+
+The tests run as root; for the unprivileged runs they use the system user
+`sinfonia-test` (created when missing), switch to it with setpriv, and open
+/dev/net/tun to everyone for the duration of the run (it is 0600 on some
+machines), restoring its mode afterwards.
+"""
+
+import contextlib
+import errno
+import os
+import pty
+import pwd
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+USER = "sinfonia-test"
+TUN = "/dev/net/tun"
+
+
+def missing_root():
+    """Why unprivileged runs cannot be arranged here ('' when they can)."""
+    if os.geteuid() != 0:
+        return "needs root to switch to the test user and open /dev/net/tun to it"
+    if shutil.which("setpriv") is None:
+        return "needs setpriv (util-linux)"
+    return ""
+
+
+def test_user():
+    """(uid, gid) of the test user, created as a system user when missing."""
+    try:
+        entry = pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/bin/sh", USER],
+            check=True, capture_output=True,
+        )
+        entry = pwd.getpwnam(USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def as_user(argv):
+    """`argv` run as the test user, with no supplementary groups."""
+    uid, gid = test_user()
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
+
+
+_PYTHON_CHECK = "import nacl.bindings, pyroute2"
+
+
+def user_python():
+    """An interpreter the test user can run, with pynacl and pyroute2.
+
+    Debian's python3 with python3-nacl and python3-pyroute2 first (the
+    oldest versions supported, and outside root's home, where this checkout's
+    interpreter may live), then this checkout's interpreter.
+    """
+    for candidate in ("/usr/bin/python3", sys.executable):
+        result = subprocess.run(as_user([candidate, "-c", _PYTHON_CHECK]),
+                                capture_output=True, check=False)
+        if result.returncode == 0:
+            return candidate
+    raise RuntimeError(
+        f"no Python that {USER} can run has pynacl and pyroute2: "
+        "apt-get install python3-nacl python3-pyroute2"
+    )
+
+
+@contextlib.contextmanager
+def tun_open_to_all():
+    """/dev/net/tun readable and writable by everyone while inside; the mode
+    it had is restored afterwards (only if this changed it)."""
+    mode = stat.S_IMODE(os.stat(TUN).st_mode)
+    wanted = mode | 0o666
+    if wanted != mode:
+        os.chmod(TUN, wanted)
+    try:
+        yield
+    finally:
+        if wanted != mode:
+            os.chmod(TUN, mode)
+
+
+@contextlib.contextmanager
+def user_directory():
+    """A temporary directory owned by the test user (key cache, scratch)."""
+    uid, gid = test_user()
+    path = tempfile.mkdtemp(prefix="sinfonia-test-")
+    try:
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def files_of_user(uid, ignore=(), roots=("/tmp", "/var/tmp", "/dev/shm", "/run")):
+    """Paths under `roots` owned by `uid` (what a run may have left behind),
+    except those under the directories in `ignore`."""
+    found = []
+    for root in roots:
+        for directory, names, files in os.walk(root):
+            if any(directory == i or directory.startswith(i + os.sep) for i in ignore):
+                continue
+            for name in names + files:
+                path = os.path.join(directory, name)
+                if path in ignore:
+                    continue
+                try:
+                    if os.lstat(path).st_uid == uid:
+                        found.append(path)
+                except OSError:
+                    pass
+    return found
+
+
+def namespaces_of(holder):
+    """{kind: inode} of the net and mnt namespaces of the runner's namespace
+    holder, and of the PID namespace its children are in."""
+    return {kind: os.stat(f"/proc/{holder}/ns/{kind}").st_ino
+            for kind in ("net", "mnt", "pid_for_children")}
+
+
+def processes_in(namespaces):
+    """Pids of every process on the machine inside any of those namespaces."""
+    inodes = set(namespaces.values())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        for kind in ("net", "mnt", "pid"):
+            try:
+                if os.stat(f"/proc/{entry}/ns/{kind}").st_ino in inodes:
+                    found.append(int(entry))
+                    break
+            except OSError:
+                pass
+    return found
+
+
+def descendants(pid):
+    """Every live process below `pid` (children of children...)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def wait_until_gone(pids, namespaces, timeout=10.0):
+    """Wait (bounded) until none of `pids` lives and no process is in
+    `namespaces`; returns what is still there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
+                 and not _is_zombie(p)]
+        remaining = sorted(set(alive) | set(processes_in(namespaces)))
+        if not remaining or time.monotonic() > deadline:
+            return remaining
+        time.sleep(0.05)
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def run_in_terminal(argv, typed, timeout=20):
+    """Run `argv` as the foreground job of a fresh pseudo-terminal; type
+    `typed` (a list of (wait_for, text): type text once wait_for is shown) and return (status, everything shown)."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    shown = b""
+    matched = 0  # each wait_for is looked for after the previous one
+    deadline = time.monotonic() + timeout
+    try:
+        for wait_for, text in typed:
+            while wait_for.encode() not in shown[matched:]:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"never saw {wait_for!r} in {shown!r}"
+                if select.select([master], [], [], remaining)[0]:
+                    shown += os.read(master, 4096)
+            matched = shown.index(wait_for.encode(), matched) + len(wait_for)
+            os.write(master, text.encode())
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], deadline - time.monotonic())[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    chunk = b""
+                if not chunk:
+                    break
+                shown += chunk
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), shown.decode(errors="replace")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(master)

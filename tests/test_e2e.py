@@ -1,0 +1,262 @@
+"""End to end: `sinfonia-tier3 URL helloworld COMMAND` against the test
+cloudlet (tests/cloudlet.py: the deploy API on loopback, and a WireGuard
+server, DNS and the helloworld backend in a namespace of its own), as root and
+as an ordinary user, with our own WireGuard responder and with wireguard-go on
+the cloudlet's side. Nothing is mocked: the page travels through the real
+tunnel, the application runs in real namespaces.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import venv
+import zipapp
+
+import cloudlet
+import pytest
+import sessions
+
+pytestmark = pytest.mark.e2e
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "sinfonia_tier3.py")
+GREETING = re.compile(
+    r"Hello from the sinfonia test cloudlet!\nYour tunnel address is (10\.44\.\d+\.\d+)\.\n")
+CURL = ["curl", "-sS", "--max-time", "10", "http://helloworld/"]
+
+if sessions.missing_root() or shutil.which("curl") is None:
+    pytest.skip(sessions.missing_root() or "needs curl", allow_module_level=True)
+
+
+def wireguard_go_missing():
+    try:
+        cloudlet._wireguard_go_binary()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+@pytest.fixture(scope="module", params=["sinfonia", "wireguard-go"])
+def cloudlet_url(request):
+    """The deploy URL of a cloudlet whose WireGuard side is ours or wireguard-go."""
+    if request.param == "wireguard-go" and wireguard_go_missing():
+        pytest.skip(wireguard_go_missing())
+    with cloudlet.WireGuardServer(request.param) as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        yield api.url
+
+
+@pytest.fixture(params=["root", "user"])
+def tool(request):
+    """Starts the tool as root or as the test user, each in its own key cache."""
+    as_user = request.param == "user"
+    with sessions.tun_open_to_all(), sessions.user_directory() as scratch:
+        yield Tool(as_user, scratch)
+
+
+class Tool:
+    def __init__(self, as_user, scratch):
+        self.as_user = as_user
+        self.scratch = scratch
+        self.uid = sessions.test_user()[0] if as_user else 0
+        self.python = sessions.user_python() if as_user else sys.executable
+        self._caches = 0
+
+    def argv(self, url, *args, options=()):
+        argv = [self.python, TOOL, *options, url, "helloworld", *args]
+        return sessions.as_user(argv) if self.as_user else argv
+
+    def env(self, cache="cache", **extra):
+        """The environment, with a key cache of its own (a new key per name)."""
+        env = dict(os.environ, XDG_CACHE_HOME=os.path.join(self.scratch, cache), **extra)
+        if self.as_user:
+            env["HOME"] = self.scratch
+        return env
+
+    def start(self, url, *args, cache="cache", options=(), **kwargs):
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(self.argv(url, *args, options=options), env=self.env(cache), cwd=self.scratch,
+                                stdin=subprocess.DEVNULL, text=True, **kwargs)
+
+    def run(self, url, *args, timeout=60, cache="cache", options=()):
+        process = self.start(url, *args, cache=cache, options=options)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        return process.returncode, stdout, stderr
+
+
+def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool):
+    code, stdout, stderr = tool.run(
+        cloudlet_url, "--", "sh", "-c",
+        '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL"', "-", *CURL)
+    assert code == 0, stderr
+    page = GREETING.match(stdout)
+    assert page, stdout
+    assert stdout[page.end():] == (
+        f"{page.group(1)} {cloudlet.HELLOWORLD} {cloudlet_url}\n")
+
+
+def test_the_applications_exit_status_comes_back(cloudlet_url, tool):
+    code, _, stderr = tool.run(cloudlet_url, "sh", "-c", "exit 7")
+    assert code == 7, stderr
+
+
+def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
+    process = tool.start(cloudlet_url, "--", "sh", "-c", "sleep 300 & echo started; wait")
+    try:
+        assert process.stdout.readline() == "started\n", process.stderr.read()
+        pids = sessions.descendants(process.pid)
+        tool_pid_ns = os.stat(f"/proc/{process.pid}/ns/pid").st_ino
+        application = next(p for p in pids
+                            if os.stat(f"/proc/{p}/ns/pid").st_ino != tool_pid_ns)
+        namespaces = {kind: os.stat(f"/proc/{application}/ns/{kind}").st_ino
+                      for kind in ("net", "mnt", "pid")}
+        process.kill()
+        process.wait()
+        assert sessions.wait_until_gone(pids, namespaces) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if tool.as_user:
+        assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
+
+
+def test_a_dead_endpoint_fails_before_the_application_starts(tool):
+    # The default WireGuard side of the test cloudlet: an endpoint nobody serves.
+    marker = os.path.join(tool.scratch, "started")
+    with cloudlet.Cloudlet() as api:
+        code, _, stderr = tool.run(api.url, "touch", marker,
+                                   options=["--connect-timeout", "1"])
+    assert code == 125
+    assert re.fullmatch(
+        r"sinfonia-tier3: the cloudlet did not answer at its endpoint 127\.0\.0\.1:\d+ "
+        r"within 1 s: check that UDP to it gets through, or allow more time with "
+        r"--connect-timeout", stderr.splitlines()[-1]), stderr
+    assert not os.path.exists(marker)
+
+
+def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
+    with cloudlet.WireGuardServer("sinfonia") as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        processes = [tool.start(api.url, "--", *CURL, cache=f"cache{i}") for i in range(10)]
+        pids = []
+        try:
+            for process in processes:
+                pids += sessions.descendants(process.pid)
+            outputs = [process.communicate(timeout=90) for process in processes]
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    assert [p.returncode for p in processes] == [0] * 10, [e for _, e in outputs]
+    addresses = {GREETING.fullmatch(stdout).group(1) for stdout, _ in outputs}
+    assert len(addresses) == 10, "ten keys, ten tunnels, ten addresses"
+    assert sessions.wait_until_gone(pids, {}) == []
+    if tool.as_user:
+        assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell):
+    # bash reads /etc/bash.bashrc, which sets a prompt of its own.
+    with cloudlet.WireGuardServer("sinfonia") as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        env = tool.env(SHELL=shell, TERM="dumb")
+        status, shown = sessions.run_in_terminal([
+            "env", "-i", *(f"{name}={env[name]}" for name in
+                           ("XDG_CACHE_HOME", "HOME", "SHELL", "PATH", "TERM") if name in env),
+            *tool.argv(api.url),
+        ], [
+            ("sinfonia$ ", "curl -sS --max-time 10 http://helloworld/\n"),
+            ("tunnel address is", "sleep 30\n"),
+            ("sleep 30", "\x03"),  # Ctrl-C ends the sleep, not the shell
+            ("sinfonia$ ", "echo still here\n"),
+            ("still here", "exit 3\n"),
+        ], timeout=60)
+    assert status == 3, shown
+    assert GREETING.search(shown.replace("\r\n", "\n")), shown
+
+
+# Every way users run it ######################################################
+
+
+def _nacl_only_path(scratch):
+    """A directory with pynacl (and cffi's backend) but no pyroute2, so that
+    a zipapp's own pyroute2 is the only one."""
+    import _cffi_backend
+    import nacl
+
+    path = os.path.join(scratch, "nacl-only")
+    os.mkdir(path)
+    for module in (nacl, _cffi_backend):
+        source = os.path.dirname(module.__file__) if module is nacl else module.__file__
+        os.symlink(source, os.path.join(path, os.path.basename(source)))
+    return path
+
+
+def _installed_script(scratch):
+    # Built offline from a copy of the project (needs setuptools and wheel).
+    project = os.path.join(scratch, "project")
+    os.mkdir(project)
+    for name in ("sinfonia_tier3.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(REPO, name), project)
+    environment = os.path.join(scratch, "venv")
+    venv.create(environment, system_site_packages=True, with_pip=False)
+    python = os.path.join(environment, "bin", "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install",
+                    "--quiet", "--no-deps", "--no-build-isolation", "--no-index", project],
+                   check=True, capture_output=True, timeout=300)
+    return [os.path.join(environment, "bin", "sinfonia-tier3")], {}
+
+
+def _python_m(scratch):
+    return [sys.executable, "-m", "sinfonia_tier3"], {"PYTHONPATH": REPO}
+
+
+def _vendored(scratch):
+    vendor = os.path.join(scratch, "myapp", "_vendor")
+    os.makedirs(vendor)
+    for package in (os.path.dirname(vendor), vendor):
+        open(os.path.join(package, "__init__.py"), "w").close()
+    shutil.copy(TOOL, vendor)
+    code = "import sys; from myapp._vendor import sinfonia_tier3; sys.exit(sinfonia_tier3.main())"
+    return [sys.executable, "-c", code], {"PYTHONPATH": scratch}
+
+
+def _zipapp(scratch):
+    import pyroute2
+
+    source = os.path.join(scratch, "zipapp")
+    os.mkdir(source)
+    shutil.copy(TOOL, source)
+    shutil.copytree(os.path.dirname(pyroute2.__file__), os.path.join(source, "pyroute2"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    archive = os.path.join(scratch, "sinfonia-tier3.pyz")
+    zipapp.create_archive(source, archive, main="sinfonia_tier3:main")
+    # -S: no site-packages, so pyroute2 can only come from the archive.
+    return [sys.executable, "-S", archive], {"PYTHONPATH": _nacl_only_path(scratch)}
+
+
+@pytest.mark.parametrize("way", [_installed_script, _python_m, _vendored, _zipapp],
+                         ids=["installed-script", "python-m", "vendored", "zipapp"])
+def test_every_way_of_running_it_gets_the_page(way, tmp_path):
+    scratch = str(tmp_path)
+    argv, env = way(scratch)
+    with cloudlet.WireGuardServer("sinfonia") as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        result = subprocess.run(
+            [*argv, api.url, "helloworld", "--", *CURL],
+            env=dict(os.environ, **env), cwd=scratch, capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert GREETING.fullmatch(result.stdout), result.stdout

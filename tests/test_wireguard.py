@@ -1,0 +1,720 @@
+"""The userspace WireGuard protocol: two instances talking in one process
+over a list that stands in for the network, with a clock the tests drive.
+
+Nothing is mocked but the wire and the clock: keys, handshakes, cookies and
+transport encryption are the real code paths the datapath runs. The last
+tests run the real `Datapath` between two network namespaces (root only).
+"""
+
+import ipaddress
+import os
+import struct
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sinfonia_tier3 as st3
+
+A_ADDRESS = ("192.0.2.1", 51820)
+B_ADDRESS = ("192.0.2.2", 51820)
+A_IP, B_IP = "10.7.0.1", "10.7.0.2"
+
+
+class Clock:
+    """A monotonic clock that only moves when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class Wall:
+    """A wall clock (TAI64N timestamps) that the test can move too."""
+
+    def __init__(self):
+        self.ns = 1_700_000_000 * 10**9
+
+    def __call__(self):
+        return self.ns
+
+
+def _keypair():
+    from nacl.public import PrivateKey
+
+    private = PrivateKey.generate()
+    return bytes(private), bytes(private.public_key)
+
+
+def _ip_packet(source, destination, payload=b"x" * 20, protocol=17):
+    """A minimal IPv4 packet (the protocol code looks at version, length, source)."""
+    total = 20 + len(payload)
+    header = struct.pack(
+        ">BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, protocol, 0,
+        ipaddress.ip_address(source).packed, ipaddress.ip_address(destination).packed,
+    )
+    return header + payload
+
+
+class End:
+    """One side: the protocol state (`_Peer`) and its `_Sender`, wired to `net`."""
+
+    def __init__(self, name, private, peer_public, address, net, clock, wall, *,
+                 endpoint=None, allowed_ips=(), persistent_keepalive=0, preshared_key=None):
+        self.name, self.address, self.net = name, address, net
+        self.peer = st3._Peer(
+            private, peer_public, endpoint=endpoint, allowed_ips=allowed_ips,
+            persistent_keepalive=persistent_keepalive, preshared_key=preshared_key,
+            clock=clock, wallclock_ns=wall,
+        )
+        self.peer.transmit = lambda message, to: net.append((address, to, bytes(message)))
+
+        def emit(views, segment, to):
+            assert all(len(v) == segment for v in views[:-1])
+            for view in views:
+                net.append((address, to, bytes(view)))
+
+        self.sender = st3._Sender(self.peer.cipher, self.peer.counters, emit,
+                                  self.peer.initiate, clock=clock, endpoint=endpoint)
+        self.peer.sender = self.sender
+        self.delivered = []
+
+    def receive(self, message, source):
+        self.peer.receive_datagram(message, source, self.peer.clock(), self._deliver)
+
+    def _deliver(self, length):
+        self.delivered.append(bytes(self.peer.plain[:length]))
+
+
+class Pair:
+    """A (initiator, knows B's endpoint) and B (responder), and the wire."""
+
+    def __init__(self, **b_options):
+        self.clock, self.wall, self.net = Clock(), Wall(), []
+        a_private, a_public = _keypair()
+        b_private, b_public = _keypair()
+        self.a = End("a", a_private, b_public, A_ADDRESS, self.net, self.clock, self.wall,
+                     endpoint=B_ADDRESS, allowed_ips=[f"{B_IP}/32"])
+        self.b = End("b", b_private, a_public, B_ADDRESS, self.net, self.clock, self.wall,
+                     allowed_ips=[f"{A_IP}/32"], **b_options)
+        self.ends = {A_ADDRESS: self.a, B_ADDRESS: self.b}
+
+    def take(self):
+        """Everything on the wire, removed from it."""
+        messages, self.net[:] = list(self.net), []
+        return messages
+
+    def deliver(self, messages, source=None):
+        for frm, to, message in messages:
+            self.ends[to].receive(message, source or frm)
+
+    def pump(self, rounds=10):
+        for _ in range(rounds):
+            if not self.net:
+                return
+            self.deliver(self.take())
+
+    def advance(self, seconds):
+        self.clock.now += seconds
+        self.wall.ns += int(seconds * 1e9)
+
+    def tick(self):
+        self.a.peer.tick()
+        self.b.peer.tick()
+
+    def handshake(self):
+        self.a.peer.initiate()
+        self.pump()
+        assert self.a.peer.current is not None and self.b.peer.current is not None
+
+
+def _kinds(messages):
+    return [message[0] for _, _, message in messages]
+
+
+# Handshake and transport #####################################################
+
+
+def test_handshake_and_transport_both_ways():
+    pair = Pair()
+    pair.a.peer.initiate()
+    initiation = pair.take()
+    assert _kinds(initiation) == [1] and len(initiation[0][2]) == 148
+    pair.deliver(initiation)
+    response = pair.take()
+    assert _kinds(response) == [2] and len(response[0][2]) == 92
+    assert pair.b.peer.next is not None and pair.b.peer.current is None
+    pair.deliver(response)
+    assert pair.a.peer.current is not None
+    confirmation = pair.take()  # the initiator's keepalive confirms the session
+    assert _kinds(confirmation) == [4] and len(confirmation[0][2]) == 32
+    pair.deliver(confirmation)
+    assert pair.b.peer.current is not None and pair.b.peer.next is None
+    assert pair.a.peer.current.send_key == pair.b.peer.current.receive_key
+    assert pair.b.peer.current.send_key == pair.a.peer.current.receive_key
+
+    to_b, to_a = _ip_packet(A_IP, B_IP), _ip_packet(B_IP, A_IP, b"y" * 1000)
+    pair.a.sender.send_packet(to_b)
+    pair.b.sender.send_packet(to_a)
+    messages = pair.take()
+    assert all(len(m) % 16 == 0 for _, _, m in messages)  # padded to 16
+    pair.deliver(messages)
+    assert pair.b.delivered == [to_b] and pair.a.delivered == [to_a]
+    stats_a = pair.a.peer.counters
+    assert stats_a[st3._LAST_HANDSHAKE_WALL] == pytest.approx(pair.wall.ns / 1e9)
+    assert stats_a[st3._RX_BYTES] == len(messages[1][2])
+
+
+def test_preshared_key_must_match():
+    psk = os.urandom(32)
+    pair = Pair(preshared_key=psk)
+    pair.a.peer.initiate()
+    pair.pump()
+    assert pair.a.peer.current is None  # B answered, but with keys A cannot confirm
+    pair = Pair(preshared_key=psk)
+    pair.a.peer.preshared_key = psk
+    pair.handshake()
+
+
+def test_packets_wait_for_the_handshake_then_flow():
+    pair = Pair()
+    packet = _ip_packet(A_IP, B_IP)
+    pair.a.sender.send_packet(packet)  # no keys yet: queued, handshake requested
+    assert _kinds(pair.net) == [1]
+    pair.pump()
+    assert pair.b.delivered == [packet]
+
+
+def test_source_outside_allowed_ips_is_dropped():
+    pair = Pair()
+    pair.handshake()
+    pair.a.sender.send_packet(_ip_packet("10.7.0.99", B_IP))
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP, b"ok"))
+    pair.pump()
+    assert pair.b.delivered == [_ip_packet(A_IP, B_IP, b"ok")]
+
+
+def test_truncated_ip_packet_inside_tunnel_is_dropped():
+    pair = Pair()
+    pair.handshake()
+    packet = bytearray(_ip_packet(A_IP, B_IP))
+    packet[2:4] = struct.pack(">H", 500)  # claims more than there is
+    pair.a.sender.send_packet(bytes(packet))
+    pair.pump()
+    assert pair.b.delivered == []
+
+
+def test_ipv6_inner_packets():
+    pair = Pair()
+    pair.a.peer.allowed = st3._AllowedIPs(["fd00::/64"])
+    pair.b.peer.allowed = st3._AllowedIPs(["fd00::1/128"])
+    pair.handshake()
+    payload = b"z" * 30
+    packet = struct.pack(">IHBB16s16s", 6 << 28, len(payload), 17, 64,
+                         ipaddress.ip_address("fd00::1").packed,
+                         ipaddress.ip_address("fd00::2").packed) + payload
+    pair.a.sender.send_packet(packet)
+    spoofed = packet[:8] + ipaddress.ip_address("fd00::3").packed + packet[24:]
+    pair.a.sender.send_packet(spoofed)
+    pair.pump()
+    assert pair.b.delivered == [packet]
+
+
+# Replays #######################################################################
+
+
+def test_replayed_data_packet_is_refused():
+    pair = Pair()
+    pair.handshake()
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    messages = pair.take()
+    pair.deliver(messages)
+    pair.deliver(messages)
+    assert len(pair.b.delivered) == 1
+
+
+def test_replay_window_accepts_reordering_and_refuses_the_too_old():
+    pair = Pair()
+    pair.handshake()
+    window = st3._REPLAY_WINDOW
+    assert window >= 2048
+    sent = []
+    for i in range(window + 10):
+        pair.a.sender.send_packet(_ip_packet(A_IP, B_IP, struct.pack(">I", i) * 5))
+        sent.extend(pair.take())
+    pair.deliver([sent[window + 9]])  # the newest first
+    pair.deliver([sent[20]])  # within the window, late: accepted
+    pair.deliver([sent[5]])  # more than the window behind: refused
+    pair.deliver([sent[20]])  # again: refused
+    assert len(pair.b.delivered) == 2
+
+
+def test_replayed_initiation_is_refused():
+    pair = Pair()
+    pair.a.peer.initiate()
+    initiation = pair.take()
+    pair.deliver(initiation)
+    response = pair.take()
+    assert _kinds(response) == [2]
+    keypair = pair.b.peer.next
+    pair.advance(1)
+    pair.deliver(initiation)  # an attacker replays it later
+    assert pair.take() == []
+    assert pair.b.peer.next is keypair
+
+
+def test_older_initiation_is_refused():
+    pair = Pair()
+    pair.a.peer.initiate()
+    older = pair.take()
+    pair.advance(6)
+    pair.a.peer.initiate(retry=True)  # the retransmission carries a newer timestamp
+    newer = pair.take()
+    pair.deliver(newer)
+    assert _kinds(pair.take()) == [2]
+    pair.advance(1)
+    pair.deliver(older)
+    assert pair.take() == []
+
+
+def test_initiations_faster_than_the_rate_limit_are_refused():
+    pair = Pair()
+    pair.a.peer.initiate()
+    first = pair.take()
+    pair.a.peer.initiate(retry=True)  # a new timestamp, but 0 s later
+    second = pair.take()
+    pair.deliver(first + second)
+    assert _kinds(pair.take()) == [2]
+
+
+# Cookies under load ##############################################################
+
+
+def test_flood_of_initiations_gets_cookies_and_an_echoing_client_gets_through():
+    pair = Pair()
+    flood = []
+    for _ in range(st3._UNDER_LOAD_HANDSHAKES + 20):
+        pair.a.peer.initiate(retry=True)
+        flood.extend(pair.take())
+    pair.deliver(flood)
+    answers = pair.take()
+    kinds = _kinds(answers)
+    assert kinds.count(3) >= 20  # cookie replies once under load
+    assert all(len(m) == 64 for _, _, m in answers if m[0] == 3)
+    # The client honours the cookie of its last initiation: mac2 from now on.
+    last_cookie = [a for a in answers if a[2][0] == 3][-1]
+    pair.deliver([last_cookie])
+    assert pair.a.peer.cookie is not None
+    pair.advance(0.5)  # still under load
+    pair.a.peer.initiate(retry=True)
+    retry = pair.take()
+    assert retry[0][2][-16:] != bytes(16)  # mac2 present
+    pair.deliver(retry)
+    assert _kinds(pair.net) == [2]
+    pair.pump()
+    assert pair.a.peer.current is not None and pair.b.peer.current is not None
+
+
+def test_without_cookie_under_load_no_response():
+    pair = Pair()
+    pair.b.peer.under_load_until = pair.clock.now + 1.0
+    pair.a.peer.initiate()
+    pair.deliver(pair.take())
+    assert _kinds(pair.take()) == [3]
+    assert pair.b.peer.next is None
+
+
+def test_cookie_from_another_address_does_not_pass():
+    pair = Pair()
+    pair.b.peer.under_load_until = pair.clock.now + 1.0
+    pair.a.peer.initiate()
+    pair.deliver(pair.take())
+    pair.deliver(pair.take())  # A takes the cookie for A_ADDRESS
+    pair.a.peer.initiate(retry=True)
+    pair.deliver(pair.take(), source=("198.51.100.7", 4000))  # the same bytes, elsewhere
+    assert _kinds(pair.take()) == [3]
+
+
+def test_under_load_each_source_is_rate_limited_even_with_a_cookie():
+    pair = Pair()
+    pair.b.peer.under_load_until = pair.clock.now + 10
+    pair.a.peer.initiate()
+    pair.deliver(pair.take())
+    pair.deliver(pair.take())  # the cookie
+    pair.a.peer.initiate(retry=True)
+    message = pair.take()[0][2]
+    passed = [pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now) for _ in range(10)]
+    assert passed == [True] * st3._HANDSHAKE_BURST + [False] * (10 - st3._HANDSHAKE_BURST)
+    assert pair.take() == []  # refused without a cookie reply
+    pair.advance(1.0)  # the bucket refills
+    assert pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now)
+
+
+# Timers ########################################################################
+
+
+def test_initiation_retransmitted_with_jitter_then_given_up():
+    pair = Pair()
+    pair.a.peer.initiate()
+    pair.take()  # lost
+    pair.advance(st3._REKEY_TIMEOUT - 0.01)
+    pair.tick()
+    assert pair.take() == []
+    pair.advance(0.5)  # REKEY_TIMEOUT plus at most a third of a second
+    pair.tick()
+    assert _kinds(pair.take()) == [1]
+    attempts = 2
+    for _ in range(40):
+        pair.advance(st3._REKEY_TIMEOUT + 0.4)
+        pair.tick()
+        attempts += len(pair.take())
+    assert pair.a.peer.handshake is None  # gave up after REKEY_ATTEMPT_TIME
+    assert 15 <= attempts <= st3._REKEY_ATTEMPT_TIME / st3._REKEY_TIMEOUT + 1
+
+
+def test_rekey_after_time_when_sending_and_reject_after_time():
+    pair = Pair()
+    pair.handshake()
+    old = pair.a.peer.current
+    pair.advance(st3._REKEY_AFTER_TIME + 1)
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    kinds = _kinds(pair.net)
+    assert 4 in kinds and 1 in kinds  # still sent with the old key, and a rekey
+    pair.pump()
+    assert pair.a.peer.current is not old and pair.a.peer.previous is old
+    # After REJECT_AFTER_TIME a keypair no longer decrypts.
+    pair.b.delivered.clear()
+    pair.advance(st3._REJECT_AFTER_TIME)
+    pair.b.peer.current.created = pair.clock.now - st3._REJECT_AFTER_TIME
+    pair.a.peer.current.created = pair.clock.now  # the sender's own copy
+    pair.a.sender.keypair.created = pair.clock.now
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    pair.deliver(pair.take())
+    assert pair.b.delivered == []
+
+
+def test_previous_keypair_still_decrypts_after_rotation():
+    pair = Pair()
+    pair.handshake()
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP, b"old"))
+    in_flight = pair.take()
+    pair.advance(st3._REKEY_TIMEOUT + 1)
+    pair.a.peer.initiate()
+    pair.pump()
+    assert pair.b.peer.previous is not None
+    pair.deliver(in_flight)  # arrives late, under the previous keypair
+    assert pair.b.delivered[-1] == _ip_packet(A_IP, B_IP, b"old")
+
+
+def test_responder_keeps_next_until_the_initiator_uses_it():
+    pair = Pair()
+    pair.handshake()
+    current = pair.b.peer.current
+    pair.advance(st3._REKEY_TIMEOUT + 1)
+    pair.a.peer.initiate()
+    pair.deliver(pair.take())  # B answers; its new keypair waits as `next`
+    assert pair.b.peer.current is current and pair.b.peer.next is not None
+    pair.b.sender.send_packet(_ip_packet(B_IP, A_IP))
+    assert pair.b.sender.keypair is current  # B may not send with `next` yet
+    pair.pump()
+    assert pair.b.peer.current is not current and pair.b.peer.previous is current
+
+
+def test_passive_keepalive_after_receiving_data():
+    pair = Pair()
+    pair.handshake()
+    pair.advance(0.1)
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    pair.pump()
+    pair.advance(st3._KEEPALIVE_TIMEOUT - 1)
+    pair.tick()
+    assert pair.net == []
+    pair.advance(1.5)
+    pair.tick()
+    keepalive = pair.take()
+    assert [(frm, m[0], len(m)) for frm, _, m in keepalive] == [(B_ADDRESS, 4, 32)]
+    pair.deliver(keepalive)  # which also answers A's data: A needs no new handshake
+    pair.advance(st3._KEEPALIVE_TIMEOUT * 2)
+    pair.tick()
+    assert pair.net == []  # nothing new received: no further keepalives
+
+
+def test_persistent_keepalive():
+    pair = Pair()
+    pair.a.peer.persistent_keepalive = 25
+    pair.handshake()
+    pair.advance(24)
+    pair.tick()
+    assert pair.net == []
+    pair.advance(1.5)
+    pair.tick()
+    assert [(frm, m[0]) for frm, _, m in pair.take()] == [(A_ADDRESS, 4)]
+
+
+def test_new_handshake_when_sent_data_goes_unanswered():
+    pair = Pair()
+    pair.handshake()
+    pair.advance(1)
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    pair.take()  # lost, and nothing comes back
+    pair.advance(st3._KEEPALIVE_TIMEOUT + st3._REKEY_TIMEOUT - 0.5)
+    pair.tick()
+    assert pair.net == []
+    pair.advance(1)
+    pair.tick()
+    assert _kinds(pair.take()) == [1]
+
+
+def test_keys_zeroed_after_three_times_reject_after_time():
+    pair = Pair()
+    pair.handshake()
+    pair.advance(3 * st3._REJECT_AFTER_TIME + 1)
+    pair.tick()
+    assert pair.a.peer.current is None and pair.b.peer.current is None
+    assert pair.a.sender.keypair is None
+    assert all(kp is None for kp in pair.b.peer.keypairs.values())
+
+
+# Endpoints ########################################################################
+
+
+def test_endpoint_follows_the_roaming_peer():
+    pair = Pair()
+    pair.handshake()
+    assert pair.b.peer.endpoint == A_ADDRESS
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    roamed = ("198.51.100.9", 40000)
+    pair.deliver(pair.take(), source=roamed)
+    assert pair.b.peer.endpoint == roamed and pair.b.sender.endpoint == roamed
+    # An unauthenticated packet from elsewhere does not move it.
+    pair.deliver([(("203.0.113.5", 1), B_ADDRESS, os.urandom(64))])
+    assert pair.b.peer.endpoint == roamed
+
+
+def test_endpoint_names_and_families_resolve():
+    import socket
+
+    v4 = st3._udp_socket(("127.0.0.1", 0), None)
+    v6 = st3._udp_socket(None, None)
+    try:
+        assert st3._resolve_endpoint(v4, ("localhost", 5)) == ("127.0.0.1", 5)
+        assert st3._resolve_endpoint(v6, ("127.0.0.1", 5))[:2] == ("::ffff:127.0.0.1", 5)
+        assert st3._resolve_endpoint(v6, ("::1", 5))[:2] == ("::1", 5)
+        with pytest.raises(st3.TunnelError):
+            st3._resolve_endpoint(v4, ("name.invalid", 5))
+        assert v6.family == socket.AF_INET6
+    finally:
+        v4.close()
+        v6.close()
+
+
+# Hostile input #################################################################
+
+
+def _state(peer):
+    """Everything a message could change (the load meter aside: it counts
+    handshake messages that carry a valid mac1, which is its job)."""
+    keypairs = {
+        index: None if kp is None else (kp.replay_top, kp.created, tuple(kp.replay_ring))
+        for index, kp in peer.keypairs.items()
+    }
+    return (
+        keypairs, peer.current, peer.previous, peer.next, peer.handshake,
+        peer.last_timestamp, peer.endpoint, peer.cookie, peer.last_received,
+        peer.last_data_received, tuple(peer.counters), peer.last_handshake,
+    )
+
+
+def _established():
+    """A pair that has done a handshake and exchanged data, and samples of
+    every message type that went over the wire."""
+    pair = Pair()
+    pair.b.peer.under_load_until = pair.clock.now + 0.5
+    pair.a.peer.initiate()
+    initiation = pair.take()
+    pair.deliver(initiation)
+    cookie = pair.take()
+    pair.deliver(cookie)
+    pair.advance(1)
+    pair.a.peer.initiate(retry=True)
+    initiation = pair.take()
+    pair.deliver(initiation)
+    response = pair.take()
+    pair.deliver(response)
+    pair.pump()
+    assert pair.a.peer.current is not None and pair.b.peer.current is not None
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    data = pair.take()
+    pair.deliver(data)
+    samples = [m for _, _, m in initiation + response + cookie + data]
+    return pair, samples
+
+
+_FUZZ = settings(max_examples=300, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_FUZZ
+@given(st.binary(max_size=200))
+def test_fuzz_random_datagrams(datagram):
+    pair, _ = _established()
+    for end in (pair.a, pair.b):
+        before = _state(end.peer)
+        end.receive(datagram, ("203.0.113.5", 9))
+        assert _state(end.peer) == before
+    assert pair.net == [] or all(m[0] == 3 for _, _, m in pair.net)
+
+
+@_FUZZ
+@given(st.data())
+def test_fuzz_truncated_and_bit_flipped_messages(data):
+    pair, samples = _established()
+    message = bytearray(data.draw(st.sampled_from(samples)))
+    if data.draw(st.booleans()):
+        message = message[:data.draw(st.integers(0, len(message) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 8))):
+            bit = data.draw(st.integers(0, len(message) * 8 - 1))
+            message[bit // 8] ^= 1 << (bit % 8)
+    for end in (pair.a, pair.b):
+        before = _state(end.peer)
+        end.receive(bytes(message), ("203.0.113.5", 9))
+        assert _state(end.peer) == before
+        assert end.delivered[1:] == []
+
+
+@_FUZZ
+@given(st.binary(min_size=16, max_size=200), st.sampled_from([1, 2, 3, 4]))
+def test_fuzz_messages_with_valid_type_and_random_body(body, kind):
+    pair, _ = _established()
+    for size in (148, 92, 64, len(body) + 16):
+        message = (struct.pack("<I", kind) + body * 8)[:size]
+        for end in (pair.a, pair.b):
+            before = _state(end.peer)
+            end.receive(message, ("203.0.113.5", 9))
+            assert _state(end.peer) == before
+
+
+# The transport cipher's two paths ##############################################
+
+
+def test_cffi_and_bindings_ciphers_agree():
+    fast, slow = st3._TransportCipher(), st3._TransportCipher(fast=False)
+    assert not slow.fast
+    key, plaintext = os.urandom(32), os.urandom(1424)
+    sealed = []
+    for cipher in (fast, slow):
+        buffer = bytearray(plaintext + bytes(16))
+        cipher.seal(cipher.slot(buffer, 0), len(plaintext), key, 7)
+        sealed.append(bytes(buffer))
+        out = bytearray(2000)
+        assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
+                           cipher.slot(out, 0)) == len(plaintext)
+        assert bytes(out[:len(plaintext)]) == plaintext
+        buffer[100] ^= 1
+        assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
+                           cipher.slot(out, 0)) == -1
+    assert sealed[0] == sealed[1]
+
+
+# The Datapath between two namespaces ###########################################
+
+
+def _namespaces():
+    """tests/netns.py (the shared namespace helpers), or a skip saying why not."""
+    try:
+        import netns
+    except ImportError:
+        pytest.skip("tests/netns.py (shared namespace helpers) is not in this checkout")
+    reason = netns.missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    return netns
+
+
+def _udp_echo_once(address, port):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((address, port))
+        sock.settimeout(10)
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(data[::-1], peer)
+    return data
+
+
+def _udp_ask(address, port, payload):
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sock.sendto(payload, (address, port))
+            try:
+                return sock.recvfrom(2048)[0]
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain-tun", "vnet-hdr"])
+def test_datapath_between_namespaces(vnet_hdr):
+    netns = _namespaces()
+    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    with ExitStack() as stack:
+        ns_a = stack.enter_context(netns.Namespace("st3wa"))
+        ns_b = stack.enter_context(netns.Namespace("st3wb"))
+        b = stack.enter_context(netns.OurDatapath(
+            ns_b, [f"{B_IP}/24"], b_private, a_public, allowed_ips=[f"{A_IP}/32"],
+            vnet_hdr=vnet_hdr))
+        a = stack.enter_context(netns.OurDatapath(
+            ns_a, [f"{A_IP}/24"], a_private, b_public, allowed_ips=[f"{B_IP}/32"],
+            endpoint=b.endpoint, vnet_hdr=vnet_hdr))
+        b.start()
+        a.start()
+        a.datapath.wait_for_handshake(10)
+        echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
+        answer = ns_a.fork(_udp_ask, B_IP, 7007, b"hello through the tunnel")
+        assert answer.result(20) == b"lennut eht hguorht olleh"
+        assert echo.result(5) == b"hello through the tunnel"
+        netns.exchange(ns_b, B_IP, ns_a, 8 << 20)  # TCP, checksummed, both ways
+        stats = a.datapath.stats()
+        assert stats["endpoint"] == b.endpoint
+        assert stats["tx_bytes"] > 8 << 20 and stats["rx_bytes"] > 8 << 20
+        assert stats["last_handshake"] is not None
+        assert b.datapath.stats()["endpoint"] == a.endpoint
+        workers = list(a.datapath._workers)
+        a.datapath.stop()
+        a.datapath.stop()  # idempotent
+        for pid in workers:
+            with pytest.raises(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def test_wait_for_handshake_has_a_deadline():
+    import socket
+    import time
+
+    netns = _namespaces()
+    (a_private, _), (_, b_public) = _keypair(), _keypair()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # takes datagrams, never answers
+        with netns.Namespace("st3wa") as ns_a, netns.OurDatapath(
+                ns_a, [f"{A_IP}/24"], a_private, b_public, allowed_ips=[f"{B_IP}/32"],
+                endpoint=silent.getsockname()) as a:
+            a.start()
+            started = time.monotonic()
+            with pytest.raises(st3.TunnelError, match="no WireGuard handshake"):
+                a.datapath.wait_for_handshake(1.5)
+            assert 1.4 <= time.monotonic() - started < 5
+            assert silent.recv(2048)[0] == 1  # it did try: an initiation
+            assert a.datapath.stats()["last_handshake"] is None
