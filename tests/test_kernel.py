@@ -91,7 +91,7 @@ def test_tests_pass_inside_guest():
     _ensure_pyroute2_debian()
     result = subprocess.run(
         [sys.executable, str(REPO / "tests/vm/run.py"), "--",
-         sys.executable, "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider",
+         sys.executable, "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider", "--color=no",
          "-q", "-rs", "--durations=5", str(REPO / "tests/test_kernel.py")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800,
         check=False)
@@ -105,9 +105,12 @@ def test_tests_pass_inside_guest():
 
 
 def _keypair():
+    """A clamped private key (as `wg genkey` makes and the kernel reports back)."""
     from nacl.bindings import crypto_scalarmult_base
-    private = os.urandom(32)
-    return private, crypto_scalarmult_base(private)
+    private = bytearray(os.urandom(32))
+    private[0] &= 248
+    private[31] = (private[31] & 127) | 64
+    return bytes(private), crypto_scalarmult_base(bytes(private))
 
 
 def _spec(**overrides):
@@ -212,7 +215,11 @@ def test_helper_creates_configures_and_moves_link(holders, pythonpath):
     assert dump.returncode == 0, dump.stderr
     device, peer = [line.split("\t") for line in dump.stdout.splitlines()]
     assert device[0] == _b64(spec.private_key)
-    listen_port = device[2]
+    # Up (as the namespace child brings it), it opens its UDP socket: in the
+    # namespace where it was created, not in the holder's.
+    assert holder.run("ip", "link", "set", ifname, "up").returncode == 0
+    listen_port = holder.run("wg", "show", ifname, "listen-port").stdout.strip()
+    assert listen_port.isdigit() and listen_port != "0"
     assert peer[0] == _b64(spec.peer_public_key)
     assert peer[2] == "192.0.2.1:51820"
     assert sorted(peer[3].split(",")) == ["10.7.0.0/16", "fd07::/64"]
