@@ -41,7 +41,10 @@ def _load_vm_runner():
 
 
 vm = _load_vm_runner()
-PYROUTE2_DEBIAN_DIR = vm.cache_dir() / f"pyroute2-{PYROUTE2_DEBIAN}"
+# Read before the per-test $XDG_CACHE_HOME (conftest.py) is in place: the
+# kernel download is cached across runs.
+VM_CACHE = vm.cache_dir()
+PYROUTE2_DEBIAN_DIR = VM_CACHE / f"pyroute2-{PYROUTE2_DEBIAN}"
 
 
 def _kernel_wireguard_missing():
@@ -94,7 +97,7 @@ def test_tests_pass_inside_guest():
          sys.executable, "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider", "--color=no",
          "-q", "-rs", "--durations=5", str(REPO / "tests/test_kernel.py")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800,
-        check=False)
+        env={**os.environ, "SINFONIA_TIER3_VM_CACHE": str(VM_CACHE)}, check=False)
     output = result.stdout.decode("utf-8", "replace")
     print(output)
     assert result.returncode == 0, f"tests inside the guest failed:\n{output[-6000:]}"
@@ -425,3 +428,71 @@ def test_sudo_helper_refuses_someone_elses_process(sudo_user, holders):
     assert result.returncode == 125
     assert "does not belong to user" in result.stderr.decode()
     assert holder.run("ip", "link", "show", "wgforeign").returncode != 0
+
+
+# Userspace datapath against kernel WireGuard ####################################
+
+BULK = 50 << 20   # the issue's 50 MiB each way
+KERNEL_V4, OURS_V4 = "10.98.0.2", "10.98.0.1"
+
+
+class _KernelPeer:
+    """A kernel WireGuard link made by the kernel backend's own
+    `_create_kernel_link` and moved into `namespace`; its UDP socket stays on
+    this namespace's loopback, next to the userspace datapath's."""
+
+    def __init__(self, namespace, private_key, peer_public_key, **settings):
+        self.name = f"st3k{uuid.uuid4().hex[:8]}"
+        self.namespace = namespace
+        spec = st3._kernel_link_spec(private_key, peer_public_key, **settings)
+        netns_fd = os.open(namespace.path, os.O_RDONLY)
+        try:
+            st3._create_kernel_link(self.name, spec, netns_fd)
+        finally:
+            os.close(netns_fd)
+        namespace.add_addresses(self.name, [f"{KERNEL_V4}/24"])
+        self.listen_port = int(namespace.run(["wg", "show", self.name, "listen-port"]))
+
+    def latest_handshake(self):
+        out = self.namespace.run(["wg", "show", self.name, "latest-handshakes"])
+        return int(out.split()[1])
+
+
+def _kernel_interop(kernel_initiates):
+    import ipaddress
+
+    from netns import Namespace, OurDatapath, exchange, generate_keypair
+
+    if not hasattr(st3, "Datapath"):
+        pytest.fail("sinfonia_tier3.Datapath does not exist yet")
+    (our_private, our_public), (kernel_private, kernel_public) = (
+        generate_keypair(), generate_keypair())
+    with Namespace("st3o") as ours_ns, Namespace("st3k") as kernel_ns:
+        kernel = None
+        if not kernel_initiates:
+            kernel = _KernelPeer(kernel_ns, kernel_private, our_public,
+                                 allowed_ips=[f"{OURS_V4}/32"])
+        with OurDatapath(
+                ours_ns, [f"{OURS_V4}/24"], our_private, kernel_public,
+                endpoint=None if kernel_initiates else ("127.0.0.1", kernel.listen_port),
+                allowed_ips=[ipaddress.ip_network(f"{KERNEL_V4}/32")]) as ours:
+            if kernel_initiates:
+                kernel = _KernelPeer(kernel_ns, kernel_private, our_public,
+                                     endpoint=ours.endpoint, persistent_keepalive=1,
+                                     allowed_ips=[f"{OURS_V4}/32"])
+            ours.start()
+            ours.datapath.wait_for_handshake(30)
+            assert kernel.latest_handshake() > 0
+            if kernel_initiates:
+                exchange(ours_ns, OURS_V4, kernel_ns, BULK, timeout=600)
+            else:
+                exchange(kernel_ns, KERNEL_V4, ours_ns, BULK, timeout=600)
+            stats = ours.datapath.stats()
+            assert stats["rx_bytes"] >= BULK and stats["tx_bytes"] >= BULK
+
+
+@needs_kernel_wg
+@pytest.mark.parametrize("kernel_initiates", [False, True],
+                         ids=["kernel-responds", "kernel-initiates"])
+def test_userspace_datapath_with_kernel_wireguard(kernel_initiates):
+    _kernel_interop(kernel_initiates)

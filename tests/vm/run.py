@@ -53,7 +53,7 @@ GUEST_MODULES = (
 
 #: The host environment the command sees inside (everything else is left out).
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV",
-              "XDG_CACHE_HOME", "TERM")
+              "XDG_CACHE_HOME", "TERM", "SINFONIA_TIER3_VM_CACHE")
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
