@@ -3260,6 +3260,157 @@ def _provide_kernel_link(pid, ifname, spec, *, use_sudo, timeout=30):
         raise TunnelError(f"the sudo root helper failed: {why}")
 
 
+_NETLINK_GENERIC = 16
+_GENL_ID_CTRL = 0x10
+_CTRL_CMD_GETFAMILY = 3
+_CTRL_ATTR_FAMILY_ID = 1
+_CTRL_ATTR_FAMILY_NAME = 2
+_WG_CMD_GET_DEVICE = 0
+_WGDEVICE_A_IFNAME = 2
+_WGDEVICE_A_PEERS = 8
+_WGPEER_A_LAST_HANDSHAKE_TIME = 6
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+
+
+class _KernelLinkInside(_LinkMovedIn):
+    """The kernel backend's interface: a link moved in by the tool, plus a
+    generic netlink socket opened inside the namespace and handed to the tool,
+    which watches the link's handshake through it (the tool itself cannot
+    enter the namespace)."""
+
+    def create(self, channel):
+        import socket
+
+        fds = super().create(channel)
+        watcher = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_GENERIC)
+        return [*fds, watcher.detach()]
+
+
+def _nlattrs(data):
+    """Netlink attributes in `data` as {type: payload}; nested flags dropped."""
+    attrs = {}
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        attrs[kind & 0x3FFF] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return attrs
+
+
+def _nlattr(kind, payload):
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _genl_request(sock, family, command, attrs, flags=0):
+    """Send one generic netlink request; the payloads (after the genl header)
+    of the answers, until the dump ends or the request is acknowledged."""
+    body = struct.pack("=BBH", command, 1, 0) + attrs
+    sock.send(struct.pack("=IHHII", 16 + len(body), family,
+                          _NLM_F_REQUEST | _NLM_F_ACK | flags, 1, 0) + body)
+    answers = []
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if length < 16:
+                raise TunnelError("malformed netlink answer")
+            if kind == _NLMSG_ERROR:
+                (error,) = struct.unpack_from("=i", data, offset + 16)
+                if error:
+                    raise TunnelError(f"netlink: {os.strerror(-error)}")
+                return answers
+            if kind == _NLMSG_DONE:
+                return answers
+            answers.append(data[offset + 20:offset + length])
+            offset += (length + 3) & ~3
+
+
+def _kernel_handshake_seen(sock, ifname):
+    """Whether kernel WireGuard link `ifname` (in `sock`'s namespace) has had a
+    handshake with its peer."""
+    (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
+                              _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
+    family_id = struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
+    for answer in _genl_request(sock, family_id, _WG_CMD_GET_DEVICE,
+                                _nlattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0"),
+                                _NLM_F_DUMP):
+        for peer in _nlattrs(_nlattrs(answer).get(_WGDEVICE_A_PEERS, b"")).values():
+            seconds = _nlattrs(peer).get(_WGPEER_A_LAST_HANDSHAKE_TIME, b"")[:8]
+            if len(seconds) == 8 and struct.unpack("=q", seconds)[0] > 0:
+                return True
+    return False
+
+
+def _resolve_endpoint(host, port):
+    """The endpoint as an IP literal: the root helper takes no names."""
+    import ipaddress
+    import socket
+
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        raise TunnelError(f"cannot resolve the tunnel endpoint {host}: {e}") from None
+    return infos[0][4][0], port
+
+
+def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
+                            connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False):
+    """`_run_application` with a kernel WireGuard link instead of the userspace
+    datapath: made here (as root) or by the sudo root helper, then moved into
+    the application's namespace; returns the application's exit status."""
+    import secrets
+    import socket
+    import time
+
+    spec = _kernel_link_spec(
+        keypair.private, config.public_key,
+        endpoint=_resolve_endpoint(config.endpoint_host, config.endpoint_port),
+        allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
+    ifname = "st3" + secrets.token_hex(4)
+    use_sudo = os.geteuid() != 0
+    with _Namespace(_KernelLinkInside(ifname), mtu=mtu) as namespace:
+        namespace.expect("awaiting_link")
+        _provide_kernel_link(namespace.pid, ifname, spec, use_sudo=use_sudo)
+        if debug:
+            _debug(f"kernel WireGuard link {ifname} created "
+                   f"{'by the sudo root helper' if use_sudo else 'as root'}")
+        namespace.send({"link_moved": ifname})
+        _, fds = namespace.expect("interface")
+        if len(fds) != 1:
+            raise TunnelError("the application's namespace sent no netlink socket")
+        with socket.socket(fileno=fds[0]) as watcher:
+            namespace.configure(config.addresses, config.allowed_ips,
+                                _render_resolv_conf(config) if config.nameservers else None)
+            namespace.expect("configured")
+            deadline = time.monotonic() + connect_timeout
+            while not _kernel_handshake_seen(watcher, ifname):
+                if time.monotonic() > deadline:
+                    raise TunnelError(
+                        f"the cloudlet did not answer at its endpoint "
+                        f"{config.endpoint_host}:{config.endpoint_port} within "
+                        f"{connect_timeout:g} s: check that UDP to it gets through, "
+                        "or allow more time with --connect-timeout")
+                time.sleep(0.05)
+        env = dict(os.environ)
+        env.update(env_extra)
+        if not command:
+            command = [env.get("SHELL") or "/bin/sh"]
+            env["PS1"] = _SHELL_PROMPT
+        namespace.start(command, env)
+        return namespace.wait()
+
+
 # Orchestration ###############################################################
 
 

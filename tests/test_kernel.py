@@ -496,3 +496,65 @@ def _kernel_interop(kernel_initiates):
                          ids=["kernel-responds", "kernel-initiates"])
 def test_userspace_datapath_with_kernel_wireguard(kernel_initiates):
     _kernel_interop(kernel_initiates)
+
+
+# The kernel backend end to end, as root ##########################################
+
+KERNEL_SESSION = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import sinfonia_tier3 as st3
+url, command = sys.argv[2], sys.argv[3:]
+uuid = st3._application_uuid("helloworld")
+keypair = st3._load_or_create_keypair(uuid)
+deployment = st3._deploy_verbosely(url, uuid, keypair, results=1, timeout=10,
+                                   debug=False)[0]
+try:
+    status = st3._run_kernel_application(
+        deployment.tunnel_config, keypair, command,
+        env_extra=st3._application_environment(deployment, url), debug=True)
+except st3.SinfoniaError as e:
+    print(f"sinfonia-tier3: {e}", file=sys.stderr)
+    status = e.exit_status
+sys.exit(status)
+"""
+
+
+@pytest.fixture(scope="module")
+def cloudlet_url():
+    import cloudlet
+    with cloudlet.WireGuardServer("sinfonia") as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        yield api.url
+
+
+def _kernel_session(url, *command, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-c", KERNEL_SESSION, str(REPO), url, *command],
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, capture_output=True,
+        text=True, timeout=120, check=False)
+
+
+def _st3_links():
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.split(":")[1].strip() for line in out.splitlines()
+            if line.split(":")[1].strip().startswith("st3")]
+
+
+@needs_kernel_wg
+def test_kernel_backend_gets_the_page_as_root(cloudlet_url, tmp_path):
+    ports_before, links_before = _udp_ports(), _st3_links()
+    result = _kernel_session(cloudlet_url, "curl", "-sS", "--max-time", "20",
+                             "http://helloworld/", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello from the sinfonia test cloudlet!"), result
+    assert "kernel WireGuard link st3" in result.stderr
+    assert _st3_links() == links_before
+    assert _udp_ports() <= ports_before, "the link's UDP socket must be gone"
+
+
+@needs_kernel_wg
+def test_kernel_backend_passes_the_exit_status_through(cloudlet_url, tmp_path):
+    result = _kernel_session(cloudlet_url, "sh", "-c", "exit 7", tmp_path=tmp_path)
+    assert result.returncode == 7, result.stderr
