@@ -2436,6 +2436,9 @@ def _enter_new_namespaces():
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     except OSError as e:
+        if uid == 0:
+            raise TunnelError(f"cannot create the application's namespaces: "
+                              f"{e.strerror}") from None
         raise TunnelError(_explain_userns_failure(e)) from None
 
 
@@ -2455,19 +2458,19 @@ class _TunInside:
     name = "sinfonia0"
 
     def create(self, channel):
-        """In the namespace child: make the device, hand its descriptor out."""
+        """In the namespace child: make the device; its descriptor is what
+        goes to the tool with the {"interface": name} message."""
         try:
-            fd = _open_tun(self.name)
+            return [_open_tun(self.name)]
         except TunnelError as e:
             raise TunnelError(f"{e}: {_tun_advice()}") from None
-        channel.send({"interface": self.name}, fds=[fd])
-        os.close(fd)
 
 
 class _LinkMovedIn:
     """Interface made outside and moved in by the tool (the kernel backend):
     the child says {"awaiting_link": name}; the tool moves the link into the
-    network namespace of `_Namespace.pid` and answers {"link_moved": name}."""
+    network namespace of `_Namespace.pid` and answers {"link_moved": name};
+    then, as with a TUN device, {"interface": name} says it is up."""
 
     def __init__(self, name):
         self.name = name
@@ -2477,6 +2480,7 @@ class _LinkMovedIn:
         message, _ = channel.receive()
         if message != {"link_moved": self.name}:
             raise TunnelError(f"the tunnel link {self.name} was not moved in")
+        return []
 
 
 def _netlink_step(what, function, *args, **kwargs):
@@ -2489,11 +2493,10 @@ def _netlink_step(what, function, *args, **kwargs):
         raise TunnelError(f"cannot {what}: {os.strerror(e.code)}") from None
 
 
-def _configure_interface(ipr, name, mtu, addresses, routes):
+def _configure_interface(ipr, index, name, addresses, routes):
     """Addresses and routes on the tunnel interface, which is up already."""
     import ipaddress
 
-    index = ipr.link_lookup(ifname=name)[0]
     for text in addresses:
         address = ipaddress.ip_interface(text)
         flags = _IFA_F_NODAD if address.version == 6 else 0  # usable at once
@@ -2515,20 +2518,27 @@ def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIR
     """Make `path` read `text` inside our mount namespace.
 
     A symlink (systemd-resolved's stub, resolvconf) is followed to the file it
-    names; when that file is missing, it is created on a tmpfs over its
-    directory. The file comes from a tmpfs mounted briefly on `staging`: the
-    bind mount keeps it alive after the staging mount is gone, so nothing is
-    ever written to disk.
+    names. When that file is missing (it was in a hidden directory, or its
+    service is not running), it is created on the tmpfs over its directory:
+    one of `hidden_dirs`, or a new one if the directory is under /run. The
+    file comes from a tmpfs mounted briefly on `staging`: the bind mount keeps
+    it alive after the staging mount is gone, so nothing is written to disk.
     """
+    hidden = []
     for directory in hidden_dirs:
         if os.path.isdir(directory):
             _hide_path(directory)
+            hidden.append(os.path.realpath(directory))
     target = os.path.realpath(path)
     if not os.path.exists(target):
         directory = os.path.dirname(target)
-        if not os.path.isdir(directory):
-            raise TunnelError(f"{path} leads to {target}, whose directory does not exist")
-        _hide_path(directory)
+        if directory not in hidden:
+            if not (directory.startswith("/run/") and os.path.isdir(directory)):
+                raise TunnelError(
+                    f"{path} is missing or leads nowhere ({target}), so the "
+                    "cloudlet's DNS cannot be put there: create it (an empty file "
+                    "will do)")
+            _hide_path(directory)
         with open(target, "w") as f:
             f.write(text)
         return
@@ -2545,22 +2555,31 @@ def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIR
 def _namespace_init(channel, interface, mtu):
     """PID 1 of the new namespaces: set them up as the tool asks, start the
     application, and serve as its init. Returns the application's status."""
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    try:
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing leaks out
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    except OSError as e:
+        raise TunnelError(
+            f"cannot mount /proc for the application's PID namespace: {e.strerror} "
+            "(a container that hides parts of /proc forbids it; run on the host)"
+        ) from None
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
-        interface.create(channel)
+        fds = interface.create(channel)
         index = ipr.link_lookup(ifname=interface.name)[0]
         _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
                       index=index, mtu=mtu)
         _netlink_step(f"bring up {interface.name}", ipr.link, "set", index=index,
                       state="up")
+        channel.send({"interface": interface.name}, fds=fds)
+        for fd in fds:
+            os.close(fd)
         config, _ = channel.receive()
         if config is None:  # the tool gave up
             return 125
-        _configure_interface(ipr, interface.name, mtu, config["addresses"],
+        _configure_interface(ipr, index, interface.name, config["addresses"],
                              config["routes"])
     if config["resolv_conf"] is not None:
         try:
@@ -2582,17 +2601,20 @@ def _namespace_init(channel, interface, mtu):
 
 def _serve_as_init(channel, start):
     """Start the application, then do init's job until it ends: reap every
-    orphan, pass on the signals the tool forwards. The rest of the PID
+    orphan, pass on the signals the tool forwards, tell the tool when the
+    application stops (Ctrl-Z) and continue it when told. The rest of the PID
     namespace dies when this returns."""
     import select
     import signal
 
+    terminal = start["terminal"]
     wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # to hand the terminal over
     application = os.fork()
     if application == 0:
-        _exec_application(channel, start["command"], start["env"], start["terminal"])
+        _exec_application(channel, start["command"], start["env"], terminal)
     while True:
         readable, _, _ = select.select([channel, wakeup_r], [], [])
         if channel in readable:
@@ -2600,20 +2622,28 @@ def _serve_as_init(channel, start):
             if message is None:  # the tool is gone: so is everything here
                 return 125
             try:
-                os.kill(application, message["signal"])
+                if "continue" in message:
+                    if message["continue"] and terminal is not None:
+                        os.tcsetpgrp(terminal, application)
+                    os.killpg(application, signal.SIGCONT)
+                else:
+                    os.kill(application, message["signal"])
             except ProcessLookupError:
                 pass
         if wakeup_r in readable:
             os.read(wakeup_r, 4096)
             while True:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
                 if pid == application:
-                    return _exit_status(status)
+                    if os.WIFSTOPPED(status):
+                        channel.send({"stopped": os.WSTOPSIG(status)})
+                    else:
+                        return _exit_status(status)
 
 
 def _exec_application(channel, command, env, terminal):
@@ -2742,7 +2772,10 @@ class _Namespace:
         self.close()
 
     def send(self, message):
-        self._channel.send(message)
+        try:
+            self._channel.send(message)
+        except OSError:  # the child has ended; its last message says why
+            self.expect("error")
 
     def expect(self, key, timeout=_SETUP_TIMEOUT):
         """The child's next message, which must carry `key`: (message, fds).
@@ -2794,19 +2827,40 @@ class _Namespace:
                 previous[signum] = signal.signal(signum, self._forward)
         except ValueError:  # not the main thread: signals stay as they are
             pass
+        failure = None
         try:
+            while True:  # until the namespace's init has gone
+                message, _ = self._channel.receive()
+                if message is None:
+                    break
+                if "stopped" in message:
+                    self._suspend()
+                elif "error" in message:  # exec failed (with a status), or init
+                    failure = message
             status = self._reap()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._take_back_terminal()
-        try:
-            message, _ = self._channel.receive(0)
-        except (BlockingIOError, OSError):
-            message = None
-        if message and "error" in message:
-            raise _CommandError(message["error"], message.get("status", 125))
+        if failure is not None and "status" in failure:
+            raise _CommandError(failure["error"], failure["status"])
+        if failure is not None:
+            raise TunnelError(failure["error"])
         return status
+
+    def _suspend(self):
+        """The application stopped (Ctrl-Z): stop the tool too, so that the
+        shell it runs under takes the terminal back; once continued (fg or
+        bg), continue the application, in the foreground if the tool is."""
+        import signal
+
+        self._give_back_terminal()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        try:
+            foreground = os.tcgetpgrp(self._terminal) == os.getpgrp()
+        except (OSError, TypeError):  # no terminal (any more)
+            foreground = False
+        self.send({"continue": foreground})
 
     def _forward(self, signum, frame):
         try:
@@ -2814,7 +2868,8 @@ class _Namespace:
         except OSError:
             pass
 
-    def _take_back_terminal(self):
+    def _give_back_terminal(self):
+        """Make the tool's process group the terminal's foreground again."""
         if self._terminal is None:
             return
         import signal
@@ -2826,7 +2881,10 @@ class _Namespace:
             pass
         finally:
             signal.signal(signal.SIGTTOU, previous)
-            self._terminal = None
+
+    def _take_back_terminal(self):
+        self._give_back_terminal()
+        self._terminal = None
 
     def _reap(self):
         if self._status is None:

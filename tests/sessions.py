@@ -23,6 +23,7 @@ import time
 
 USER = "sinfonia-test"
 TUN = "/dev/net/tun"
+SCRATCH_PREFIX = "sinfonia-test-"  # the user's scratch directories in /tmp
 
 
 def missing_root():
@@ -94,7 +95,7 @@ def tun_open_to_all():
 def user_directory():
     """A temporary directory owned by the test user (key cache, scratch)."""
     uid, gid = test_user()
-    path = tempfile.mkdtemp(prefix="sinfonia-test-")
+    path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
     try:
         os.chown(path, uid, gid)
         os.chmod(path, 0o700)
@@ -103,17 +104,19 @@ def user_directory():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def files_of_user(uid, ignore=(), roots=("/tmp", "/var/tmp", "/dev/shm", "/run")):
+def files_of_user(uid, roots=("/tmp", "/var/tmp", "/dev/shm", "/run")):
     """Paths under `roots` owned by `uid` (what a run may have left behind),
-    except those under the directories in `ignore`."""
+    except the scratch directories of `user_directory` (this test's and those
+    of tests running at the same time)."""
+    scratch = os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX)
     found = []
     for root in roots:
         for directory, names, files in os.walk(root):
-            if any(directory == i or directory.startswith(i + os.sep) for i in ignore):
+            if (directory + os.sep).startswith(scratch):
                 continue
             for name in names + files:
                 path = os.path.join(directory, name)
-                if path in ignore:
+                if path.startswith(scratch):
                     continue
                 try:
                     if os.lstat(path).st_uid == uid:
@@ -190,7 +193,8 @@ def _is_zombie(pid):
 
 def run_in_terminal(argv, typed, timeout=20):
     """Run `argv` as the foreground job of a fresh pseudo-terminal; type
-    `typed` (a list of (wait_for, text): type text once wait_for is shown) and return (status, everything shown)."""
+    `typed` (a list of (wait_for, text): type text once wait_for is shown;
+    a callable instead of text is called with the pid) and return (status, everything shown)."""
     pid, master = pty.fork()
     if pid == 0:
         try:
@@ -208,7 +212,10 @@ def run_in_terminal(argv, typed, timeout=20):
                 if select.select([master], [], [], remaining)[0]:
                     shown += os.read(master, 4096)
             matched = shown.index(wait_for.encode(), matched) + len(wait_for)
-            os.write(master, text.encode())
+            if callable(text):
+                text(pid)
+            else:
+                os.write(master, text.encode())
         while time.monotonic() < deadline:
             if select.select([master], [], [], deadline - time.monotonic())[0]:
                 try:
@@ -229,3 +236,15 @@ def run_in_terminal(argv, typed, timeout=20):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(master)
+
+
+def wait_until_stopped(pid, timeout=10.0):
+    """Wait (bounded) until process `pid` is stopped (state T)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "T":
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop")
+        time.sleep(0.02)

@@ -95,12 +95,14 @@ class Tool:
 def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool):
     code, stdout, stderr = tool.run(
         cloudlet_url, "--", "sh", "-c",
-        '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL"', "-", *CURL)
+        '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL '
+        '$SINFONIA_DEPLOYMENT"', "-", *CURL)
     assert code == 0, stderr
     page = GREETING.match(stdout)
     assert page, stdout
+    deployment = re.search(r"deployed (\S+) \(Deployed\)", stderr).group(1)
     assert stdout[page.end():] == (
-        f"{page.group(1)} {cloudlet.HELLOWORLD} {cloudlet_url}\n")
+        f"{page.group(1)} {cloudlet.HELLOWORLD} {cloudlet_url} {deployment}\n")
 
 
 def test_the_applications_exit_status_comes_back(cloudlet_url, tool):
@@ -126,7 +128,7 @@ def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
             process.kill()
             process.wait()
     if tool.as_user:
-        assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
+        assert sessions.files_of_user(tool.uid) == []
 
 
 def test_a_dead_endpoint_fails_before_the_application_starts(tool):
@@ -162,7 +164,7 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
     assert len(addresses) == 10, "ten keys, ten tunnels, ten addresses"
     assert sessions.wait_until_gone(pids, {}) == []
     if tool.as_user:
-        assert sessions.files_of_user(tool.uid, ignore=[tool.scratch]) == []
+        assert sessions.files_of_user(tool.uid) == []
 
 
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])

@@ -36,13 +36,12 @@ if "moved_link" in spec:
 status = 125
 try:
     with st3._Namespace(interface, mtu=spec.get("mtu", 1420)) as namespace:
-        tun_fd = None
         if "moved_link" in spec:
             namespace.expect("awaiting_link")
             os.system(spec["moved_link"]["move"].replace("PID", str(namespace.pid)))
             namespace.send({"link_moved": spec["moved_link"]["name"]})
-        else:
-            tun_fd = namespace.expect("interface")[1][0]
+        fds = namespace.expect("interface")[1]
+        tun_fd = fds[0] if fds else None
         namespace.configure(spec["addresses"], spec["routes"], spec.get("resolv_conf"))
         namespace.expect("configured")
         print(json.dumps({"holder": namespace.pid}), file=sys.stderr, flush=True)
@@ -278,7 +277,7 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
             process.kill()
             process.wait()
     if runner.as_user:
-        assert sessions.files_of_user(runner.uid, ignore=[runner.scratch]) == []
+        assert sessions.files_of_user(runner.uid) == []
 
 
 def test_an_error_inside_the_child_is_one_line(runner):
@@ -303,6 +302,30 @@ def test_the_application_gets_the_terminal_and_ctrl_c(runner):
     )
     assert "foreground" in shown
     assert status == 128 + signal.SIGINT, shown
+
+
+SUSPENDABLE = r'''
+import os, sys
+for _ in range(2):
+    print("foreground" if os.tcgetpgrp(0) == os.getpgrp() else "background", flush=True)
+    sys.stdin.readline()
+'''
+
+
+def test_ctrl_z_stops_the_tool_too_and_continuing_it_continues_the_application(runner):
+    def continue_like_a_shell(pid):
+        # The tool stopped itself with the application; a shell's `fg` would
+        # now send SIGCONT (the tool is its terminal's foreground job again).
+        sessions.wait_until_stopped(pid)
+        os.kill(pid, signal.SIGCONT)
+
+    status, shown = sessions.run_in_terminal(
+        runner.argv({"command": [runner.python, "-c", SUSPENDABLE]}),
+        [("foreground", "\x1a"), ("", continue_like_a_shell), ("", "first line\n"),
+         ("foreground", "second line\n")],
+    )
+    assert status == 0, shown
+    assert shown.count("foreground") == 2, shown
 
 
 # Failures that must be clear #################################################
@@ -412,6 +435,16 @@ def _place_in_private_mounts(root, text):
                            hidden_dirs=[resolved], staging=os.path.join(root, "stage"))
     with open(os.path.join(root, "etc/resolv.conf")) as f:
         return f.read(), sorted(os.listdir(resolved)), sorted(os.listdir(os.path.join(root, "stage")))
+
+
+@needs_root
+def test_a_missing_resolv_conf_is_a_clear_failure_not_a_tmpfs_over_etc(tmp_path):
+    root = str(tmp_path)
+    for directory in ("etc", "run/systemd/resolve", "stage"):
+        os.makedirs(os.path.join(root, directory))
+    with pytest.raises(RuntimeError, match="TunnelError: .*/etc/resolv.conf is missing or "
+                       "leads nowhere .*: create it"):
+        Child(None, _place_in_private_mounts, (root, RESOLV_CONF)).result(20)
 
 
 @needs_root
