@@ -565,3 +565,30 @@ def test_kernel_backend_gets_the_page_as_root(cloudlet_url, tmp_path):
 def test_kernel_backend_passes_the_exit_status_through(cloudlet_url, tmp_path):
     result = _kernel_session(cloudlet_url, "sh", "-c", "exit 7", tmp_path=tmp_path)
     assert result.returncode == 7, result.stderr
+
+
+@in_guest_only
+@needs_kernel_wg
+def test_kernel_backend_through_sudo_as_a_user(sudo_user, cloudlet_url):
+    import shutil
+    import tempfile
+    uid, _ = sudo_user
+    home = Path(tempfile.mkdtemp(prefix="st3-vm-home-"))
+    os.chown(home, uid, uid)
+    try:
+        result = _kernel_session_as(uid, home, cloudlet_url)
+    finally:
+        shutil.rmtree(home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello from the sinfonia test cloudlet!"), result
+    assert "by the sudo root helper" in result.stderr
+    assert _st3_links() == []
+
+
+def _kernel_session_as(uid, home, cloudlet_url):
+    return subprocess.run(
+        [sys.executable, "-c", KERNEL_SESSION, str(REPO), cloudlet_url,
+         "curl", "-sS", "--max-time", "20", "http://helloworld/"],
+        env={"PATH": os.environ["PATH"], "HOME": str(home), "XDG_CACHE_HOME": str(home)},
+        user=uid, group=uid, extra_groups=[], capture_output=True, text=True,
+        timeout=120, check=False)
