@@ -3422,6 +3422,65 @@ def _resolve_endpoint(host, port):
     return infos[0][4][0], port
 
 
+def _kernel_wireguard_available():
+    """Whether this kernel makes WireGuard links: try one (root only)."""
+    import secrets
+
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    name = "st3probe" + secrets.token_hex(3)
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="wireguard")
+        except NetlinkError as e:
+            return f"the kernel has no WireGuard ({os.strerror(e.code)})"
+        ipr.link("del", ifname=name)
+    return None
+
+
+def _userspace_blocked():
+    """Why the userspace backend cannot work for this user, or None: no user
+    namespaces, or no /dev/net/tun it may open."""
+    for path, blocked in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+                          ("/proc/sys/user/max_user_namespaces", "0")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == blocked:
+                    return f"user namespaces are disabled ({path} is {blocked})"
+        except OSError:
+            pass
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return "/dev/net/tun is not readable and writable for this user"
+    return None
+
+
+def _choose_tunnel(requested, *, debug=False):
+    """The backend for `--tunnel` `requested` ("auto", "userspace", "kernel"):
+    under auto, kernel when already root and the kernel has WireGuard, else
+    userspace when /dev/net/tun can be opened, else kernel through sudo.
+    The choice and why go to stderr with `debug`."""
+    if requested != "auto":
+        return requested
+    if os.geteuid() == 0:
+        why_not = _kernel_wireguard_available()
+        if why_not is None:
+            choice, why = "kernel", "running as root and the kernel has WireGuard"
+        else:
+            choice, why = "userspace", f"running as root but {why_not}"
+    else:
+        why_not = _userspace_blocked()
+        if why_not is None:
+            choice, why = "userspace", "/dev/net/tun can be opened"
+        else:
+            choice, why = "kernel", f"{why_not}: kernel WireGuard through sudo"
+    if debug:
+        _debug(f"--tunnel auto: {choice} ({why})")
+    return choice
+
+
 def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
                             connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False):
     """`_run_application` with a kernel WireGuard link instead of the userspace

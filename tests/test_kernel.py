@@ -592,3 +592,38 @@ def _kernel_session_as(uid, home, cloudlet_url):
         env={"PATH": os.environ["PATH"], "HOME": str(home), "XDG_CACHE_HOME": str(home)},
         user=uid, group=uid, extra_groups=[], capture_output=True, text=True,
         timeout=120, check=False)
+
+
+# Tunnel selection #################################################################
+
+CHOOSE_AS_USER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import sinfonia_tier3 as st3
+print(st3._choose_tunnel("auto", debug=True))
+"""
+
+
+@pytest.mark.parametrize("requested", ["userspace", "kernel"])
+def test_explicit_tunnel_is_taken_as_is(requested):
+    assert st3._choose_tunnel(requested) == requested
+
+
+@needs_root
+def test_auto_as_root_takes_kernel_exactly_when_the_kernel_has_wireguard(capsys):
+    expected = "kernel" if KERNEL_WG_MISSING is None else "userspace"
+    assert st3._choose_tunnel("auto", debug=True) == expected
+    assert f"--tunnel auto: {expected} (" in capsys.readouterr().err
+
+
+@needs_root
+def test_auto_as_a_user_without_tun_access_takes_kernel_through_sudo():
+    mode = os.stat("/dev/net/tun").st_mode
+    if mode & 0o006 == 0o006:
+        pytest.skip("/dev/net/tun is open to every user here")
+    result = subprocess.run([sys.executable, "-c", CHOOSE_AS_USER, str(REPO)],
+                            user=CALLER_UID, group=CALLER_UID, extra_groups=[],
+                            capture_output=True, text=True, check=True,
+                            env={"PATH": os.environ["PATH"]})
+    assert result.stdout == "kernel\n"
+    assert "through sudo" in result.stderr
