@@ -627,3 +627,59 @@ def test_auto_as_a_user_without_tun_access_takes_kernel_through_sudo():
                             env={"PATH": os.environ["PATH"]})
     assert result.stdout == "kernel\n"
     assert "through sudo" in result.stderr
+
+
+# The helper re-executes the very file that runs ###################################
+
+HELPER_COMMAND = """
+import sys, json
+sys.path.insert(0, sys.argv[1])
+module = __import__(sys.argv[2], fromlist=["_root_helper_command"])
+print(json.dumps(module._root_helper_command(2, "wgok")))
+"""
+
+
+def _helper_command_from(path_entry, module_name):
+    import json
+    out = subprocess.run([sys.executable, "-c", HELPER_COMMAND, str(path_entry), module_name],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def _assert_reexec_reaches_helper(command, program):
+    assert command[:3] == ["sudo", "-n", "--"] and command[4] == str(program), command
+    # Run what sudo would run, minus sudo: the helper answers, so the entry
+    # point works from there.
+    result = subprocess.run(command[3:-1] + ["bad/name"], input=_request_with(),
+                            env={"PATH": os.environ["PATH"], "SUDO_UID": str(CALLER_UID)},
+                            capture_output=True, check=False)
+    _assert_refused(result, "invalid interface name")
+
+
+@needs_root
+def test_helper_reexec_from_a_vendored_copy(tmp_path):
+    import shutil
+    vendor = tmp_path / "myapp" / "_vendor"
+    vendor.mkdir(parents=True)
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (vendor / "__init__.py").write_text("")
+    shutil.copy(MODULE_FILE, vendor / "sinfonia_tier3.py")
+    command = _helper_command_from(tmp_path, "myapp._vendor.sinfonia_tier3")
+    _assert_reexec_reaches_helper(command, vendor / "sinfonia_tier3.py")
+
+
+@needs_root
+def test_helper_reexec_from_a_zipapp(tmp_path):
+    import shutil
+    source = tmp_path / "app"
+    source.mkdir()
+    shutil.copy(MODULE_FILE, source / "sinfonia_tier3.py")
+    # Not `zipapp -m sinfonia_tier3:main`: its __main__.py drops main()'s
+    # return value, so every exit status would be 0.
+    (source / "__main__.py").write_text(
+        "import sys\nimport sinfonia_tier3\nsys.exit(sinfonia_tier3.main())\n")
+    archive = tmp_path / "sinfonia-tier3.pyz"
+    subprocess.run([sys.executable, "-m", "zipapp", str(source), "-o", str(archive)],
+                   check=True)
+    command = _helper_command_from(archive, "sinfonia_tier3")
+    _assert_reexec_reaches_helper(command, archive)
