@@ -103,6 +103,11 @@ def _warn(message):
     print(f"sinfonia-tier3: warning: {message}", file=sys.stderr)
 
 
+def _debug(message):
+    """A --debug line on stderr."""
+    print(f"sinfonia-tier3: debug: {message}", file=sys.stderr)
+
+
 def _printable(text, limit=_MAX_DETAIL_CHARS):
     """`text` from the network made safe for one terminal line: no control
     characters, whitespace collapsed, at most `limit` characters."""
@@ -774,11 +779,6 @@ def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=Fa
     return _parse_deployments(body, uuid, keypair.public)
 
 
-def _debug(message):
-    """A --debug line on stderr."""
-    print(f"sinfonia-tier3: debug: {message}", file=sys.stderr)
-
-
 def deploy(tier1_url, application, *, results=1, timeout=_DEFAULT_TIMEOUT):
     """Ask the Tier 1 at `tier1_url` to deploy `application` (a uuid or an
     alias) for this user's cached key; returns the offered deployments.
@@ -971,16 +971,15 @@ class _Keypair:
 class _Handshake:
     """The initiator's half-done handshake, waiting for the response."""
 
-    __slots__ = ("chain", "ephemeral", "hash", "local_index", "mac1", "sent", "started")
+    __slots__ = ("chain", "ephemeral", "hash", "local_index", "mac1", "started")
 
-    def __init__(self, local_index, ephemeral, chain, hash_, mac1, started, sent):
+    def __init__(self, local_index, ephemeral, chain, hash_, mac1, started):
         self.local_index = local_index
         self.ephemeral = ephemeral
         self.chain = chain
         self.hash = hash_
         self.mac1 = mac1
         self.started = started  # first attempt of this round (REKEY_ATTEMPT_TIME)
-        self.sent = sent
 
 
 class _AllowedIPs:
@@ -1140,7 +1139,7 @@ class _Sender:
         self.queue = []
         self.next_request = -1e9
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
-        capacity = _TRANSPORT_HEADER + ((max(mtu, 1280) + 15) & ~15) + _TAG
+        capacity = _TRANSPORT_HEADER + ((mtu + 15) & ~15) + _TAG
         self.capacity = capacity
         # As many packets as fit one GSO send when they are all MTU-sized.
         self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
@@ -1171,6 +1170,9 @@ class _Sender:
 
     def set_endpoint(self, endpoint):
         self.endpoint = endpoint
+
+    def drop_queue(self):
+        self.queue = []
 
     def keepalive(self):
         """Send an empty transport message (if there is a keypair to seal it)."""
@@ -1256,7 +1258,8 @@ class _Peer:
     the hooks, so tests drive two instances against each other in one process.
     Hooks (set by the owner): `transmit(datagram, address)` sends a handshake
     or cookie message; `sender` is the object encrypting outgoing data
-    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`).
+    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`,
+    `drop_queue()`): a `_Sender`, or its proxy in another process.
     """
 
     def __init__(self, private_key, peer_public_key, *, preshared_key=None,
@@ -1349,7 +1352,7 @@ class _Peer:
         index = self._new_index()
         message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
         message, mac1 = self._add_macs(message, now)
-        self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, started, now)
+        self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, started)
         self.keypairs[index] = None  # reserved until the response or the next attempt
         self.last_initiation_sent = now
         jitter = _REKEY_TIMEOUT_JITTER * self.random(1)[0] / 255
@@ -1611,6 +1614,7 @@ class _Peer:
             if now - handshake.started >= _REKEY_ATTEMPT_TIME:
                 self._forget_handshake()
                 self.retransmit_at = None
+                self.sender.drop_queue()  # what waited for this handshake is stale
             else:
                 self.initiate(now, retry=True)
         if self.last_handshake is not None and now - self.last_handshake >= 3 * _REJECT_AFTER_TIME:
@@ -1695,6 +1699,7 @@ def _open_tun(name, vnet_hdr=False):
 
 
 _SOL_UDP = 17
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # beyond the sysctl limits, when privileged
 _UDP_SEGMENT = 103
 _UDP_GRO = 104
 _VNET_HEADER = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -1882,6 +1887,9 @@ class _SenderLink:
     def keepalive(self):
         self._send(("keepalive",))
 
+    def drop_queue(self):
+        self._send(("drop_queue",))
+
     def _send(self, message):
         import pickle
 
@@ -1889,21 +1897,21 @@ class _SenderLink:
 
 
 def _store_endpoint(area, endpoint):
-    text = repr(endpoint[:2]).encode() if endpoint else b""
+    """Put `endpoint` where `_load_endpoint` in any of our processes finds it."""
+    text = f"{endpoint[0]} {endpoint[1]}".encode() if endpoint else b""
     area[1:1 + len(text)] = text
     area[0] = len(text)
 
 
 def _load_endpoint(area):
-    import ast
-
+    """(host, port) of the peer as last stored (IPv4 without the ::ffff: prefix)."""
     text = bytes(area[1:1 + area[0]]).decode()
     if not text:
         return None
-    host, port = ast.literal_eval(text)
+    host, port = text.rsplit(" ", 1)
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
-    return host, port
+    return host, int(port)
 
 
 def _udp_emitter(sock, gso):
@@ -2014,6 +2022,8 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                             size = readv(tun_fd, read_views[count]) - headroom
                         except (BlockingIOError, InterruptedError):
                             break
+                        except OSError:
+                            return  # the TUN device is gone: so is the session
                         if size > 0:
                             sizes[count] = size
                             count += 1
@@ -2038,16 +2048,22 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                     sender.set_endpoint(message[1])
                 elif message[0] == "keepalive":
                     sender.keepalive()
-            else:
-                return
+                elif message[0] == "drop_queue":
+                    sender.drop_queue()
 
 
 class Datapath:
     """Userspace WireGuard between a TUN file descriptor and a UDP socket.
 
-    One peer. `start()` forks two worker processes that share the keys: one
-    encrypts TUN -> UDP, the other decrypts UDP -> TUN and runs handshakes
-    and timers; this object only watches them through shared counters.
+    One peer. The socket is bound at construction (`listen_port`); `listen`
+    is (host, port), by default the wildcard of the endpoint's family, or
+    dual-stack IPv6 without an endpoint. `endpoint` is (host, port), host a
+    name or an IPv4 or IPv6 literal; without one this side waits for the
+    peer (responder). `mtu` is the TUN device's. `start()` forks two worker
+    processes that share the keys: one encrypts TUN -> UDP, the other
+    decrypts UDP -> TUN and runs handshakes and timers; this object only
+    watches them through shared memory (`wait_for_handshake`, `stats`) and
+    ends them (`stop`). One start per object.
     """
 
     def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
@@ -2059,6 +2075,7 @@ class Datapath:
         self._clock = clock or time.monotonic
         self._tun_fd = tun_fd
         self._vnet_hdr = vnet_hdr
+        os.set_blocking(tun_fd, False)  # the sender drains it until EAGAIN
         if vnet_hdr:
             # Offloads off: the kernel hands us MTU-sized packets, whose
             # encryption needs no splitting in Python (splitting costs more
@@ -2068,16 +2085,21 @@ class Datapath:
             except OSError as e:
                 raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
         self._mtu = mtu
-        self._socket = sock = _udp_socket(listen, endpoint)
-        self.listen_port = sock.getsockname()[1]
-        self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
         self._shared = mmap.mmap(-1, 8 * _COUNTERS + 256)
         self._counters = _shared_counters(self._shared)
         self._endpoint_area = memoryview(self._shared)[8 * _COUNTERS:]
-        _store_endpoint(self._endpoint_area, self._endpoint)
         self._peer = _Peer(private_key, peer_public_key, preshared_key=preshared_key,
                            allowed_ips=allowed_ips, persistent_keepalive=persistent_keepalive,
-                           endpoint=self._endpoint, clock=self._clock, counters=self._counters)
+                           clock=self._clock, counters=self._counters)
+        self._socket = sock = _udp_socket(listen, endpoint)
+        self.listen_port = sock.getsockname()[1]
+        try:
+            self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
+        except TunnelError:
+            sock.close()
+            raise
+        self._peer.endpoint = self._endpoint
+        _store_endpoint(self._endpoint_area, self._endpoint)
         self._gso = _try_setsockopt(sock, _SOL_UDP, _UDP_SEGMENT, 0)
         self._gro = _try_setsockopt(sock, _SOL_UDP, _UDP_GRO, 1)
         self._workers = []
@@ -2097,11 +2119,13 @@ class Datapath:
         peer.transmit = lambda message, address: _send_quietly(sock, message, address)
         peer.sender = _SenderLink(control, self._endpoint_area)
         parent = os.getpid()
+        tun_fd = self._tun_fd
         self._workers.append(_fork_worker(
-            control, _send_loop, sender, self._tun_fd, data, parent, self._vnet_hdr))
+            (tun_fd, sock.fileno(), data.fileno()),
+            _send_loop, sender, tun_fd, data, parent, self._vnet_hdr))
         self._workers.append(_fork_worker(
-            data, _receive_loop, peer, sock, self._tun_fd, control, parent,
-            self._vnet_hdr, self._gro))
+            (tun_fd, sock.fileno(), control.fileno()),
+            _receive_loop, peer, sock, tun_fd, control, parent, self._vnet_hdr, self._gro))
         control.close()
         data.close()
 
@@ -2156,9 +2180,10 @@ class Datapath:
         self._socket.close()
 
 
-def _fork_worker(other_end, function, *args):
+def _fork_worker(keep_fds, function, *args):
     """Run `function(*args)` in a child process, which never returns to the
-    caller; `other_end` is the link end the child must not hold."""
+    caller. The child keeps only `keep_fds` and stdio: it must not hold
+    pipes or sockets of the caller open past the caller's own use of them."""
     import signal
 
     pid = os.fork()
@@ -2166,7 +2191,12 @@ def _fork_worker(other_end, function, *args):
         return pid
     status = 1
     try:
-        other_end.close()
+        for fd in os.listdir("/proc/self/fd"):
+            if int(fd) > 2 and int(fd) not in keep_fds:
+                try:
+                    os.close(int(fd))
+                except OSError:
+                    pass  # the directory's own descriptor, already closed
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the session ends us, not Ctrl-C
         signal.signal(signal.SIGTERM, _leave)
         function(*args)
@@ -2223,7 +2253,8 @@ def _udp_socket(listen, endpoint):
     try:
         if family == socket.AF_INET6 and not host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+        for option, forced in ((socket.SO_RCVBUF, _SO_RCVBUFFORCE),
+                               (socket.SO_SNDBUF, _SO_SNDBUFFORCE)):
             if not _try_setsockopt(sock, socket.SOL_SOCKET, forced, 4 << 20):
                 _try_setsockopt(sock, socket.SOL_SOCKET, option, 4 << 20)
         sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))

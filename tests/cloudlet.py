@@ -27,7 +27,6 @@ sinfonia-tier3 with `curl http://helloworld/` through it, in one command.
 import argparse
 import base64
 import binascii
-import ctypes
 import datetime
 import hashlib
 import http.server
@@ -360,6 +359,17 @@ class Cloudlet:
 # UDP port on 127.0.0.1, which the deploy answer names as the endpoint.
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool():
+    """This checkout's sinfonia_tier3 module, whose pieces the cloudlet borrows."""
+    if _REPO_ROOT not in sys.path:
+        sys.path.insert(0, _REPO_ROOT)
+    import sinfonia_tier3
+
+    return sinfonia_tier3
+
+
 CLOUDLET_ADDRESS = ipaddress.ip_address("10.43.0.1")
 DNS_ADDRESS = ipaddress.ip_address("10.43.0.10")
 HELLOWORLD_ADDRESS = ipaddress.ip_address("10.43.0.20")
@@ -414,8 +424,13 @@ def dns_answer(query, records):
 
     def reply(rcode, question=b"", answer=b""):
         header = struct.pack(
-            "!6H", ident, reply_flags | rcode, 1 if question else 0,
-            1 if answer else 0, 0, 0,
+            "!6H",
+            ident,
+            reply_flags | rcode,
+            1 if question else 0,
+            1 if answer else 0,
+            0,
+            0,
         )
         return header + question + answer
 
@@ -434,12 +449,12 @@ def dns_answer(query, records):
         # > 63 also refuses compression pointers, which a question never needs.
         if length > 63 or offset + length > len(query) or offset - 12 + length > 254:
             return reply(_DNS_FORMERR)
-        labels.append(query[offset:offset + length])
+        labels.append(query[offset : offset + length])
         offset += length
     if offset + 4 > len(query):
         return reply(_DNS_FORMERR)
     qtype, qclass = struct.unpack_from("!HH", query, offset)
-    question = query[12:offset + 4]
+    question = query[12 : offset + 4]
     if qclass != _DNS_IN:
         return reply(_DNS_REFUSED, question)
     address = records.get(b".".join(labels).lower())
@@ -447,7 +462,9 @@ def dns_answer(query, records):
         return reply(_DNS_NXDOMAIN, question)
     if qtype not in (_DNS_A, _DNS_ANY):
         return reply(0, question)
-    answer = struct.pack("!HHHIH", 0xC00C, _DNS_A, _DNS_IN, _DNS_TTL, 4) + address.packed
+    answer = (
+        struct.pack("!HHHIH", 0xC00C, _DNS_A, _DNS_IN, _DNS_TTL, 4) + address.packed
+    )
     return reply(0, question, answer)
 
 
@@ -488,29 +505,26 @@ class HelloWorldHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-_PR_SET_PDEATHSIG = 1
-
-
-def _unshare(flags):
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(flags) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"unshare: {os.strerror(errno)}")
-
-
 def _enter_new_namespaces():
-    """Become root of a new user + network namespace owned by our own uid."""
+    """Become root of a new user + network namespace owned by our own uid.
+
+    Not the tool's `sinfonia_tier3._enter_new_namespaces`: that one also
+    unshares the PID namespace, after which a process cannot start threads,
+    and the cloudlet's services are threads. The pieces are the tool's.
+    """
+    tool = _tool()
     uid, gid = os.getuid(), os.getgid()
-    _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS)
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"0 {gid} 1")
+    try:
+        tool._unshare(tool._CLONE_NEWUSER | tool._CLONE_NEWNET)
+        for name, text in [
+            ("setgroups", "deny"),
+            ("uid_map", f"0 {uid} 1"),
+            ("gid_map", f"0 {gid} 1"),
+        ]:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as e:
+        raise RuntimeError(tool._explain_userns_failure(e)) from None
 
 
 def _open_tun_with_packet_info(name):
@@ -521,18 +535,19 @@ def _open_tun_with_packet_info(name):
     """
     import fcntl
 
-    from sinfonia_tier3 import _IFF_TUN, _TUNSETIFF
-
+    tool = _tool()
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN))
+        fcntl.ioctl(
+            fd, tool._TUNSETIFF, struct.pack("16sH", name.encode(), tool._IFF_TUN)
+        )
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _namespace_child(control_fd):
+def _namespace_child(control_fd, parent_pid):
     """Body of the cloudlet's namespace process; serves until `control_fd` closes.
 
     Requests on the control socket (JSON, one per datagram):
@@ -540,11 +555,7 @@ def _namespace_child(control_fd):
     to ADDRESS, its fd passed back with {"ok": true}; any failure is
     {"error": MESSAGE}.
     """
-    sys.path.insert(0, _REPO_ROOT)
-    from sinfonia_tier3 import _open_tun
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, 9)
+    _tool()._die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
     try:
         _enter_new_namespaces()
@@ -557,8 +568,12 @@ def _namespace_child(control_fd):
             ipr.addr("add", index=lo, address=str(address), prefixlen=32)
         dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns.bind((str(DNS_ADDRESS), 53))
-        threading.Thread(target=serve_dns, args=(dns, cluster_records()), daemon=True).start()
-        web = http.server.ThreadingHTTPServer((str(HELLOWORLD_ADDRESS), 80), HelloWorldHandler)
+        threading.Thread(
+            target=serve_dns, args=(dns, cluster_records()), daemon=True
+        ).start()
+        web = http.server.ThreadingHTTPServer(
+            (str(HELLOWORLD_ADDRESS), 80), HelloWorldHandler
+        )
         web.daemon_threads = True
         threading.Thread(target=web.serve_forever, daemon=True).start()
     except Exception as e:  # noqa: BLE001 - any failure goes to the parent, which raises it
@@ -572,7 +587,10 @@ def _namespace_child(control_fd):
         try:
             request = json.loads(request)
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
-            fd = (_open_tun_with_packet_info if request.get("packet_info") else _open_tun)(name)
+            if request.get("packet_info"):
+                fd = _open_tun_with_packet_info(name)
+            else:
+                fd = _tool()._open_tun(name)
             try:
                 index = ipr.link_lookup(ifname=name)[0]
                 ipr.link("set", index=index, state="up", mtu=TUNNEL_MTU)
@@ -596,11 +614,18 @@ class CloudletNamespace:
             "spec = importlib.util.spec_from_file_location('_cloudlet', sys.argv[1])\n"
             "module = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(module)\n"
-            "module._namespace_child(int(sys.argv[2]))\n"
+            "module._namespace_child(int(sys.argv[2]), int(sys.argv[3]))\n"
         )
         with child:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", boot, os.path.abspath(__file__), str(child.fileno())],
+                [
+                    sys.executable,
+                    "-c",
+                    boot,
+                    os.path.abspath(__file__),
+                    str(child.fileno()),
+                    str(os.getpid()),
+                ],
                 pass_fds=[child.fileno()],
             )
         try:
@@ -674,8 +699,9 @@ def _wireguard_go_binary():
 class _WireGuardGoResponder:
     """wireguard-go serving one client over an existing TUN fd; needs no root."""
 
-    def __init__(self, tun_fd, tun_name, private_key, peer_public_key, allowed_ips,
-                 timeout=5.0):
+    def __init__(
+        self, tun_fd, tun_name, private_key, peer_public_key, allowed_ips, timeout=5.0
+    ):
         self._tmp = tempfile.mkdtemp(prefix="sinfonia-cloudlet-")
         self._uapi_path = os.path.join(self._tmp, f"{tun_name}.sock")
         try:
@@ -695,8 +721,12 @@ class _WireGuardGoResponder:
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("wireguard-go did not start")
                 time.sleep(0.005)
-            lines = [f"private_key={private_key.hex()}", "listen_port=0",
-                     f"public_key={peer_public_key.hex()}", "replace_allowed_ips=true"]
+            lines = [
+                f"private_key={private_key.hex()}",
+                "listen_port=0",
+                f"public_key={peer_public_key.hex()}",
+                "replace_allowed_ips=true",
+            ]
             lines += [f"allowed_ip={network}" for network in allowed_ips]
             self._uapi("set=1\n" + "".join(line + "\n" for line in lines))
             self.listen_port = int(self._uapi("get=1\n")["listen_port"])
@@ -715,7 +745,9 @@ class _WireGuardGoResponder:
                 if not chunk:
                     break
                 data += chunk
-        fields = dict(line.split("=", 1) for line in data.decode().split("\n") if "=" in line)
+        fields = dict(
+            line.split("=", 1) for line in data.decode().split("\n") if "=" in line
+        )
         if fields.get("errno", "0") != "0":
             raise RuntimeError(f"wireguard-go UAPI errno {fields['errno']}")
         return fields
@@ -737,13 +769,17 @@ class _WireGuardGoResponder:
 class _DatapathResponder:
     """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
 
-    def __init__(self, datapath_class, tun_fd, private_key, peer_public_key,
-                 allowed_ips, host):
+    def __init__(
+        self, datapath_class, tun_fd, private_key, peer_public_key, allowed_ips, host
+    ):
         self._tun_fd = tun_fd
         try:
             self._datapath = datapath_class(
-                tun_fd, private_key, peer_public_key,
-                allowed_ips=allowed_ips, listen=(host, 0),
+                tun_fd,
+                private_key,
+                peer_public_key,
+                allowed_ips=allowed_ips,
+                listen=(host, 0),
             )
             self._datapath.start()
         except BaseException:
@@ -768,10 +804,7 @@ class WireGuardServer:
 
     def __init__(self, implementation="sinfonia", host="127.0.0.1", max_clients=64):
         if implementation == "sinfonia":
-            sys.path.insert(0, _REPO_ROOT)
-            from sinfonia_tier3 import Datapath
-
-            self._datapath_class = Datapath
+            self._datapath_class = _tool().Datapath
         elif implementation == "wireguard-go":
             _wireguard_go_binary()  # fail now, not at the first deployment
         else:
@@ -793,7 +826,12 @@ class WireGuardServer:
                 tun_fd, tun_name, self._private_key, client_key, allowed
             )
         return _DatapathResponder(
-            self._datapath_class, tun_fd, self._private_key, client_key, allowed, self.host
+            self._datapath_class,
+            tun_fd,
+            self._private_key,
+            client_key,
+            allowed,
+            self.host,
         )
 
     def tunnel_config_for(self, uuid, client_key):
@@ -806,7 +844,9 @@ class WireGuardServer:
         with self._lock:
             if client_key not in self._peers:
                 if len(self._peers) >= self.max_clients:
-                    raise RuntimeError(f"the cloudlet serves at most {self.max_clients} clients")
+                    raise RuntimeError(
+                        f"the cloudlet serves at most {self.max_clients} clients"
+                    )
                 index, self._next_index = self._next_index, self._next_index + 1
                 address = CLIENT_NETWORK[index]
                 tun_name = f"cl{index}"
@@ -856,10 +896,18 @@ def run_demo(implementation="sinfonia", timeout=120):
     the tool's exit status. The client key lives in a temporary cache, so the
     demo leaves nothing behind.
     """
-    with WireGuardServer(implementation) as wireguard, Cloudlet(wireguard=wireguard) as api:
+    try:
+        wireguard = WireGuardServer(implementation)
+    except (ImportError, OSError, RuntimeError) as e:
+        print(f"demo: cannot start the cloudlet: {e}", file=sys.stderr)
+        return 1
+    with wireguard, Cloudlet(wireguard=wireguard) as api:
         command = ["curl", "-sS", "http://helloworld/"]
-        print(f"$ sinfonia-tier3 {api.url} helloworld -- {' '.join(command)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"$ sinfonia-tier3 {api.url} helloworld -- {' '.join(command)}",
+            file=sys.stderr,
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as cache:
             tool = os.path.join(_REPO_ROOT, "sinfonia_tier3.py")
             try:
@@ -884,15 +932,20 @@ def _serve(argv=None):
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--misbehave", choices=sorted(MISBEHAVIOURS))
     serve.add_argument(
-        "--wireguard", choices=("none", "sinfonia", "wireguard-go"), default="none",
+        "--wireguard",
+        choices=("none", "sinfonia", "wireguard-go"),
+        default="none",
         help="serve real tunnels to the helloworld backend with this WireGuard "
         "server (default: none, the deploy API only)",
     )
     demo = sub.add_parser(
-        "demo", help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet"
+        "demo",
+        help="run `sinfonia-tier3 ... curl http://helloworld/` against a cloudlet",
     )
     demo.add_argument(
-        "--wireguard", choices=("sinfonia", "wireguard-go"), default="sinfonia",
+        "--wireguard",
+        choices=("sinfonia", "wireguard-go"),
+        default="sinfonia",
         help="the cloudlet's WireGuard server (default: our own responder)",
     )
     options = parser.parse_args(argv)

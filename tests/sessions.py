@@ -25,6 +25,19 @@ USER = "sinfonia-test"
 TUN = "/dev/net/tun"
 SCRATCH_PREFIX = "sinfonia-test-"  # the user's scratch directories in /tmp
 
+# An application that says "ready", then leaves with 40+N on signal N.
+SIGNAL_TRAP = r'''
+import signal, sys, time
+def leave(signum, frame):
+    print("got", signum, flush=True)
+    sys.exit(40 + signum)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, leave)
+print("ready", flush=True)
+time.sleep(60)
+sys.exit(3)
+'''
+
 
 def missing_root():
     """Why unprivileged runs cannot be arranged here ('' when they can)."""
@@ -35,7 +48,7 @@ def missing_root():
     return ""
 
 
-def test_user():
+def user_ids():
     """(uid, gid) of the test user, created as a system user when missing."""
     try:
         entry = pwd.getpwnam(USER)
@@ -51,7 +64,7 @@ def test_user():
 
 def as_user(argv):
     """`argv` run as the test user, with no supplementary groups."""
-    uid, gid = test_user()
+    uid, gid = user_ids()
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
 
 
@@ -94,7 +107,7 @@ def tun_open_to_all():
 @contextlib.contextmanager
 def user_directory():
     """A temporary directory owned by the test user (key cache, scratch)."""
-    uid, gid = test_user()
+    uid, gid = user_ids()
     path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
     try:
         os.chown(path, uid, gid)
@@ -172,23 +185,34 @@ def descendants(pid):
 
 def wait_until_gone(pids, namespaces, timeout=10.0):
     """Wait (bounded) until none of `pids` lives and no process is in
-    `namespaces`; returns what is still there."""
+    `namespaces`; returns what is still there. Call it right after the kill:
+    processes started later are someone else's (pids and namespace inodes
+    are reused on a busy machine)."""
+    killed_at = _uptime()
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
-                 and not _is_zombie(p)]
-        remaining = sorted(set(alive) | set(processes_in(namespaces)))
+        candidates = set(pids) | set(processes_in(namespaces))
+        remaining = sorted(p for p in candidates if _alive_since_before(p, killed_at))
         if not remaining or time.monotonic() > deadline:
             return remaining
         time.sleep(0.05)
 
 
-def _is_zombie(pid):
+def _uptime():
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def _alive_since_before(pid, moment):
+    """Whether `pid` runs (not a zombie) and was started before `moment`
+    (seconds since boot)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
+            fields = f.read().rpartition(")")[2].split()
     except OSError:
         return False
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return fields[0] != "Z" and started <= moment
 
 
 def run_in_terminal(argv, typed, timeout=20):

@@ -4,6 +4,7 @@ cloudlet): arguments, exit statuses, --json, --config-debug, --qrcode, --debug."
 import base64
 import json
 import os
+import pathlib
 import shutil
 import socket
 import stat
@@ -42,6 +43,20 @@ def test_python_dash_m_works(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sinfonia_tier3", "--version"],
         cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("sinfonia-tier3 ")
+
+
+def test_installed_console_script():
+    script = pathlib.Path(sys.executable).with_name("sinfonia-tier3")
+    if not script.exists():
+        pytest.skip("the package is not installed next to this python (pip install .)")
+    result = subprocess.run(
+        [str(script), "--version"],
         capture_output=True,
         text=True,
         timeout=30,

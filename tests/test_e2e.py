@@ -9,6 +9,7 @@ tunnel, the application runs in real namespaces.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import venv
@@ -60,7 +61,7 @@ class Tool:
     def __init__(self, as_user, scratch):
         self.as_user = as_user
         self.scratch = scratch
-        self.uid = sessions.test_user()[0] if as_user else 0
+        self.uid = sessions.user_ids()[0] if as_user else 0
         self.python = sessions.user_python() if as_user else sys.executable
         self._caches = 0
 
@@ -108,6 +109,23 @@ def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool):
 def test_the_applications_exit_status_comes_back(cloudlet_url, tool):
     code, _, stderr = tool.run(cloudlet_url, "sh", "-c", "exit 7")
     assert code == 7, stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_to_the_tool_reach_the_application(tool, signum):
+    with cloudlet.WireGuardServer("sinfonia") as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        process = tool.start(api.url, "--", tool.python, "-c", sessions.SIGNAL_TRAP)
+        try:
+            assert process.stdout.readline() == "ready\n", process.stderr.read()
+            process.send_signal(signum)
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert stdout == f"got {int(signum)}\n", stderr
+    assert process.returncode == 40 + signum
 
 
 def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):

@@ -44,9 +44,8 @@ BULK = 50 << 20  # the issue's 50 MiB each way
 
 
 def networks(*addresses):
-    return [
-        ipaddress.ip_network(f"{a}/{32 if ':' not in a else 128}") for a in addresses
-    ]
+    """Host routes (/32, /128) for the addresses, as allowed IPs."""
+    return [ipaddress.ip_network(address) for address in addresses]
 
 
 def shorten_timers(monkeypatch, **seconds):
@@ -58,8 +57,6 @@ def shorten_timers(monkeypatch, **seconds):
 
 @pytest.fixture
 def namespaces():
-    if not hasattr(sinfonia_tier3, "Datapath"):
-        pytest.fail("sinfonia_tier3.Datapath does not exist yet")
     with Namespace("st3o") as ours, Namespace("st3t") as theirs:
         yield ours, theirs
 
@@ -264,6 +261,22 @@ def test_mismatched_preshared_key_gets_no_handshake(namespaces, keys):
             assert theirs.latest_handshake(our_public) == 0
 
 
+def test_garbage_to_our_port_changes_nothing(namespaces, keys, start_pair):
+    """Random datagrams, and ones that look like each message type, sent to
+    our UDP port while a transfer runs: dropped, the data arrives whole and
+    the noise's address never becomes the peer's endpoint."""
+    ours_ns, theirs_ns = namespaces
+    ours, theirs = start_pair()
+    transfer = Transfer(theirs_ns, THEIRS_V4, ours_ns, 8 << 20, timeout=30)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as noise:
+        for i in range(2000):
+            kind = bytes([i % 5, 0, 0, 0])
+            size = (148, 92, 64, 32, 1500, 3, 0)[i % 7]
+            noise.sendto((kind + os.urandom(size))[:size], ours.endpoint)
+    transfer.wait()
+    assert ours.datapath.stats()["endpoint"] == theirs.endpoint
+
+
 def test_endpoint_over_ipv6(namespaces, keys, start_pair):
     """UDP between the peers over ::1 instead of 127.0.0.1."""
     ours_ns, theirs_ns = namespaces
@@ -327,15 +340,16 @@ def test_peer_that_never_answers(namespaces, keys, monkeypatch):
     times = [t - started for t, _ in arrivals]
     gaps = [times[i + 1] - times[i] for i in range(len(times) - 1)]
     # The first initiation goes at once, each retry REKEY_TIMEOUT plus up to
-    # 1/3 s of jitter after the previous one (0.25 s slack for this machine).
+    # 1/3 s of jitter after the previous one (0.35 s slack for timer ticks
+    # and a busy machine).
     assert times and times[0] < 0.5, times
     assert all(
-        rekey_timeout - 0.05 <= gap <= rekey_timeout + 1 / 3 + 0.25 for gap in gaps
+        rekey_timeout - 0.05 <= gap <= rekey_timeout + 1 / 3 + 0.35 for gap in gaps
     ), gaps
     # Retrying stops once REKEY_ATTEMPT_TIME is used up (implementations that
     # count attempts, like wireguard-go, may send one more) and nothing
     # follows; the error comes then, not at the caller's much longer timeout.
-    last_allowed = attempt_time + rekey_timeout + 1 / 3 + 0.25
+    last_allowed = attempt_time + rekey_timeout + 1 / 3 + 0.35
     assert attempt_time - rekey_timeout <= times[-1] <= last_allowed, times
     assert len(times) <= attempt_time / rekey_timeout + 2, times
     assert attempt_time - 0.5 <= gave_up <= last_allowed + rekey_timeout, (

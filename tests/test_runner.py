@@ -97,7 +97,7 @@ class Runner:
         self.as_user = as_user
         self.scratch = scratch
         self.python = sessions.user_python() if as_user else sys.executable
-        self.uid, self.gid = sessions.test_user() if as_user else (0, 0)
+        self.uid, self.gid = sessions.user_ids() if as_user else (0, 0)
         self._driver = driver_file
 
     def argv(self, spec):
@@ -232,22 +232,9 @@ def test_exit_status_is_the_applications(runner, command, status, message):
         assert stderr.splitlines()[-1] == f"sinfonia-tier3: {message}"
 
 
-TRAP = r'''
-import signal, sys, time
-def leave(signum, frame):
-    print("got", signum, flush=True)
-    sys.exit(40 + signum)
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, leave)
-print("ready", flush=True)
-time.sleep(60)
-sys.exit(3)
-'''
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signals_to_the_tool_reach_the_application(runner, signum):
-    process = runner.start({"command": [runner.python, "-c", TRAP]})
+    process = runner.start({"command": [runner.python, "-c", sessions.SIGNAL_TRAP]})
     try:
         assert process.stdout.readline() == "ready\n"
         process.send_signal(signum)

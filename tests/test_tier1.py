@@ -4,15 +4,18 @@ misbehaviour of a hostile server, and validation of every response field."""
 import base64
 import copy
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 from cloudlet import HELLOWORLD, MISBEHAVIOURS, Cloudlet
+from conftest import ROOT
 
 import sinfonia_tier3 as st
 
@@ -407,3 +410,42 @@ def test_field_error_through_the_cloudlet(cloudlet):
 def test_deeply_nested_json_is_a_bad_response():
     with pytest.raises(st.BadResponseError, match="nested too deeply|not JSON"):
         st._parse_deployments(b"[" * 100000 + b"]" * 100000, HELLOWORLD, KEY)
+
+
+SILENT_DNS = """
+import socket, time
+sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sink.bind(("127.0.0.1", 53))
+end = time.monotonic() + 30
+while time.monotonic() < end:  # take queries, answer none
+    sink.settimeout(max(end - time.monotonic(), 0.01))
+    try:
+        sink.recv(512)
+    except OSError:
+        pass
+"""
+
+
+def test_deadline_covers_a_name_lookup_that_hangs(tmp_path):
+    """In a private network and mount namespace whose resolv.conf points at a
+    loopback DNS server that never answers, the lookup outlasts the deadline."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private network and mount namespace")
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:10\n")
+    (tmp_path / "sink.py").write_text(SILENT_DNS)
+    script = (
+        f"mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && ip link set lo up "
+        f"|| exit 99; {sys.executable} {tmp_path / 'sink.py'} >/dev/null 2>&1 & sink=$!; "
+        f"sleep 0.3; {sys.executable} {ROOT / 'sinfonia_tier3.py'} --json --timeout 2 "
+        "http://tier1.sinfonia-test.example helloworld; status=$?; kill $sink; exit $status"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        ["unshare", "--net", "--mount", "--fork", "--kill-child", "sh", "-c", script],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 125, result.stderr
+    assert json.loads(result.stdout)["error"]["kind"] == "timeout"
+    assert "within 2 s" in result.stderr
+    assert elapsed < 2 + 4  # not the resolver's own 10 s timeout

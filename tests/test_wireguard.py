@@ -362,7 +362,8 @@ def test_under_load_each_source_is_rate_limited_even_with_a_cookie():
 
 def test_initiation_retransmitted_with_jitter_then_given_up():
     pair = Pair()
-    pair.a.peer.initiate()
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))  # waits, asks for a handshake
+    assert len(pair.a.sender.queue) == 1
     pair.take()  # lost
     pair.advance(st3._REKEY_TIMEOUT - 0.01)
     pair.tick()
@@ -376,6 +377,7 @@ def test_initiation_retransmitted_with_jitter_then_given_up():
         pair.tick()
         attempts += len(pair.take())
     assert pair.a.peer.handshake is None  # gave up after REKEY_ATTEMPT_TIME
+    assert pair.a.sender.queue == []
     assert 15 <= attempts <= st3._REKEY_ATTEMPT_TIME / st3._REKEY_TIMEOUT + 1
 
 
@@ -674,19 +676,27 @@ def test_datapath_between_namespaces(vnet_hdr):
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
         ns_b = stack.enter_context(netns.Namespace("st3wb"))
         b = stack.enter_context(netns.OurDatapath(
-            ns_b, [f"{B_IP}/24"], b_private, a_public, allowed_ips=[f"{A_IP}/32"],
-            vnet_hdr=vnet_hdr))
+            ns_b, [f"{B_IP}/24", "fd00:7::2/64"], b_private, a_public,
+            allowed_ips=[f"{A_IP}/32", "fd00:7::1/128"], vnet_hdr=vnet_hdr))
         a = stack.enter_context(netns.OurDatapath(
-            ns_a, [f"{A_IP}/24"], a_private, b_public, allowed_ips=[f"{B_IP}/32"],
-            endpoint=b.endpoint, vnet_hdr=vnet_hdr))
+            ns_a, [f"{A_IP}/24", "fd00:7::1/64"], a_private, b_public,
+            allowed_ips=[f"{B_IP}/32", "fd00:7::2/128"], endpoint=b.endpoint,
+            vnet_hdr=vnet_hdr))
+        stray_read, stray_write = os.pipe()  # the caller's: workers must not hold it
+        stack.callback(os.close, stray_read)
+        stack.callback(os.close, stray_write)
         b.start()
         a.start()
         a.datapath.wait_for_handshake(10)
+        for pid in a.datapath._workers:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert os.readlink(f"/proc/self/fd/{stray_write}") not in held
         echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
         answer = ns_a.fork(_udp_ask, B_IP, 7007, b"hello through the tunnel")
         assert answer.result(20) == b"lennut eht hguorht olleh"
         assert echo.result(5) == b"hello through the tunnel"
         netns.exchange(ns_b, B_IP, ns_a, 8 << 20)  # TCP, checksummed, both ways
+        netns.exchange(ns_b, "fd00:7::2", ns_a, 4 << 20)  # and over IPv6
         stats = a.datapath.stats()
         assert stats["endpoint"] == b.endpoint
         assert stats["tx_bytes"] > 8 << 20 and stats["rx_bytes"] > 8 << 20

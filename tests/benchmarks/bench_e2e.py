@@ -86,7 +86,9 @@ def _command_line(pid):
             words = f.read().decode(errors="replace").split("\0")
     except OSError:
         return f"{pid} (gone)"
-    return " ".join(os.path.basename(words[0]) if i == 0 else w for i, w in enumerate(words[:4]))
+    return " ".join(
+        os.path.basename(words[0]) if i == 0 else w for i, w in enumerate(words[:4])
+    )
 
 
 def _kib(path, field):
@@ -150,8 +152,10 @@ def _time_command(argv, env, cwd, sample):
     summed RSS, peak summed PSS, largest single RSS) in KiB."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd)
-        sampler = _MemorySampler(process.pid)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd
+        )
+        sampler = _MemorySampler(process.pid) if sample else None
         if sample:
             sampler.start()
         output, first = b"", None
@@ -187,7 +191,9 @@ def _time_command(argv, env, cwd, sample):
             stderr.seek(0)
             errors = stderr.read().decode(errors="replace").strip()
     if first is None:
-        last = errors.splitlines()[-1] if errors else f"exit status {process.returncode}"
+        last = (
+            errors.splitlines()[-1] if errors else f"exit status {process.returncode}"
+        )
         raise RunFailed(f"no page on stdout ({last})")
     if not sample:
         return first, None
@@ -195,8 +201,15 @@ def _time_command(argv, env, cwd, sample):
 
 
 def run_ours(url, cache, sample):
-    argv = [sys.executable, str(REPO / "sinfonia_tier3.py"), url, "helloworld", "--",
-            "/usr/bin/curl", *CURL]
+    argv = [
+        sys.executable,
+        str(REPO / "sinfonia_tier3.py"),
+        url,
+        "helloworld",
+        "--",
+        "/usr/bin/curl",
+        *CURL,
+    ]
     return _time_command(argv, dict(os.environ, XDG_CACHE_HOME=cache), cache, sample)
 
 
@@ -204,12 +217,31 @@ def run_upstream(venv, url, cache, sample):
     # Upstream runs `python -m sinfonia_tier3.netns_helper`: a working directory
     # holding our sinfonia_tier3.py would shadow its package, hence cwd=cache.
     # It execs the command without a PATH search, hence /usr/bin/curl.
-    argv = [str(venv / "bin" / "sinfonia-tier3"), url, "helloworld", "/usr/bin/curl", *CURL]
+    argv = [
+        str(venv / "bin" / "sinfonia-tier3"),
+        url,
+        "helloworld",
+        "/usr/bin/curl",
+        *CURL,
+    ]
     return _time_command(argv, dict(os.environ, XDG_CACHE_HOME=cache), cache, sample)
 
 
 def run_bare(url, keypair):
     """The deploy POST and a wireguard-go tunnel by hand; as _time_command."""
+    try:
+        return _bare(url, keypair)
+    except (
+        OSError,
+        ValueError,
+        LookupError,
+        RuntimeError,
+        subprocess.SubprocessError,
+    ) as e:
+        raise RunFailed(f"{type(e).__name__}: {e}") from None
+
+
+def _bare(url, keypair):
     private, public = keypair
     start = time.perf_counter()
     key = base64.urlsafe_b64encode(public).decode().rstrip("=")
@@ -257,16 +289,33 @@ def upstream_venv(directory):
     venv = Path(directory)
     tool = venv / "bin" / "sinfonia-tier3"
     if not tool.exists():
-        print(f"installing sinfonia-tier3=={UPSTREAM_VERSION} into {venv} ...", file=sys.stderr)
+        print(
+            f"installing sinfonia-tier3=={UPSTREAM_VERSION} into {venv} ...",
+            file=sys.stderr,
+        )
         try:
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
-                           capture_output=True, timeout=120)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
-                            f"sinfonia-tier3=={UPSTREAM_VERSION}"],
-                           check=True, capture_output=True, timeout=600)
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(venv)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            subprocess.run(
+                [
+                    str(venv / "bin" / "pip"),
+                    "install",
+                    "-q",
+                    f"sinfonia-tier3=={UPSTREAM_VERSION}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
-            detail = detail.decode(errors="replace").strip().splitlines()[-1:] or [str(e)]
+            detail = detail.decode(errors="replace").strip().splitlines()[-1:] or [
+                str(e)
+            ]
             return None, f"cannot install it: {detail[0]}"
     if shutil.which("unshare") is None:
         return None, "it needs util-linux `unshare`, which is missing"
@@ -279,10 +328,18 @@ def upstream_venv(directory):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--server", choices=("sinfonia", "wireguard-go"), default="sinfonia",
-                        help="the cloudlet's WireGuard server (the same for all clients)")
-    parser.add_argument("--upstream-venv", default=os.path.join(
-        tempfile.gettempdir(), f"sinfonia-bench-upstream-{UPSTREAM_VERSION}"))
+    parser.add_argument(
+        "--server",
+        choices=("sinfonia", "wireguard-go"),
+        default="sinfonia",
+        help="the cloudlet's WireGuard server (the same for all clients)",
+    )
+    parser.add_argument(
+        "--upstream-venv",
+        default=os.path.join(
+            tempfile.gettempdir(), f"sinfonia-bench-upstream-{UPSTREAM_VERSION}"
+        ),
+    )
     args = parser.parse_args(argv)
     missing = missing_requirements("wireguard-go", "wg", "curl")
     if missing:
@@ -294,9 +351,16 @@ def main(argv=None):
     times = {(c, k): [] for c in clients for k in ("cold", "warm")}
     memory = {}
     failures = {}
-    with cloudlet.WireGuardServer(args.server) as server, \
-            cloudlet.Cloudlet(wireguard=server) as api, \
-            tempfile.TemporaryDirectory() as scratch:
+    try:
+        server = cloudlet.WireGuardServer(args.server)
+    except (ImportError, OSError, RuntimeError) as e:
+        print(f"bench_e2e: cannot start the cloudlet: {e}")
+        return 1
+    with (
+        server,
+        cloudlet.Cloudlet(wireguard=server) as api,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
         # Round 0 warms the caches and samples memory; rounds 1.. are timed.
         for round_number in range(args.rounds + 1):
             for client in clients:
@@ -317,7 +381,9 @@ def main(argv=None):
                     if round_number:
                         times[client, kind].append(seconds)
                     if used is not None:
-                        memory[client] = tuple(map(max, zip(memory.get(client, used), used)))
+                        memory[client] = tuple(
+                            map(max, zip(memory.get(client, used), used))
+                        )
     _report(args, times, memory, failures, upstream_missing)
     return 0
 
@@ -327,20 +393,35 @@ def _median(values):
 
 
 def _report(args, times, memory, failures, upstream_missing):
-    print(f"bench_e2e: {args.rounds} rounds, the cloudlet's WireGuard server: {args.server}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"bench_e2e: {args.rounds} rounds, the cloudlet's WireGuard server: {args.server}, "
+        f"{os.cpu_count()} CPUs, load average {load}"
+    )
     print("time from command to first response: median [min-max] over the rounds")
-    labels = {"ours": "ours", "upstream": f"upstream {UPSTREAM_VERSION}",
-              "bare": "bare wireguard-go by hand"}
+    labels = {
+        "ours": "ours",
+        "upstream": f"upstream {UPSTREAM_VERSION}",
+        "bare": "bare wireguard-go by hand",
+    }
     medians = {}
     for (client, kind), runs in times.items():
         label = f"  {labels[client] + ' ' + kind:32}"
         if not runs:
-            print(f"{label} not measured: {failures.get((client, kind), ['no run'])[0]}")
+            print(
+                f"{label} not measured: {failures.get((client, kind), ['no run'])[0]}"
+            )
             continue
         medians[client, kind] = statistics.median(runs)
         failed = failures.get((client, kind), [])
-        note = f"  ({len(failed)} failed run(s), warm-up included: {failed[0]})" if failed else ""
-        print(f"{label} {medians[client, kind]:6.3f} s  [{min(runs):.3f}-{max(runs):.3f}]{note}")
+        note = (
+            f"  ({len(failed)} failed run(s), warm-up included: {failed[0]})"
+            if failed
+            else ""
+        )
+        print(
+            f"{label} {medians[client, kind]:6.3f} s  [{min(runs):.3f}-{max(runs):.3f}]{note}"
+        )
     if upstream_missing:
         print(f"  upstream {UPSTREAM_VERSION}: not measured: {upstream_missing}")
     for kind in ("cold", "warm"):
@@ -355,8 +436,10 @@ def _report(args, times, memory, failures, upstream_missing):
                 met = ours / theirs <= TARGET_RATIO
                 verdict = f"  (target <= {TARGET_RATIO}: {'met' if met else 'NOT met'})"
             print(f"  ours/{other} {kind}: {ours / theirs:.3f}{verdict}")
-    print("peak memory of the client's own processes (not curl), sampled every "
-          f"{SAMPLE_INTERVAL * 1000:.0f} ms in an untimed cold and warm run:")
+    print(
+        "peak memory of the client's own processes (not curl), sampled every "
+        f"{SAMPLE_INTERVAL * 1000:.0f} ms in an untimed cold and warm run:"
+    )
     for client, label in labels.items():
         if client not in memory:
             if client in ("ours", "bare") or not upstream_missing:
@@ -366,8 +449,10 @@ def _report(args, times, memory, failures, upstream_missing):
         verdict = ""
         if client == "ours":
             verdict = f"  (target <= {TARGET_MIB:.0f} MiB: {'met' if rss <= TARGET_MIB else 'NOT met'})"
-        print(f"  {label:32} RSS {rss:6.1f} MiB summed, PSS {pss:6.1f} MiB, "
-              f"largest process {largest:5.1f} MiB{verdict}")
+        print(
+            f"  {label:32} RSS {rss:6.1f} MiB summed, PSS {pss:6.1f} MiB, "
+            f"largest process {largest:5.1f} MiB{verdict}"
+        )
 
 
 if __name__ == "__main__":
