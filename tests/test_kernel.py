@@ -683,3 +683,16 @@ def test_helper_reexec_from_a_zipapp(tmp_path):
                    check=True)
     command = _helper_command_from(archive, "sinfonia_tier3")
     _assert_reexec_reaches_helper(command, archive)
+
+
+@in_guest_only
+@needs_kernel_wg
+def test_kernel_backend_as_root_without_user_namespaces(cloudlet_url, tmp_path):
+    limit = Path("/proc/sys/user/max_user_namespaces")
+    saved = limit.read_text()
+    limit.write_text("0")
+    try:
+        result = _kernel_session(cloudlet_url, "sh", "-c", "exit 3", tmp_path=tmp_path)
+    finally:
+        limit.write_text(saved)
+    assert result.returncode == 3, result.stderr
