@@ -3437,8 +3437,8 @@ def _kernel_handshake_seen(sock, ifname):
     return False
 
 
-def _resolve_endpoint(host, port):
-    """The endpoint as an IP literal: the root helper takes no names."""
+def _endpoint_literal(host, port):
+    """The endpoint with its host as an IP literal: the root helper takes no names."""
     import ipaddress
     import socket
 
@@ -3523,7 +3523,7 @@ def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT
 
     spec = _kernel_link_spec(
         keypair.private, config.public_key,
-        endpoint=_resolve_endpoint(config.endpoint_host, config.endpoint_port),
+        endpoint=_endpoint_literal(config.endpoint_host, config.endpoint_port),
         allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
     ifname = "st3" + secrets.token_hex(4)
     use_sudo = os.geteuid() != 0
