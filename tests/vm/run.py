@@ -16,8 +16,12 @@ without touching the host. It has no network device: only its own loopback
 and the namespaces the tests create. COMMAND runs as root in the current
 directory with the host's PATH and SINFONIA_TIER3_IN_VM=1 (so that a pytest
 inside does not boot a guest again); its output is the guest's serial console
-and its exit status is this script's. Without /dev/kvm the guest runs under
-software emulation, which works but is several times slower.
+and its exit status is this script's. Without a usable /dev/kvm the guest runs
+under software emulation (qemu's TCG), which works but is several times
+slower: the script says which it takes and why. A /dev/kvm that cannot boot
+the guest (a KVM internal error or a hang, as with nested virtualization
+through kvm_pvm, which runs only kernels built for it) is noticed within
+KVM_BOOT_TIMEOUT seconds and remembered in the cache for this host kernel.
 
 Exit status 125 means the guest could not be prepared or booted, 124 that it
 ran out of time.
@@ -288,6 +292,19 @@ def qemu_available():
     return None
 
 
+def _kvm_unusable():
+    """Why KVM will not run this guest here, or None if it is worth a try."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is missing or not accessible"
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        # PVM (nested virtualization without hardware support) runs only
+        # guest kernels built for it; Debian's is not.
+        return "/dev/kvm is kvm_pvm, which cannot run Debian's kernel"
+    if _kvm_verdict_file().exists():
+        return f"KVM failed to boot the guest before ({_kvm_verdict_file()})"
+    return None
+
+
 def _kvm_verdict_file():
     return cache_dir() / f"kvm-broken-on-{os.uname().release}"
 
@@ -337,8 +354,10 @@ def run(command, *, cwd=None, timeout=900, memory_mb=2048, accel="auto",
     stdout = stdout or sys.stdout.buffer
     vmlinuz, modules_dir, busybox = prepare_kernel()
     if accel == "auto":
-        kvm_usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
-        accel = "kvm" if kvm_usable and not _kvm_verdict_file().exists() else "tcg"
+        why_not_kvm = _kvm_unusable()
+        if why_not_kvm:
+            print(f"sinfonia-tier3 vm: software emulation: {why_not_kvm}", file=sys.stderr)
+        accel = "tcg" if why_not_kvm else "kvm"
         fall_back = accel == "kvm"
     else:
         fall_back = False
