@@ -3474,7 +3474,8 @@ def _userspace_blocked():
     """Why the userspace backend cannot work for this user, or None: no user
     namespaces, or no /dev/net/tun it may open."""
     for path, blocked in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
-                          ("/proc/sys/user/max_user_namespaces", "0")):
+                          ("/proc/sys/user/max_user_namespaces", "0"),
+                          ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1")):
         try:
             with open(path) as f:
                 if f.read().strip() == blocked:
@@ -3512,12 +3513,23 @@ def _choose_tunnel(requested, *, debug=False):
     return choice
 
 
+def _kernel_namespace(mtu=_DEFAULT_MTU):
+    """The application's namespace child for the kernel backend, forked now so
+    that its set-up overlaps the Tier 1 request, as with `_TunInside`."""
+    import secrets
+
+    return _Namespace(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu=mtu)
+
+
 def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
-                            connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False):
+                            connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False,
+                            namespace=None):
     """`_run_application` with a kernel WireGuard link instead of the userspace
     datapath: made here (as root) or by the sudo root helper, then moved into
-    the application's namespace; returns the application's exit status."""
-    import secrets
+    the application's namespace; returns the application's exit status.
+
+    `namespace`, when given, is a `_kernel_namespace(mtu)` forked earlier.
+    """
     import socket
     import time
 
@@ -3525,9 +3537,11 @@ def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT
         keypair.private, config.public_key,
         endpoint=_endpoint_literal(config.endpoint_host, config.endpoint_port),
         allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
-    ifname = "st3" + secrets.token_hex(4)
     use_sudo = os.geteuid() != 0
-    with _Namespace(_KernelLinkInside(ifname), mtu=mtu) as namespace:
+    if namespace is None:
+        namespace = _kernel_namespace(mtu)
+    ifname = namespace.interface.name
+    with namespace:
         namespace.expect("awaiting_link")
         _provide_kernel_link(namespace.pid, ifname, spec, use_sudo=use_sudo)
         if debug:

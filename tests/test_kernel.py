@@ -696,3 +696,19 @@ def test_kernel_backend_as_root_without_user_namespaces(cloudlet_url, tmp_path):
     finally:
         limit.write_text(saved)
     assert result.returncode == 3, result.stderr
+
+
+@in_guest_only
+def test_auto_as_a_user_without_user_namespaces_takes_kernel_through_sudo():
+    limit = Path("/proc/sys/user/max_user_namespaces")
+    saved = limit.read_text()
+    limit.write_text("0")
+    try:
+        result = subprocess.run([sys.executable, "-c", CHOOSE_AS_USER, str(REPO)],
+                                user=CALLER_UID, group=CALLER_UID, extra_groups=[],
+                                capture_output=True, text=True, check=True,
+                                env={"PATH": os.environ["PATH"]})
+    finally:
+        limit.write_text(saved)
+    assert result.stdout == "kernel\n"
+    assert "user namespaces are disabled" in result.stderr
