@@ -373,14 +373,24 @@ except st3.SinfoniaError as e:
 
 
 @pytest.fixture(scope="module")
-def sudo_user():
+def python_for_users():
+    """This Python, usable by other users: in the guest, /root (where pyenv
+    may keep it) is opened up; on the host, a Python others cannot run skips."""
+    if IN_GUEST:
+        os.chmod("/root", 0o711)
+    for directory in Path(sys.executable).parents:
+        if not os.stat(directory).st_mode & 0o001:
+            pytest.skip(f"{sys.executable} is not usable by other users ({directory})")
+
+
+@pytest.fixture(scope="module")
+def sudo_user(python_for_users):
     """A user who may run the root helper through sudo without a password,
     and one who may not (guest only: this changes /etc)."""
     import pwd
     for name in (SUDO_USER, SUDO_USER + "-x"):
         subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name],
                        check=True)
-    os.chmod("/root", 0o711)   # this Python lives under /root on the host
     rule = f"{SUDO_USER} ALL=(root) NOPASSWD: {sys.executable} {MODULE_FILE} --root-helper *\n"
     Path("/etc/sudoers.d/sinfonia-tier3-test").write_text(rule)
     os.chmod("/etc/sudoers.d/sinfonia-tier3-test", 0o440)
@@ -617,7 +627,7 @@ def test_auto_as_root_takes_kernel_exactly_when_the_kernel_has_wireguard(capsys)
 
 
 @needs_root
-def test_auto_as_a_user_without_tun_access_takes_kernel_through_sudo():
+def test_auto_as_a_user_without_tun_access_takes_kernel_through_sudo(python_for_users):
     mode = os.stat("/dev/net/tun").st_mode
     if mode & 0o006 == 0o006:
         pytest.skip("/dev/net/tun is open to every user here")
@@ -699,7 +709,8 @@ def test_kernel_backend_as_root_without_user_namespaces(cloudlet_url, tmp_path):
 
 
 @in_guest_only
-def test_auto_as_a_user_without_user_namespaces_takes_kernel_through_sudo():
+def test_auto_as_a_user_without_user_namespaces_takes_kernel_through_sudo(
+        python_for_users):
     limit = Path("/proc/sys/user/max_user_namespaces")
     saved = limit.read_text()
     limit.write_text("0")
