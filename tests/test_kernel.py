@@ -544,11 +544,13 @@ def cloudlet_url():
         yield api.url
 
 
-def _kernel_session(url, *command, tmp_path):
+def _kernel_session(url, *command, tmp_path, pythonpath=None):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
     return subprocess.run(
         [sys.executable, "-c", KERNEL_SESSION, str(REPO), url, *command],
-        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, capture_output=True,
-        text=True, timeout=120, check=False)
+        env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _st3_links():
@@ -559,10 +561,11 @@ def _st3_links():
 
 
 @needs_kernel_wg
-def test_kernel_backend_gets_the_page_as_root(cloudlet_url, tmp_path):
+@pytest.mark.parametrize("pythonpath", _pyroute2_variants())
+def test_kernel_backend_gets_the_page_as_root(cloudlet_url, tmp_path, pythonpath):
     ports_before, links_before = _udp_ports(), _st3_links()
     result = _kernel_session(cloudlet_url, "curl", "-sS", "--max-time", "20",
-                             "http://helloworld/", tmp_path=tmp_path)
+                             "http://helloworld/", tmp_path=tmp_path, pythonpath=pythonpath)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello from the sinfonia test cloudlet!"), result
     assert "kernel WireGuard link st3" in result.stderr
