@@ -1242,7 +1242,7 @@ class _Sender:
             if sizes[i] and len(self.queue) < _QUEUED_PACKETS:
                 start = _TRANSPORT_HEADER
                 self.queue.append(bytes(self.slot_views[i][start:start + sizes[i]]))
-        if count and (sizes[0] or self.keypair is None):
+        if count:  # data or a keepalive that no usable keypair can carry
             self._ask_for_handshake(now)
 
     def _ask_for_handshake(self, now):
@@ -2638,14 +2638,13 @@ def _serve_as_init(channel, start):
     import select
     import signal
 
-    terminal = start["terminal"]
     wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # to hand the terminal over
     application = os.fork()
     if application == 0:
-        _exec_application(channel, start["command"], start["env"], terminal)
+        _exec_application(channel, start["command"], start["env"], start["terminal"])
     while True:
         readable, _, _ = select.select([channel, wakeup_r], [], [])
         if channel in readable:
@@ -2653,9 +2652,9 @@ def _serve_as_init(channel, start):
             if message is None:  # the tool is gone: so is everything here
                 return 125
             try:
-                if "continue" in message:
-                    if message["continue"] and terminal is not None:
-                        os.tcsetpgrp(terminal, application)
+                if "continue" in message:  # the terminal to take, or None
+                    if message["continue"] is not None:
+                        os.tcsetpgrp(message["continue"], application)
                     os.killpg(application, signal.SIGCONT)
                 else:
                     os.kill(application, message["signal"])
@@ -2739,12 +2738,30 @@ def _report_failure(channel, error):
         pass
 
 
+def _close_private_descriptors(keep):
+    """Close the tool's own descriptors (its sockets, other sessions' TUN
+    devices), which exec would close anyway; those the caller passed on to
+    the application (inheritable ones) stay."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if not os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:  # the directory's own descriptor, closed already
+                pass
+
+
 def _run_namespace_child(channel, parent_pid, interface, mtu):
     """The forked child: holder of the namespaces, then (in a second fork)
     their init. Never returns."""
     status = 125
     try:
         _die_with_parent(parent_pid)
+        import gc
+
+        gc.freeze()  # the tool's objects (whose descriptors go next) are never finalized here
+        _close_private_descriptors(keep=channel.fileno())
         os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
         _enter_new_namespaces()
         init = os.fork()
@@ -2805,8 +2822,11 @@ class _Namespace:
     def send(self, message):
         try:
             self._channel.send(message)
-        except OSError:  # the child has ended; its last message says why
+        except (BrokenPipeError, ConnectionResetError):  # its last message says why
             self.expect("error")
+        except OSError as e:  # e.g. an environment too large for one message
+            raise TunnelError(f"cannot pass the application's settings to its "
+                              f"namespace: {e.strerror}") from None
 
     def expect(self, key, timeout=_SETUP_TIMEOUT):
         """The child's next message, which must carry `key`: (message, fds).
@@ -2887,11 +2907,8 @@ class _Namespace:
 
         self._give_back_terminal()
         os.kill(os.getpid(), signal.SIGSTOP)
-        try:
-            foreground = os.tcgetpgrp(self._terminal) == os.getpgrp()
-        except (OSError, TypeError):  # no terminal (any more)
-            foreground = False
-        self.send({"continue": foreground})
+        self._terminal = _foreground_terminal()  # `fg` gives one, `bg` none
+        self.send({"continue": self._terminal})
 
     def _forward(self, signum, frame):
         try:

@@ -752,9 +752,6 @@ class _WireGuardGoResponder:
             raise RuntimeError(f"wireguard-go UAPI errno {fields['errno']}")
         return fields
 
-    def start(self):
-        pass
-
     def stop(self):
         if self._process.poll() is None:
             self._process.terminate()

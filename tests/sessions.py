@@ -198,6 +198,19 @@ def wait_until_gone(pids, namespaces, timeout=10.0):
         time.sleep(0.05)
 
 
+def describe(pids):
+    """`pid: command line` of each process, for failure messages."""
+    lines = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            command = "(gone)"
+        lines.append(f"{pid}: {command}")
+    return "\n".join(lines)
+
+
 def _uptime():
     with open("/proc/uptime") as f:
         return float(f.read().split()[0])

@@ -58,12 +58,13 @@ def tool(request):
 
 
 class Tool:
+    """The command line, as root or as the test user, run from `scratch`."""
+
     def __init__(self, as_user, scratch):
         self.as_user = as_user
         self.scratch = scratch
         self.uid = sessions.user_ids()[0] if as_user else 0
         self.python = sessions.user_python() if as_user else sys.executable
-        self._caches = 0
 
     def argv(self, url, *args, options=()):
         argv = [self.python, TOOL, *options, url, "helloworld", *args]
@@ -79,7 +80,8 @@ class Tool:
     def start(self, url, *args, cache="cache", options=(), **kwargs):
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(url, *args, options=options), env=self.env(cache), cwd=self.scratch,
+        return subprocess.Popen(self.argv(url, *args, options=options),
+                                env=self.env(cache), cwd=self.scratch,
                                 stdin=subprocess.DEVNULL, text=True, **kwargs)
 
     def run(self, url, *args, timeout=60, cache="cache", options=()):
@@ -140,7 +142,8 @@ def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
                       for kind in ("net", "mnt", "pid")}
         process.kill()
         process.wait()
-        assert sessions.wait_until_gone(pids, namespaces) == []
+        remaining = sessions.wait_until_gone(pids, namespaces)
+        assert remaining == [], sessions.describe(remaining)
     finally:
         if process.poll() is None:
             process.kill()
@@ -180,7 +183,8 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
     assert [p.returncode for p in processes] == [0] * 10, [e for _, e in outputs]
     addresses = {GREETING.fullmatch(stdout).group(1) for stdout, _ in outputs}
     assert len(addresses) == 10, "ten keys, ten tunnels, ten addresses"
-    assert sessions.wait_until_gone(pids, {}) == []
+    remaining = sessions.wait_until_gone(pids, {})
+    assert remaining == [], sessions.describe(remaining)
     if tool.as_user:
         assert sessions.files_of_user(tool.uid) == []
 

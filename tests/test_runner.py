@@ -11,6 +11,7 @@ Each run goes through a small driver program, started as a separate process
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,13 +73,18 @@ needs_root = pytest.mark.skipif(bool(sessions.missing_root()),
 
 @pytest.fixture(scope="module")
 def driver_file():
-    """The driver program, readable by the test user too."""
-    fd, path = tempfile.mkstemp(prefix="sinfonia-driver-", suffix=".py")
-    with os.fdopen(fd, "w") as f:
-        f.write(DRIVER)
-    os.chmod(path, 0o644)
-    yield path
-    os.unlink(path)
+    """The driver program, readable by the test user too, alone in its
+    directory (which Python puts first on sys.path)."""
+    directory = tempfile.mkdtemp(prefix="sinfonia-driver-")
+    try:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "driver.py")
+        with open(path, "w") as f:
+            f.write(DRIVER)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        shutil.rmtree(directory)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -236,7 +242,7 @@ def test_exit_status_is_the_applications(runner, command, status, message):
 def test_signals_to_the_tool_reach_the_application(runner, signum):
     process = runner.start({"command": [runner.python, "-c", sessions.SIGNAL_TRAP]})
     try:
-        assert process.stdout.readline() == "ready\n"
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=20)
     finally:
@@ -258,13 +264,49 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
         assert len(pids) >= 4, "holder, init, shell and sleep"
         process.kill()
         process.wait()
-        assert sessions.wait_until_gone(pids, namespaces) == []
+        remaining = sessions.wait_until_gone(pids, namespaces)
+        assert remaining == [], sessions.describe(remaining)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     if runner.as_user:
         assert sessions.files_of_user(runner.uid) == []
+
+
+def test_the_namespace_holds_only_descriptors_the_caller_passed_on(runner, driver_file):
+    # The driver holds a private descriptor (close-on-exec, like the tool's
+    # sockets and other sessions' TUN devices) and passes one on (inheritable).
+    private = os.path.join(runner.scratch, "private")
+    passed = os.path.join(runner.scratch, "passed")
+    for path in (private, passed):
+        open(path, "w").close()
+        os.chown(path, runner.uid, runner.gid)
+    wrapper = (
+        "import os, runpy, sys\n"
+        f"private = os.open({private!r}, os.O_RDONLY)\n"
+        f"passed = os.open({passed!r}, os.O_RDONLY)\n"
+        "os.set_inheritable(passed, True)\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    spec = {"command": ["sh", "-c", "echo started; exec sleep 300"],
+            "addresses": ADDRESSES, "routes": ROUTES}
+    argv = [runner.python, "-c", wrapper, driver_file, REPO, json.dumps(spec)]
+    process = subprocess.Popen(sessions.as_user(argv) if runner.as_user else argv,
+                               cwd=runner.scratch, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        holder = json.loads(process.stderr.readline())["holder"]
+        assert process.stdout.readline() == "started\n"
+        namespace_processes = [holder, *sessions.descendants(holder)]
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}")
+                for pid in namespace_processes for fd in os.listdir(f"/proc/{pid}/fd")}
+    finally:
+        process.kill()
+        process.wait()
+    assert private not in held, "the tool's private descriptors stay with the tool"
+    assert passed in held, "what the caller passed on reaches the application"
 
 
 def test_an_error_inside_the_child_is_one_line(runner):

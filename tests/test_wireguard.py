@@ -460,6 +460,15 @@ def test_persistent_keepalive():
     assert [(frm, m[0]) for frm, _, m in pair.take()] == [(A_ADDRESS, 4)]
 
 
+def test_keepalive_due_on_an_expired_keypair_asks_for_a_handshake():
+    pair = Pair()
+    pair.handshake()
+    pair.b.peer.persistent_keepalive = 25
+    pair.advance(st3._REJECT_AFTER_TIME + 1)
+    pair.b.peer.tick()
+    assert [(frm, m[0]) for frm, _, m in pair.take()] == [(B_ADDRESS, 1)]
+
+
 def test_new_handshake_when_sent_data_goes_unanswered():
     pair = Pair()
     pair.handshake()
