@@ -3029,6 +3029,570 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
 
 # Kernel backend and root helper ##############################################
 
+_ROOT_HELPER_FLAG = "--root-helper"
+_ROOT_HELPER_MAX_REQUEST = 16384
+_IFNAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+_NS_GET_USERNS = 0xB701      # _IO(0xb7, 0x1), linux/nsfs.h
+_NS_GET_OWNER_UID = 0xB704   # _IO(0xb7, 0x4)
+_KERNEL_LINK_FIELDS = ("private_key", "peer_public_key", "endpoint", "listen_port",
+                       "allowed_ips", "persistent_keepalive")
+
+
+class _KernelLinkSpec(tuple):
+    """What a kernel WireGuard link is configured with; built only through
+    `_kernel_link_spec` or `_parse_kernel_link_request`, which validate it."""
+
+    __slots__ = ()
+    private_key = property(lambda self: self[0])           # 32 bytes
+    peer_public_key = property(lambda self: self[1])       # 32 bytes
+    endpoint = property(lambda self: self[2])              # (ip_address, port) or None
+    listen_port = property(lambda self: self[3])           # 0: the kernel picks
+    allowed_ips = property(lambda self: self[4])           # tuple of ip_network
+    persistent_keepalive = property(lambda self: self[5])  # seconds, 0: off
+
+
+def _kernel_link_spec(private_key, peer_public_key, *, endpoint=None, listen_port=0,
+                      allowed_ips=(), persistent_keepalive=0):
+    """Validate and bundle a kernel link's configuration; the one constructor
+    both the caller and the root helper go through."""
+    import ipaddress
+
+    def refuse(why):
+        raise TunnelError(f"invalid kernel WireGuard configuration: {why}")
+
+    def port(value, name, low):
+        if type(value) is not int or not low <= value <= 65535:
+            refuse(f"{name} must be an integer from {low} to 65535")
+        return value
+
+    for name, key in (("private key", private_key), ("peer public key", peer_public_key)):
+        if type(key) is not bytes or len(key) != 32:
+            refuse(f"{name} must be 32 bytes")
+        if key == bytes(32):
+            refuse(f"{name} is all zeros")
+    if endpoint is not None:
+        if type(endpoint) is not tuple or len(endpoint) != 2:
+            refuse("endpoint must be an address and a port")
+        try:
+            host = ipaddress.ip_address(endpoint[0])
+        except ValueError:
+            refuse("endpoint address must be an IPv4 or IPv6 literal")
+        if host.is_unspecified or host.is_multicast:
+            refuse(f"endpoint address {host} cannot be a peer")
+        endpoint = (host, port(endpoint[1], "endpoint port", 1))
+    networks = []
+    for network in allowed_ips:
+        try:
+            networks.append(ipaddress.ip_network(network))
+        except (TypeError, ValueError):
+            refuse(f"allowed IP {network!r} is not a network in CIDR notation")
+    if len(networks) > 256:
+        refuse("more than 256 allowed IPs")
+    if type(persistent_keepalive) is not int or not 0 <= persistent_keepalive <= 65535:
+        refuse("persistent keepalive must be an integer from 0 to 65535")
+    return _KernelLinkSpec((private_key, peer_public_key, endpoint,
+                            port(listen_port, "listen port", 0), tuple(networks),
+                            persistent_keepalive))
+
+
+def _encode_kernel_link_request(spec):
+    """The root helper's standard input: the spec as one JSON object."""
+    import base64
+    import json
+
+    endpoint = None
+    if spec.endpoint is not None:
+        endpoint = [str(spec.endpoint[0]), spec.endpoint[1]]
+    return json.dumps({
+        "private_key": base64.b64encode(spec.private_key).decode(),
+        "peer_public_key": base64.b64encode(spec.peer_public_key).decode(),
+        "endpoint": endpoint,
+        "listen_port": spec.listen_port,
+        "allowed_ips": [str(network) for network in spec.allowed_ips],
+        "persistent_keepalive": spec.persistent_keepalive,
+    }).encode()
+
+
+def _parse_kernel_link_request(data):
+    """Parse the root helper's standard input, trusting none of it."""
+    import base64
+    import binascii
+    import json
+
+    def refuse(why):
+        raise TunnelError(f"invalid kernel WireGuard configuration: {why}")
+
+    def unique_keys(pairs):
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            refuse("a key appears twice")
+        return dict(pairs)
+
+    if len(data) > _ROOT_HELPER_MAX_REQUEST:
+        refuse(f"more than {_ROOT_HELPER_MAX_REQUEST} bytes")
+    try:
+        request = json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys,
+                             parse_constant=lambda name: refuse(f"{name} is not allowed"))
+    except (UnicodeDecodeError, ValueError):
+        refuse("not a JSON object")
+    if type(request) is not dict or set(request) != set(_KERNEL_LINK_FIELDS):
+        refuse("expected exactly the keys " + ", ".join(_KERNEL_LINK_FIELDS))
+
+    def key(name):
+        text = request[name]
+        if type(text) is not str or len(text) != 44:
+            refuse(f"{name} must be 44 characters of base64")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            refuse(f"{name} is not valid base64")
+
+    endpoint = request["endpoint"]
+    if endpoint is not None:
+        if (type(endpoint) is not list or len(endpoint) != 2
+                or type(endpoint[0]) is not str):
+            refuse("endpoint must be [address, port] or null")
+        endpoint = tuple(endpoint)
+    allowed_ips = request["allowed_ips"]
+    if type(allowed_ips) is not list or not all(type(n) is str for n in allowed_ips):
+        refuse("allowed_ips must be a list of strings")
+    return _kernel_link_spec(
+        key("private_key"), key("peer_public_key"), endpoint=endpoint,
+        listen_port=request["listen_port"], allowed_ips=allowed_ips,
+        persistent_keepalive=request["persistent_keepalive"])
+
+
+def _check_interface_name(name):
+    """Refuse anything but a short name of lower-case letters, digits, - and _."""
+    if (type(name) is not str or not 1 <= len(name) <= 15 or not name[0].isalpha()
+            or not set(name) <= _IFNAME_CHARACTERS):
+        raise TunnelError(f"invalid interface name {name!r}: 1 to 15 characters "
+                          "a-z 0-9 - _, starting with a letter")
+    return name
+
+
+def _create_kernel_link(ifname, spec, netns_fd):
+    """Create kernel WireGuard link `ifname` here, configure it, move it into the
+    network namespace `netns_fd`; its UDP socket stays in this namespace.
+
+    On any failure the link is removed again: either it ends up in the target
+    namespace, or it does not exist.
+    """
+    import base64
+
+    from pyroute2 import IPRoute, WireGuard
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    peer = {
+        "public_key": base64.b64encode(spec.peer_public_key).decode(),
+        "persistent_keepalive": spec.persistent_keepalive,
+        "replace_allowed_ips": True,
+        "allowed_ips": [str(network) for network in spec.allowed_ips],
+    }
+    if spec.endpoint is not None:
+        peer["endpoint_addr"] = str(spec.endpoint[0])
+        peer["endpoint_port"] = spec.endpoint[1]
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=ifname, kind="wireguard")
+        except NetlinkError as e:
+            raise TunnelError(f"cannot create kernel WireGuard link {ifname}: "
+                              f"{os.strerror(e.code)}") from None
+        moved = False
+        try:
+            (index,) = ipr.link_lookup(ifname=ifname)
+            wg = WireGuard()
+            try:
+                wg.set(ifname, private_key=base64.b64encode(spec.private_key).decode(),
+                       listen_port=spec.listen_port, peer=peer)
+            finally:
+                wg.close()
+            ipr.link("set", index=index, net_ns_fd=netns_fd)
+            moved = True
+        except NetlinkError as e:
+            raise TunnelError(f"cannot configure kernel WireGuard link {ifname}: "
+                              f"{os.strerror(e.code)}") from None
+        finally:
+            if not moved:
+                try:
+                    ipr.link("del", ifname=ifname)
+                except NetlinkError:
+                    pass
+
+
+def _open_caller_netns(pid, uid):
+    """The network namespace fd of process `pid`, after checking that `pid` is
+    a live process of user `uid` in a network namespace other than ours, owned
+    by a user namespace that `uid` owns.
+
+    The process is pinned with a pidfd and its /proc directory opened before
+    the checks; the pidfd still being alive afterwards proves that directory
+    was not a reused PID's.
+    """
+    import signal
+
+    def refuse(why):
+        raise TunnelError(f"root helper refuses process {pid}: {why}")
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        refuse("no such process")
+    try:
+        try:
+            proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            refuse("no such process")
+        try:
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+            except ProcessLookupError:
+                refuse("it exited")
+            try:
+                status = _read_proc_file("status", proc)
+                netns_fd = os.open("ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+            except OSError:
+                refuse("it exited")
+        finally:
+            os.close(proc)
+        try:
+            uids = next((line.split()[1:] for line in status.splitlines()
+                         if line.startswith("Uid:")), [])
+            if uids != [str(uid)] * 4:
+                refuse(f"it does not belong to user {uid}")
+            own = os.stat("/proc/self/ns/net")
+            theirs = os.fstat(netns_fd)
+            if (own.st_dev, own.st_ino) == (theirs.st_dev, theirs.st_ino):
+                refuse("it is in the helper's own network namespace")
+            userns_fd = fcntl.ioctl(netns_fd, _NS_GET_USERNS)
+            try:
+                owner = bytearray(4)
+                fcntl.ioctl(userns_fd, _NS_GET_OWNER_UID, owner)
+                own_userns = os.stat("/proc/self/ns/user")
+                userns = os.fstat(userns_fd)
+            finally:
+                os.close(userns_fd)
+            if (own_userns.st_dev, own_userns.st_ino) == (userns.st_dev, userns.st_ino):
+                refuse("its network namespace belongs to the helper's user namespace")
+            if struct.unpack("=I", owner)[0] != uid:
+                refuse(f"its network namespace is not owned by user {uid}")
+            return netns_fd
+        except BaseException:
+            os.close(netns_fd)
+            raise
+    finally:
+        os.close(pidfd)
+
+
+def _read_proc_file(name, dir_fd):
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, 65536).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def _root_helper_main(args, stdin):
+    """`--root-helper PID IFNAME`, run as root by sudo: create, configure and
+    move one kernel WireGuard link into the invoking user's namespace.
+
+    Everything is untrusted: the arguments, SUDO_UID and the configuration on
+    `stdin`. Returns the exit status; every refusal is one line on stderr.
+    """
+    try:
+        if os.geteuid() != 0:
+            raise TunnelError("root helper: must run as root (through sudo)")
+        sudo_uid = os.environ.get("SUDO_UID", "")
+        if not sudo_uid.isdigit() or not sudo_uid.isascii():
+            raise TunnelError("root helper: SUDO_UID is missing; run it through sudo")
+        if len(args) != 2:
+            raise TunnelError("root helper: usage: --root-helper PID IFNAME")
+        pid_text, ifname = args
+        if not (pid_text.isascii() and pid_text.isdigit() and 0 < len(pid_text) < 8
+                and int(pid_text) > 1):
+            raise TunnelError(f"root helper: invalid PID {pid_text!r}")
+        _check_interface_name(ifname)
+        spec = _parse_kernel_link_request(stdin.read(_ROOT_HELPER_MAX_REQUEST + 1))
+        netns_fd = _open_caller_netns(int(pid_text), int(sudo_uid))
+        try:
+            _create_kernel_link(ifname, spec, netns_fd)
+        finally:
+            os.close(netns_fd)
+    except SinfoniaError as e:
+        print(f"sinfonia-tier3: {e}", file=sys.stderr)
+        return e.exit_status
+    return 0
+
+
+def _this_program():
+    """The file to re-exec: this module's file, or the zipapp archive holding it."""
+    path = os.path.abspath(__file__)
+    while not os.path.isfile(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise TunnelError(f"cannot find the file this module runs from ({__file__})")
+        path = parent
+    return path
+
+
+def _root_helper_command(pid, ifname, *, interactive=False):
+    """The sudo command line that runs the root helper for `pid` and `ifname`."""
+    return ["sudo", *(() if interactive else ("-n",)), "--", sys.executable,
+            _this_program(), _ROOT_HELPER_FLAG, str(pid), ifname]
+
+
+def _provide_kernel_link(pid, ifname, spec, *, use_sudo, timeout=30):
+    """Create kernel WireGuard link `ifname` for process `pid`'s network namespace:
+    directly when root, else through the sudo root helper (non-interactive unless
+    a terminal can ask for the password)."""
+    import subprocess
+
+    _check_interface_name(ifname)
+    if not use_sudo:
+        netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _create_kernel_link(ifname, spec, netns_fd)
+        finally:
+            os.close(netns_fd)
+        return
+    command = _root_helper_command(pid, ifname, interactive=sys.stdin.isatty())
+    try:
+        result = subprocess.run(command, input=_encode_kernel_link_request(spec),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise TunnelError("kernel WireGuard needs root, and sudo is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise TunnelError(f"the sudo root helper did not finish in {timeout} s") from None
+    if result.returncode:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {result.returncode}"
+        raise TunnelError(f"the sudo root helper failed: {why}")
+
+
+_NETLINK_GENERIC = 16
+_GENL_ID_CTRL = 0x10
+_CTRL_CMD_GETFAMILY = 3
+_CTRL_ATTR_FAMILY_ID = 1
+_CTRL_ATTR_FAMILY_NAME = 2
+_WG_CMD_GET_DEVICE = 0
+_WGDEVICE_A_IFNAME = 2
+_WGDEVICE_A_PEERS = 8
+_WGPEER_A_LAST_HANDSHAKE_TIME = 6
+_NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_DUMP = 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+
+
+class _KernelLinkInside(_LinkMovedIn):
+    """The kernel backend's interface: a link moved in by the tool, plus a
+    generic netlink socket opened inside the namespace and handed to the tool,
+    which watches the link's handshake through it (the tool itself cannot
+    enter the namespace)."""
+
+    def create(self, channel):
+        import socket
+
+        fds = super().create(channel)
+        watcher = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_GENERIC)
+        return [*fds, watcher.detach()]
+
+
+def _nlattrs(data):
+    """Netlink attributes in `data` as {type: payload}; nested flags dropped."""
+    attrs = {}
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        attrs[kind & 0x3FFF] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return attrs
+
+
+def _nlattr(kind, payload):
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _genl_request(sock, family, command, attrs, flags=0):
+    """Send one generic netlink request; the payloads (after the genl header)
+    of the answers, until the dump ends or the request is acknowledged."""
+    body = struct.pack("=BBH", command, 1, 0) + attrs
+    sock.send(struct.pack("=IHHII", 16 + len(body), family,
+                          _NLM_F_REQUEST | _NLM_F_ACK | flags, 1, 0) + body)
+    answers = []
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if length < 16:
+                raise TunnelError("malformed netlink answer")
+            if kind == _NLMSG_ERROR:
+                (error,) = struct.unpack_from("=i", data, offset + 16)
+                if error:
+                    raise TunnelError(f"netlink: {os.strerror(-error)}")
+                return answers
+            if kind == _NLMSG_DONE:
+                return answers
+            answers.append(data[offset + 20:offset + length])
+            offset += (length + 3) & ~3
+
+
+def _kernel_handshake_seen(sock, ifname):
+    """Whether kernel WireGuard link `ifname` (in `sock`'s namespace) has had a
+    handshake with its peer."""
+    (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
+                              _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
+    family_id = struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
+    for answer in _genl_request(sock, family_id, _WG_CMD_GET_DEVICE,
+                                _nlattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0"),
+                                _NLM_F_DUMP):
+        for peer in _nlattrs(_nlattrs(answer).get(_WGDEVICE_A_PEERS, b"")).values():
+            seconds = _nlattrs(peer).get(_WGPEER_A_LAST_HANDSHAKE_TIME, b"")[:8]
+            if len(seconds) == 8 and struct.unpack("=q", seconds)[0] > 0:
+                return True
+    return False
+
+
+def _endpoint_literal(host, port):
+    """The endpoint with its host as an IP literal: the root helper takes no names."""
+    import ipaddress
+    import socket
+
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        raise TunnelError(f"cannot resolve the tunnel endpoint {host}: {e}") from None
+    return infos[0][4][0], port
+
+
+def _kernel_wireguard_available():
+    """Whether this kernel makes WireGuard links: try one (root only)."""
+    import secrets
+
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    name = "st3probe" + secrets.token_hex(3)
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="wireguard")
+        except NetlinkError as e:
+            return f"the kernel has no WireGuard ({os.strerror(e.code)})"
+        ipr.link("del", ifname=name)
+    return None
+
+
+def _userspace_blocked():
+    """Why the userspace backend cannot work for this user, or None: no user
+    namespaces, or no /dev/net/tun it may open."""
+    for path, blocked in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+                          ("/proc/sys/user/max_user_namespaces", "0"),
+                          ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == blocked:
+                    return f"user namespaces are disabled ({path} is {blocked})"
+        except OSError:
+            pass
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return "/dev/net/tun is not readable and writable for this user"
+    return None
+
+
+def _choose_tunnel(requested, *, debug=False):
+    """The backend for `--tunnel` `requested` ("auto", "userspace", "kernel"):
+    under auto, kernel when already root and the kernel has WireGuard, else
+    userspace when /dev/net/tun can be opened, else kernel through sudo.
+    The choice and why go to stderr with `debug`."""
+    if requested != "auto":
+        return requested
+    if os.geteuid() == 0:
+        why_not = _kernel_wireguard_available()
+        if why_not is None:
+            choice, why = "kernel", "running as root and the kernel has WireGuard"
+        else:
+            choice, why = "userspace", f"running as root but {why_not}"
+    else:
+        why_not = _userspace_blocked()
+        if why_not is None:
+            choice, why = "userspace", "/dev/net/tun can be opened"
+        else:
+            choice, why = "kernel", f"{why_not}: kernel WireGuard through sudo"
+    if debug:
+        _debug(f"--tunnel auto: {choice} ({why})")
+    return choice
+
+
+def _kernel_namespace(mtu=_DEFAULT_MTU):
+    """The application's namespace child for the kernel backend, forked now so
+    that its set-up overlaps the Tier 1 request, as with `_TunInside`."""
+    import secrets
+
+    return _Namespace(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu=mtu)
+
+
+def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
+                            connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False,
+                            namespace=None):
+    """`_run_application` with a kernel WireGuard link instead of the userspace
+    datapath: made here (as root) or by the sudo root helper, then moved into
+    the application's namespace; returns the application's exit status.
+
+    `namespace`, when given, is a `_kernel_namespace(mtu)` forked earlier.
+    """
+    import socket
+    import time
+
+    spec = _kernel_link_spec(
+        keypair.private, config.public_key,
+        endpoint=_endpoint_literal(config.endpoint_host, config.endpoint_port),
+        allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
+    use_sudo = os.geteuid() != 0
+    if namespace is None:
+        namespace = _kernel_namespace(mtu)
+    ifname = namespace.interface.name
+    with namespace:
+        namespace.expect("awaiting_link")
+        _provide_kernel_link(namespace.pid, ifname, spec, use_sudo=use_sudo)
+        if debug:
+            _debug(f"kernel WireGuard link {ifname} created "
+                   f"{'by the sudo root helper' if use_sudo else 'as root'}")
+        namespace.send({"link_moved": ifname})
+        _, fds = namespace.expect("interface")
+        if len(fds) != 1:
+            raise TunnelError("the application's namespace sent no netlink socket")
+        with socket.socket(fileno=fds[0]) as watcher:
+            namespace.configure(config.addresses, config.allowed_ips,
+                                _render_resolv_conf(config) if config.nameservers else None)
+            namespace.expect("configured")
+            deadline = time.monotonic() + connect_timeout
+            while not _kernel_handshake_seen(watcher, ifname):
+                if time.monotonic() > deadline:
+                    raise TunnelError(
+                        f"the cloudlet did not answer at its endpoint "
+                        f"{config.endpoint_host}:{config.endpoint_port} within "
+                        f"{connect_timeout:g} s: check that UDP to it gets through, "
+                        "or allow more time with --connect-timeout")
+                time.sleep(0.05)
+        env = dict(os.environ)
+        env.update(env_extra)
+        if not command:
+            command = [env.get("SHELL") or "/bin/sh"]
+            env["PS1"] = _SHELL_PROMPT
+        namespace.start(command, env)
+        return namespace.wait()
+
 
 # Orchestration ###############################################################
 
@@ -3314,6 +3878,9 @@ def _argument_parser():
 
 def main(argv=None):
     """Entry point of the `sinfonia-tier3` script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [_ROOT_HELPER_FLAG]:
+        return _root_helper_main(argv[1:], sys.stdin.buffer)
     options = _argument_parser().parse_args(argv)
     command = options.command
     if command[:1] == ["--"]:

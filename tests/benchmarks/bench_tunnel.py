@@ -10,6 +10,11 @@ download of --size MiB (server -> client) and iperf3 in both directions.
 Prints medians, ratios against (c) and (d), CPU seconds per GiB of each
 tunnel end and the peak RSS of our datapath process tree.
 
+Where the kernel has WireGuard (the test VM: `python3 tests/vm/run.py --
+python3 tests/benchmarks/bench_tunnel.py`), two more: (e) our datapath <->
+a kernel WireGuard link and (k) kernel <-> kernel, the kernel backend's
+figure next to the userspace one (b) from the same run.
+
 Targets from the issue: (a) at least as fast as (c); (b) at least 2x (c).
 Needs root, wireguard-go, wg, iperf3 and curl. All UDP stays on the host's
 loopback; all tunnel traffic stays inside the namespaces made here.
@@ -38,6 +43,7 @@ from netns import (
     WireguardGo,
     generate_keypair,
     missing_requirements,
+    unique_name,
     veth_pair,
 )
 
@@ -48,6 +54,8 @@ CASES = {
     "b": "(b) ours <-> ours",
     "c": "(c) wireguard-go <-> wireguard-go",
     "d": "(d) no tunnel (veth)",
+    "e": "(e) ours <-> kernel WireGuard",
+    "k": "(k) kernel <-> kernel WireGuard",
 }
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -179,6 +187,45 @@ class _OurEnd:
         os.waitpid(self.pid, 0)
 
 
+class _KernelEnd:
+    """A kernel WireGuard link, made by the kernel backend's own
+    `_create_kernel_link` and moved into `namespace`; its UDP socket stays on
+    the host's loopback. Its CPU time is the kernel's, not counted here."""
+
+    kind = "kernel"
+    pid = None
+
+    def __init__(self, namespace, address, private_key, peer_public_key, endpoint):
+        import sinfonia_tier3
+
+        name = unique_name("st3bk")
+        spec = sinfonia_tier3._kernel_link_spec(
+            private_key, peer_public_key, endpoint=endpoint,
+            allowed_ips=["10.99.0.0/24"])
+        netns_fd = os.open(namespace.path, os.O_RDONLY)
+        try:
+            sinfonia_tier3._create_kernel_link(name, spec, netns_fd)
+        finally:
+            os.close(netns_fd)
+        namespace.add_addresses(name, [f"{address}/24"])
+        self.listen_port = int(namespace.run(["wg", "show", name, "listen-port"]))
+
+    @property
+    def endpoint(self):
+        return ("127.0.0.1", self.listen_port)
+
+
+def _kernel_wireguard_missing():
+    """Why this kernel cannot make WireGuard links, or None."""
+    name = unique_name("st3bp")
+    result = subprocess.run(["ip", "link", "add", name, "type", "wireguard"],
+                            capture_output=True, text=True, check=False)
+    if result.returncode:
+        return result.stderr.strip() or "ip link add type wireguard failed"
+    subprocess.run(["ip", "link", "del", name], check=True)
+    return None
+
+
 class _TheirEnd:
     kind = "wireguard-go"
 
@@ -200,6 +247,16 @@ def _build(case, stack, vnet_hdr):
         generate_keypair(),
     )
     ends = []
+    if case in "ek":
+        server_end = _KernelEnd(server_ns, SERVER, server_private, client_public, None)
+        if case == "e":
+            client_end = _OurEnd(client_ns, CLIENT, client_private, server_public,
+                                 server_end.endpoint, vnet_hdr)
+            stack.callback(client_end.close)
+        else:
+            client_end = _KernelEnd(client_ns, CLIENT, client_private, server_public,
+                                    server_end.endpoint)
+        return client_ns, server_ns, [client_end, server_end]
     if case in "ab":  # the server end first: the client needs its port
         if case == "a":
             server = stack.enter_context(
@@ -298,6 +355,7 @@ def _iperf3(client_ns, seconds, reverse):
 
 def _measure(case, setup, size, seconds):
     client_ns, _, ends = setup
+    ends = [end for end in ends if end.pid is not None]  # kernel ends: no process
     cpu_before = [_cpu_seconds(end.pid) for end in ends]
     http_mibs, http_bytes = _http_download(client_ns, size, timeout=600)
     up_mbits, up_bytes, up_retransmits = _iperf3(client_ns, seconds, reverse=False)
@@ -321,7 +379,9 @@ def main(argv=None):
     )
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (3)")
     parser.add_argument("--seconds", type=int, default=5, help="each iperf3 run (5 s)")
-    parser.add_argument("--cases", default="abcd", help="which set-ups (abcd)")
+    parser.add_argument("--cases", default="abcdek",
+                        help="which set-ups (abcdek; e and k only where the "
+                             "kernel has WireGuard)")
     parser.add_argument(
         "--plain-tun", action="store_true", help="open our TUN without IFF_VNET_HDR"
     )
@@ -330,7 +390,13 @@ def main(argv=None):
     if reason:
         print(f"bench_tunnel: skipped: {reason}", file=sys.stderr)
         return 0
-    cases = [c for c in "abcd" if c in args.cases]
+    cases = [c for c in "abcdek" if c in args.cases]
+    kernel_missing = _kernel_wireguard_missing() if {"e", "k"} & set(cases) else None
+    if kernel_missing:
+        print(f"bench_tunnel: no kernel WireGuard here ({kernel_missing}): "
+              "leaving out (e) and (k); run it in the test VM for those",
+              file=sys.stderr)
+        cases = [c for c in cases if c not in "ek"]
     results = {case: [] for case in cases}
     rss = {}
     with ExitStack() as stack:
@@ -385,7 +451,7 @@ def _report(cases, results, rss, args):
             k: statistics.median(r[k] for r in rows) for k in ("http", "up", "down")
         }
         gib = sum(r["bytes"] for r in rows) / 2**30
-        ends = _ends_of(case)
+        ends = [kind for kind in _ends_of(case) if kind != "kernel"]
         cpu = (
             ", ".join(
                 f"{sum(r['cpu'][i] for r in rows) / gib:.2f} ({kind})"
@@ -418,6 +484,10 @@ def _report(cases, results, rss, args):
                 f"{case}/{base}: HTTP {ratio['http']:.2f}  up {ratio['up']:.2f}  "
                 f"down {ratio['down']:.2f}{target}{met}"
             )
+    if "k" in medians and "b" in medians:
+        ratio = {k: medians["k"][k] / medians["b"][k] for k in ("http", "up", "down")}
+        print(f"kernel backend vs our userspace datapath (k/b): HTTP {ratio['http']:.2f}"
+              f"  up {ratio['up']:.2f}  down {ratio['down']:.2f}")
     print()
     for case in cases:
         for i, (largest, tree) in enumerate(rss.get(case, [])):
@@ -433,6 +503,8 @@ def _ends_of(case):
         "b": ("ours", "ours"),
         "c": ("wireguard-go", "wireguard-go"),
         "d": (),
+        "e": ("ours", "kernel"),
+        "k": ("kernel", "kernel"),
     }[case]
 
 
