@@ -923,12 +923,6 @@ def _dh(private, public):
     return None if shared == _NO_KEY else shared
 
 
-def _public_key(private):
-    from nacl.bindings import crypto_scalarmult_base
-
-    return crypto_scalarmult_base(private)
-
-
 def _tai64n(nanoseconds):
     seconds, nanos = divmod(nanoseconds, 1_000_000_000)
     return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
