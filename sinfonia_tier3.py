@@ -3652,6 +3652,7 @@ def _run(
     zeroconf=False,
     mtu=_DEFAULT_MTU,
     connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+    tunnel="auto",
 ):
     """Deploy `uuid` and do what was asked with it; the exit status.
 
@@ -3667,12 +3668,15 @@ def _run(
         _segno()  # before deploying: the deployment would be wasted
     if not (config_debug or qrcode or as_json):
         # The namespace child sets itself up while Tier 1 answers.
-        namespace = _Namespace(_TunInside(), mtu=mtu)
+        if _choose_tunnel(tunnel, debug=debug) == "kernel":
+            namespace, run = _kernel_namespace(mtu), _run_kernel_application
+        else:
+            namespace, run = _Namespace(_TunInside(), mtu=mtu), _run_application
         with namespace:
             keypair = _load_or_create_keypair(uuid)
             deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
                                            timeout=timeout, debug=debug)[0]
-            return _run_application(
+            return run(
                 deployment.tunnel_config,
                 keypair,
                 command,
@@ -3860,6 +3864,15 @@ def _argument_parser():
         "giving up without starting COMMAND (default %(default)g)",
     )
     parser.add_argument(
+        "--tunnel",
+        choices=["auto", "userspace", "kernel"],
+        default="auto",
+        help="WireGuard backend: userspace (rootless, built in), kernel (as root, "
+        "or through a sudo helper), or auto: kernel when root and the kernel has "
+        "WireGuard, else userspace when /dev/net/tun opens, else kernel through "
+        "sudo (default %(default)s)",
+    )
+    parser.add_argument(
         "--qrcode",
         choices=["compact", "alt"],
         help="print the tunnel as a QR code for the WireGuard Android app and exit",
@@ -3892,6 +3905,7 @@ def main(argv=None):
             as_json=options.json,
             mtu=options.mtu,
             connect_timeout=options.connect_timeout,
+            tunnel=options.tunnel,
         )
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)

@@ -264,8 +264,12 @@ def _zipapp(scratch):
     shutil.copy(TOOL, source)
     shutil.copytree(os.path.dirname(pyroute2.__file__), os.path.join(source, "pyroute2"),
                     ignore=shutil.ignore_patterns("__pycache__"))
+    # Not main="sinfonia_tier3:main": zipapp's generated __main__ drops the
+    # return value, so every exit status would be 0. The README says the same.
+    with open(os.path.join(source, "__main__.py"), "w") as f:
+        f.write("import sys\nimport sinfonia_tier3\nsys.exit(sinfonia_tier3.main())\n")
     archive = os.path.join(scratch, "sinfonia-tier3.pyz")
-    zipapp.create_archive(source, archive, main="sinfonia_tier3:main")
+    zipapp.create_archive(source, archive)
     # -S: no site-packages, so pyroute2 can only come from the archive.
     return [sys.executable, "-S", archive], {"PYTHONPATH": _nacl_only_path(scratch)}
 
@@ -278,9 +282,9 @@ def test_every_way_of_running_it_gets_the_page(way, tmp_path):
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
         result = subprocess.run(
-            [*argv, api.url, "helloworld", "--", *CURL],
+            [*argv, api.url, "helloworld", "--", "sh", "-c", '"$@"; exit 7', "sh", *CURL],
             env=dict(os.environ, **env), cwd=scratch, capture_output=True, text=True,
             timeout=60, check=False,
         )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 7, result.stderr
     assert GREETING.fullmatch(result.stdout), result.stdout
