@@ -481,8 +481,8 @@ def _report(cases, results, rss, args):
             if target:
                 met = "  met" if min(ratio.values()) >= targets[case] else "  NOT met"
             print(
-                f"{case}/{base}: HTTP {ratio['http']:.2f}  up {ratio['up']:.2f}  "
-                f"down {ratio['down']:.2f}{target}{met}"
+                f"{case}/{base}: HTTP {ratio['http']:.3f}  up {ratio['up']:.3f}  "
+                f"down {ratio['down']:.3f}{target}{met}"
             )
     if "k" in medians and "b" in medians:
         ratio = {k: medians["k"][k] / medians["b"][k] for k in ("http", "up", "down")}
