@@ -509,6 +509,28 @@ def test_endpoint_follows_the_roaming_peer():
     assert pair.b.peer.endpoint == roamed
 
 
+def test_keypair_and_endpoint_change_before_the_packet_is_delivered():
+    """The datapath's encrypting process may meet an answer to a packet as soon
+    as the packet is delivered: the news it brings (keypair confirmed, peer
+    roamed) must reach the sender first."""
+    pair = Pair()
+    pair.handshake()
+    pair.advance(st3._REKEY_TIMEOUT + 1)
+    pair.a.peer.initiate()  # a new handshake: B keeps its keypair as `next`
+    pair.deliver(pair.take())  # B answers
+    pair.deliver(pair.take())  # A takes the new keypair
+    assert _kinds(pair.take()) == [4]  # and its keepalive is lost
+    assert pair.b.peer.next is not None
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    roamed = ("198.51.100.9", 40000)
+    seen = []
+    (_, _, message), = pair.take()
+    pair.b.peer.receive_datagram(message, roamed, pair.clock(), lambda length: seen.append(
+        (pair.b.sender.keypair is pair.b.peer.current, pair.b.sender.endpoint)))
+    assert pair.b.peer.next is None
+    assert seen == [(True, roamed)]
+
+
 def test_endpoint_names_and_families_resolve():
     import socket
 
