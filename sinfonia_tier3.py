@@ -2055,7 +2055,8 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                     if counters[_CONTROL_MESSAGES] == applied:
                         seal_batch(sizes, count)
                         continue
-                    # News arrived while these were read: apply it first. The
+                    # News came before some of these were read, and they may
+                    # answer the packet that brought it: apply it first. The
                     # slots are copied, since a keepalive or a flush reuses them.
                     packets = sender.copies(sizes, count)
                     applied = counters[_CONTROL_MESSAGES]
