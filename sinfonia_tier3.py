@@ -1093,8 +1093,10 @@ class _TransportCipher:
 
 
 # Shared counters: written by the process that knows, read by the others.
-_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL = range(5)
-_COUNTERS = 5
+# _CONTROL_MESSAGES: how many messages the control process has sent to the
+# encrypting one (see `_send_loop`).
+_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL, _CONTROL_MESSAGES = range(6)
+_COUNTERS = 6
 
 
 def _shared_counters(area=None):
@@ -1231,11 +1233,15 @@ class _Sender:
         if data:
             counters[_LAST_DATA_SENT] = now
 
+    def copies(self, sizes, count):
+        """The `count` packets read into the slots, as bytes (to send later)."""
+        start = _TRANSPORT_HEADER
+        return [bytes(self.slot_views[i][start:start + sizes[i]]) for i in range(count) if sizes[i]]
+
     def _hold(self, sizes, count, now):
-        for i in range(count):
-            if sizes[i] and len(self.queue) < _QUEUED_PACKETS:
-                start = _TRANSPORT_HEADER
-                self.queue.append(bytes(self.slot_views[i][start:start + sizes[i]]))
+        room = _QUEUED_PACKETS - len(self.queue)
+        if room > 0:
+            self.queue.extend(self.copies(sizes, count)[:room])
         if count:  # data or a keepalive that no usable keypair can carry
             self._ask_for_handshake(now)
 
@@ -1368,6 +1374,7 @@ class _Peer:
         ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
         received = data = 0
         keypair = None
+        roaming = address != self.endpoint
         for start in range(0, size, segment):
             end = min(start + segment, size)
             if end - start < _KEEPALIVE_SIZE:
@@ -1394,6 +1401,11 @@ class _Peer:
             ring[place] = counter
             keypair.replay_top = max(keypair.replay_top, counter)
             received += end - start
+            # Endpoint and keypair change before the packet reaches the TUN:
+            # an answer to it must find them in place.
+            if roaming:
+                roaming = False
+                self._roam(address)
             if unconfirmed:
                 unconfirmed = False
                 self._confirm_next(now)
@@ -1405,8 +1417,6 @@ class _Peer:
         if received:
             self.counters[_RX_BYTES] += received
             self.last_received = now
-            if address != self.endpoint:
-                self._roam(address)
             current = self.current
             if data:
                 self.last_data_received = now
@@ -1862,11 +1872,16 @@ def _fold(total):
 
 
 class _SenderLink:
-    """The control process's handle on the `_Sender` in the sending process."""
+    """The control process's handle on the `_Sender` in the sending process.
 
-    def __init__(self, sock, endpoint_area):
+    Each message is counted in `counters` once it is on its way, which lets
+    the sending process know whether news is waiting for it (`_send_loop`).
+    """
+
+    def __init__(self, sock, endpoint_area, counters):
         self.sock = sock
         self.endpoint_area = endpoint_area
+        self.counters = counters
 
     def install(self, keypair):
         if keypair is not None:
@@ -1888,6 +1903,7 @@ class _SenderLink:
         import pickle
 
         self.sock.send(pickle.dumps(message))
+        self.counters[_CONTROL_MESSAGES] += 1
 
 
 def _store_endpoint(area, endpoint):
@@ -1988,10 +2004,16 @@ def _receive_loop(peer, sock, tun_fd, link, parent_pid, vnet_hdr, gro):
 
 def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
     """The encrypting process: TUN -> UDP. Returns when the parent or the
-    receiving process is gone."""
-    import pickle
+    receiving process is gone.
+
+    Packets read from the TUN are sealed only after every message the control
+    process had sent by then is applied. The control process sends a new
+    keypair or endpoint before it writes the packet that brought it to the
+    TUN, so an answer to that packet (which exists only after the write) never
+    leaves under the keypair the peer has abandoned, or for its old address,
+    however the scheduler orders the two processes.
+    """
     import select
-    import socket
 
     poller = select.poll()
     link_fd = link.fileno()
@@ -2000,8 +2022,9 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
     batch = sender.batch
     sizes = [0] * batch
     read_views = sender.read_views
-    readv, seal_batch = os.readv, sender.seal_batch
+    readv, seal_batch, counters = os.readv, sender.seal_batch, sender.counters
     headroom = _VNET_HEADER_SIZE if vnet_hdr else 0
+    applied = 0.0  # control messages sent before the last time the link was drained
     while True:
         events = poller.poll(1000)
         if not events and os.getppid() != parent_pid:
@@ -2021,29 +2044,53 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
                         if size > 0:
                             sizes[count] = size
                             count += 1
-                    if count:
+                    if not count:
+                        break
+                    if counters[_CONTROL_MESSAGES] == applied:
                         seal_batch(sizes, count)
+                        continue
+                    # News came before some of these were read, and they may
+                    # answer the packet that brought it: apply it first. The
+                    # slots are copied, since a keepalive or a flush reuses them.
+                    packets = sender.copies(sizes, count)
+                    applied = counters[_CONTROL_MESSAGES]
+                    if not _apply_control_messages(sender, link):
+                        return
+                    for packet in packets:
+                        sender.send_packet(packet)
             elif fd == link_fd:
-                try:
-                    message = link.recv(4096, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                if not message:
+                applied = counters[_CONTROL_MESSAGES]
+                if not _apply_control_messages(sender, link):
                     return
-                message = pickle.loads(message)
-                if message[0] == "install":
-                    keypair = message[1]
-                    if keypair is not None:
-                        send_key, local_index, remote_index, created, initiator = keypair
-                        keypair = _Keypair(send_key, None, local_index, remote_index,
-                                           created, initiator)
-                    sender.install(keypair)
-                elif message[0] == "endpoint":
-                    sender.set_endpoint(message[1])
-                elif message[0] == "keepalive":
-                    sender.keepalive()
-                elif message[0] == "drop_queue":
-                    sender.drop_queue()
+
+
+def _apply_control_messages(sender, link):
+    """Carry out, in order, every message waiting from the control process;
+    False when that process is gone."""
+    import pickle
+    import socket
+
+    while True:
+        try:
+            message = link.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        if not message:
+            return False
+        message = pickle.loads(message)
+        if message[0] == "install":
+            keypair = message[1]
+            if keypair is not None:
+                send_key, local_index, remote_index, created, initiator = keypair
+                keypair = _Keypair(send_key, None, local_index, remote_index,
+                                   created, initiator)
+            sender.install(keypair)
+        elif message[0] == "endpoint":
+            sender.set_endpoint(message[1])
+        elif message[0] == "keepalive":
+            sender.keepalive()
+        elif message[0] == "drop_queue":
+            sender.drop_queue()
 
 
 class Datapath:
@@ -2111,7 +2158,7 @@ class Datapath:
                          endpoint=self._endpoint,
                          headroom=_VNET_HEADER_SIZE if self._vnet_hdr else 0)
         peer.transmit = lambda message, address: _send_quietly(sock, message, address)
-        peer.sender = _SenderLink(control, self._endpoint_area)
+        peer.sender = _SenderLink(control, self._endpoint_area, self._counters)
         parent = os.getpid()
         tun_fd = self._tun_fd
         self._workers.append(_fork_worker(

@@ -509,6 +509,28 @@ def test_endpoint_follows_the_roaming_peer():
     assert pair.b.peer.endpoint == roamed
 
 
+def test_keypair_and_endpoint_change_before_the_packet_is_delivered():
+    """The datapath's encrypting process may meet an answer to a packet as soon
+    as the packet is delivered: the news it brings (keypair confirmed, peer
+    roamed) must reach the sender first."""
+    pair = Pair()
+    pair.handshake()
+    pair.advance(st3._REKEY_TIMEOUT + 1)
+    pair.a.peer.initiate()  # a new handshake: B keeps its keypair as `next`
+    pair.deliver(pair.take())  # B answers
+    pair.deliver(pair.take())  # A takes the new keypair
+    assert _kinds(pair.take()) == [4]  # and its keepalive is lost
+    assert pair.b.peer.next is not None
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    roamed = ("198.51.100.9", 40000)
+    seen = []
+    (_, _, message), = pair.take()
+    pair.b.peer.receive_datagram(message, roamed, pair.clock(), lambda length: seen.append(
+        (pair.b.sender.keypair is pair.b.peer.current, pair.b.sender.endpoint)))
+    assert pair.b.peer.next is None
+    assert seen == [(True, roamed)]
+
+
 def test_endpoint_names_and_families_resolve():
     import socket
 
@@ -717,6 +739,61 @@ def test_datapath_between_namespaces(vnet_hdr):
         for pid in workers:
             with pytest.raises(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
+
+
+def _udp_ask_once(address, port, payload, timeout):
+    """One question, no retransmission: the answer, or None after `timeout` s."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (address, port))
+        try:
+            return sock.recvfrom(2048)[0]
+        except OSError:
+            return None
+
+
+def test_rerun_initiator_gets_the_answer_to_its_first_packet():
+    """A client re-run with the same key (new process, new port, new
+    handshake) whose first packet asks something: the answer must go out
+    under the new keypair, to the new endpoint. The responder's encrypting
+    process is held stopped (SIGSTOP) until the answer waits in its TUN
+    behind the control process's news of that keypair: the order the
+    scheduler sometimes picks on a loaded machine, made certain here."""
+    import signal
+    import time
+
+    netns = _namespaces()
+    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    with ExitStack() as stack:
+        ns_a = stack.enter_context(netns.Namespace("st3wa"))
+        ns_b = stack.enter_context(netns.Namespace("st3wb"))
+        b = stack.enter_context(netns.OurDatapath(
+            ns_b, [f"{B_IP}/24"], b_private, a_public, allowed_ips=[f"{A_IP}/32"]))
+        b.start()
+
+        def client():
+            return netns.OurDatapath(ns_a, [f"{A_IP}/24"], a_private, b_public,
+                                     allowed_ips=[f"{B_IP}/32"], endpoint=b.endpoint)
+
+        with client() as first:  # the first run: B's current keypair is its
+            first.start()
+            echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
+            assert ns_a.fork(_udp_ask, B_IP, 7007, b"first run").result(20) == b"nur tsrif"
+            echo.result(5)
+        encrypting = b.datapath._workers[0]
+        os.kill(encrypting, signal.SIGSTOP)
+        stack.callback(os.kill, encrypting, signal.SIGCONT)
+        echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
+        rerun = stack.enter_context(client())
+        rerun.start()
+        answer = ns_a.fork(_udp_ask_once, B_IP, 7007, b"second run", 15)
+        assert echo.result(20) == b"second run"  # handshake done, answer in B's TUN
+        time.sleep(0.5)  # the echo's answer is queued on the TUN device by now
+        os.kill(encrypting, signal.SIGCONT)
+        assert answer.result(25) == b"nur dnoces"
+        assert b.datapath.stats()["endpoint"] == rerun.endpoint
 
 
 def test_wait_for_handshake_has_a_deadline():
