@@ -1095,8 +1095,9 @@ class _TransportCipher:
 # Shared counters: written by the process that knows, read by the others.
 # _CONTROL_MESSAGES: how many messages the control process has sent to the
 # encrypting one (see `_send_loop`).
-_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL, _CONTROL_MESSAGES = range(6)
-_COUNTERS = 6
+(_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL, _CONTROL_MESSAGES,
+ _HANDSHAKES_ABANDONED) = range(7)
+_COUNTERS = 7
 
 
 def _shared_counters(area=None):
@@ -1616,6 +1617,7 @@ class _Peer:
         handshake = self.handshake
         if handshake is not None and now >= self.retransmit_at:
             if now - handshake.started >= _REKEY_ATTEMPT_TIME:
+                counters[_HANDSHAKES_ABANDONED] += 1
                 self._forget_handshake()
                 self.retransmit_at = None
                 self.sender.drop_queue()  # what waited for this handshake is stale
@@ -2171,13 +2173,18 @@ class Datapath:
         data.close()
 
     def wait_for_handshake(self, timeout):
-        """Return once a handshake has completed; TunnelError after `timeout` s."""
+        """Return once a handshake has completed; TunnelError after `timeout` s,
+        or sooner when the peer stayed silent for the whole REKEY_ATTEMPT_TIME."""
         import time
 
+        counters = self._counters
         deadline = time.monotonic() + timeout
-        while not self._counters[_LAST_HANDSHAKE_WALL]:
+        while not counters[_LAST_HANDSHAKE_WALL]:
             if not self._workers or not self._running():
                 raise TunnelError("the WireGuard datapath is not running")
+            if counters[_HANDSHAKES_ABANDONED]:
+                raise TunnelError(f"no WireGuard handshake with the peer: no answer to "
+                                  f"{_REKEY_ATTEMPT_TIME:g} s of initiations")
             if time.monotonic() >= deadline:
                 raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
             time.sleep(0.01)
