@@ -928,7 +928,7 @@ def _tai64n(nanoseconds):
     return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
 
 
-class _Keypair:
+class _SessionKeys:
     """Transport keys of one completed handshake, with counters and replay window.
 
     The sending half (send_key, send_counter) is used by one sender only, the
@@ -1299,7 +1299,7 @@ class _Peer:
         # handshake and keypairs
         self.handshake = None
         self.current = self.previous = self.next = None
-        self.keypairs = {}  # local index -> _Keypair, for the receiving path
+        self.keypairs = {}  # local index -> _SessionKeys, for the receiving path
         self.last_timestamp = b""
         self.stamp_sent_ns = 0
         self.last_initiation_consumed = -1e9
@@ -1486,7 +1486,7 @@ class _Peer:
         receive_key, send_key = _kdf(chain, b"", 2)
         if self.next is not None:
             self.keypairs.pop(self.next.local_index, None)
-        self.next = _Keypair(send_key, receive_key, index, remote_index, now, False)
+        self.next = _SessionKeys(send_key, receive_key, index, remote_index, now, False)
         self.keypairs[index] = self.next
         self.last_response_mac1 = (index, mac1)
         self.last_received = now
@@ -1513,7 +1513,7 @@ class _Peer:
         if _open(key, 0, message[44:60], hash_) != b"":
             return
         send_key, receive_key = _kdf(chain, b"", 2)
-        keypair = _Keypair(send_key, receive_key, handshake.local_index, sender_index, now, True)
+        keypair = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index, now, True)
         self.handshake = None
         self.retransmit_at = None
         for old in (self.previous, self.next):
@@ -2084,7 +2084,7 @@ def _apply_control_messages(sender, link):
             keypair = message[1]
             if keypair is not None:
                 send_key, local_index, remote_index, created, initiator = keypair
-                keypair = _Keypair(send_key, None, local_index, remote_index,
+                keypair = _SessionKeys(send_key, None, local_index, remote_index,
                                    created, initiator)
             sender.install(keypair)
         elif message[0] == "endpoint":
