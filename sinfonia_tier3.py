@@ -2095,6 +2095,10 @@ def _apply_control_messages(sender, link):
             sender.drop_queue()
 
 
+class _NoHandshakeError(TunnelError):
+    """The peer never completed a handshake: it is silent, or not WireGuard."""
+
+
 class Datapath:
     """Userspace WireGuard between a TUN file descriptor and a UDP socket.
 
@@ -2183,10 +2187,11 @@ class Datapath:
             if not self._workers or not self._running():
                 raise TunnelError("the WireGuard datapath is not running")
             if counters[_HANDSHAKES_ABANDONED]:
-                raise TunnelError(f"no WireGuard handshake with the peer: no answer to "
-                                  f"{_REKEY_ATTEMPT_TIME:g} s of initiations")
+                raise _NoHandshakeError(f"no WireGuard handshake with the peer: no answer "
+                                        f"to {_REKEY_ATTEMPT_TIME:g} s of initiations")
             if time.monotonic() >= deadline:
-                raise TunnelError(f"no WireGuard handshake with the peer within {timeout:g} s")
+                raise _NoHandshakeError(
+                    f"no WireGuard handshake with the peer within {timeout:g} s")
             time.sleep(0.01)
 
     def _running(self):
@@ -3003,17 +3008,37 @@ class _Namespace:
         self._channel.close()
 
 
+def _no_answer(config, connect_timeout):
+    """The one line for a cloudlet that never completed the first handshake."""
+    return TunnelError(
+        f"the cloudlet did not answer at its endpoint {config.endpoint} within "
+        f"{connect_timeout:g} s: check that UDP to it gets through, or allow more "
+        "time with --connect-timeout")
+
+
+def _start_and_wait(namespace, command, env_extra):
+    """Start `command` in `namespace` (empty: the user's shell, prompting
+    `sinfonia$ `); the application's exit status."""
+    env = dict(os.environ)
+    env.update(env_extra)
+    if not command:
+        command = [env.get("SHELL") or "/bin/sh"]
+        env["PS1"] = _SHELL_PROMPT
+        # bash sets PS1 in its rc files; this sets it back each time
+        env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
+    namespace.start(command, env)
+    return namespace.wait()
+
+
 def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
-                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT, tunnel="userspace",
-                     debug=False, namespace=None):
+                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False,
+                     namespace=None):
     """Run `command` (empty: the user's shell) in its own namespaces behind the
     tunnel described by `config`; returns its exit status.
 
     `namespace`, when given, is a `_Namespace(_TunInside(), mtu=mtu)` forked
     earlier, so that its set-up overlapped the Tier 1 request.
     """
-    if tunnel != "userspace":
-        raise TunnelError(f"the {tunnel} tunnel backend is not available")
     import time
 
     if namespace is None:
@@ -3030,7 +3055,6 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
         if len(fds) != 1:
             raise TunnelError("the application's namespace sent no TUN device")
         tun_fd = fds[0]
-        endpoint = f"{config.endpoint_host}:{config.endpoint_port}"
         try:
             namespace.configure(
                 config.addresses,
@@ -3052,23 +3076,10 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
                 progress("addresses, routes and resolv.conf in place")
                 try:
                     datapath.wait_for_handshake(connect_timeout)
-                except TunnelError as e:
-                    if "handshake" not in str(e):  # the datapath itself failed
-                        raise
-                    raise TunnelError(
-                        f"the cloudlet did not answer at its endpoint {endpoint} "
-                        f"within {connect_timeout:g} s: check that UDP to it gets "
-                        "through, or allow more time with --connect-timeout") from None
-                env = dict(os.environ)
-                env.update(env_extra)
-                if not command:
-                    command = [env.get("SHELL") or "/bin/sh"]
-                    env["PS1"] = _SHELL_PROMPT
-                    # bash sets PS1 in its rc files; this sets it back each time
-                    env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
-                progress(f"handshake with {endpoint} done; starting {command[0]}")
-                namespace.start(command, env)
-                return namespace.wait()
+                except _NoHandshakeError:
+                    raise _no_answer(config, connect_timeout) from None
+                progress(f"handshake with {config.endpoint} done; starting the application")
+                return _start_and_wait(namespace, command, env_extra)
             finally:
                 datapath.stop()
         finally:
@@ -3627,19 +3638,9 @@ def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT
             deadline = time.monotonic() + connect_timeout
             while not _kernel_handshake_seen(watcher, ifname):
                 if time.monotonic() > deadline:
-                    raise TunnelError(
-                        f"the cloudlet did not answer at its endpoint "
-                        f"{config.endpoint_host}:{config.endpoint_port} within "
-                        f"{connect_timeout:g} s: check that UDP to it gets through, "
-                        "or allow more time with --connect-timeout")
+                    raise _no_answer(config, connect_timeout)
                 time.sleep(0.05)
-        env = dict(os.environ)
-        env.update(env_extra)
-        if not command:
-            command = [env.get("SHELL") or "/bin/sh"]
-            env["PS1"] = _SHELL_PROMPT
-        namespace.start(command, env)
-        return namespace.wait()
+        return _start_and_wait(namespace, command, env_extra)
 
 
 # Orchestration ###############################################################
