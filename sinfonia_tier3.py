@@ -2401,7 +2401,12 @@ class _Channel:
         import socket
 
         self._sock.settimeout(timeout)
-        data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+        try:
+            data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+        except ConnectionResetError:
+            # The other side closed with messages of ours unread; the kernel
+            # says so first, then hands over what it had sent (its last words).
+            data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
         return (json.loads(data) if data else None), fds
 
     def close(self):
@@ -2495,13 +2500,16 @@ class _LinkMovedIn:
     """Interface made outside and moved in by the tool (the kernel backend):
     the child says {"awaiting_link": name}; the tool moves the link into the
     network namespace of `_Namespace.pid` and answers {"link_moved": name};
-    then, as with a TUN device, {"interface": name} says it is up."""
+    then, as with a TUN device, {"interface": name} says it is there (and
+    {"configured"} that it is up)."""
 
     def __init__(self, name):
         self.name = name
 
     def create(self, channel):
         channel.send({"awaiting_link": self.name})
+        import pyroute2  # noqa: F401 - loads while the tool makes the link
+
         message, _ = channel.receive()
         if message != {"link_moved": self.name}:
             raise TunnelError(f"the tunnel link {self.name} was not moved in")
@@ -2588,19 +2596,21 @@ def _namespace_init(channel, interface, mtu):
             f"cannot mount /proc for the application's PID namespace: {e.strerror} "
             "(a container that hides parts of /proc forbids it; run on the host)"
         ) from None
+    # The interface goes to the tool before pyroute2 is loaded (the longest
+    # step here), so that the tool's datapath and handshake overlap the import.
+    fds = interface.create(channel)
+    channel.send({"interface": interface.name}, fds=fds)
+    for fd in fds:
+        os.close(fd)
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
-        fds = interface.create(channel)
         index = ipr.link_lookup(ifname=interface.name)[0]
         _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
                       index=index, mtu=mtu)
         _netlink_step(f"bring up {interface.name}", ipr.link, "set", index=index,
                       state="up")
-        channel.send({"interface": interface.name}, fds=fds)
-        for fd in fds:
-            os.close(fd)
         config, _ = channel.receive()
         if config is None:  # the tool gave up
             return 125
@@ -2972,7 +2982,7 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
 
     with namespace:
         _, fds = namespace.expect("interface")
-        progress("TUN device ready")
+        progress("TUN device handed over")
         if len(fds) != 1:
             raise TunnelError("the application's namespace sent no TUN device")
         tun_fd = fds[0]
