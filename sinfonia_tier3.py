@@ -3478,8 +3478,13 @@ def _endpoint_literal(host, port):
     return infos[0][4][0], port
 
 
-def _kernel_wireguard_available():
-    """Whether this kernel makes WireGuard links: try one (root only)."""
+def _kernel_wireguard_available(proc="/proc", sys_module="/sys/module"):
+    """Whether this kernel makes WireGuard links: try one (root only). A kernel
+    that loads no modules (no /proc/modules) and has no WireGuard built in (no
+    /sys/module/wireguard) is known to have none without loading pyroute2."""
+    if not os.path.exists(os.path.join(proc, "modules")) and \
+            not os.path.exists(os.path.join(sys_module, "wireguard")):
+        return "the kernel has no WireGuard (none built in, and no module support)"
     import secrets
 
     from pyroute2 import IPRoute
