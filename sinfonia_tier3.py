@@ -2508,7 +2508,7 @@ class _LinkMovedIn:
 
     def create(self, channel):
         channel.send({"awaiting_link": self.name})
-        import pyroute2  # noqa: F401 - loads while the tool makes the link
+        _iproute_class()  # loads while the tool makes the link
 
         message, _ = channel.receive()
         if message != {"link_moved": self.name}:
@@ -2516,9 +2516,29 @@ class _LinkMovedIn:
         return []
 
 
+def _iproute_class():
+    """pyroute2's IPRoute, with as little of pyroute2 loaded as will do.
+
+    The package's __init__ imports the whole library (NDB, IPDB, conntrack,
+    ...), which takes as long again as IPRoute's own modules, on the path to
+    the application's start. In the namespace child, which needs nothing
+    else, the package is registered without running it (unless the tool had
+    loaded it before the fork), and only IPRoute's modules load.
+    """
+    if "pyroute2" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pyroute2")
+        if spec is not None:
+            sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+    from pyroute2.iproute.linux import IPRoute
+
+    return IPRoute
+
+
 def _netlink_step(what, function, *args, **kwargs):
     """Run one pyroute2 request; a refusal becomes a TunnelError naming `what`."""
-    from pyroute2 import NetlinkError
+    from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         return function(*args, **kwargs)
@@ -2602,9 +2622,7 @@ def _namespace_init(channel, interface, mtu):
     channel.send({"interface": interface.name}, fds=fds)
     for fd in fds:
         os.close(fd)
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
+    with _iproute_class()() as ipr:
         _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
         index = ipr.link_lookup(ifname=interface.name)[0]
         _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
