@@ -2622,7 +2622,8 @@ def _namespace_init(channel, interface, mtu):
     channel.send({"interface": interface.name}, fds=fds)
     for fd in fds:
         os.close(fd)
-    with _iproute_class()() as ipr:
+    IPRoute = _iproute_class()
+    with IPRoute() as ipr:
         _netlink_step("bring up lo", ipr.link, "set", index=1, state="up")
         index = ipr.link_lookup(ifname=interface.name)[0]
         _netlink_step(f"set MTU {mtu} on {interface.name}", ipr.link, "set",
@@ -2786,7 +2787,7 @@ def _run_namespace_child(channel, parent_pid, interface, mtu):
         import gc
 
         gc.freeze()  # the tool's objects (whose descriptors go next) are never finalized here
-        gc.disable()  # until the application runs: pyroute2 loads ~8% faster so
+        gc.disable()  # until the application runs: pyroute2 then loads ~8% faster
         _close_private_descriptors(keep=channel.fileno())
         os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
         _enter_new_namespaces()
