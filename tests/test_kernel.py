@@ -633,6 +633,42 @@ def test_auto_as_root_takes_kernel_exactly_when_the_kernel_has_wireguard(capsys)
     assert f"--tunnel auto: {expected} (" in capsys.readouterr().err
 
 
+PROBE_WITH_STAND_INS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import sinfonia_tier3 as st3
+print(st3._kernel_wireguard_available(proc=sys.argv[2], sys_module=sys.argv[3]))
+print("pyroute2" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("modules, builtin, known_at_once", [
+    (False, False, True), (False, True, False), (True, False, False)])
+def test_a_kernel_without_modules_or_built_in_wireguard_is_known_without_pyroute2(
+        tmp_path, modules, builtin, known_at_once):
+    # Stand-ins for /proc and /sys/module: this kernel cannot be given module
+    # support or a built-in WireGuard. Where the answer is not known at once,
+    # the real probe runs (it needs root to say yes or no).
+    proc, sys_module = tmp_path / "proc", tmp_path / "module"
+    proc.mkdir()
+    sys_module.mkdir()
+    if modules:
+        (proc / "modules").write_text("")
+    if builtin:
+        (sys_module / "wireguard").mkdir()
+    if not known_at_once and os.geteuid() != 0:
+        pytest.skip("the real probe needs root")
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE_WITH_STAND_INS, str(REPO), str(proc), str(sys_module)],
+        capture_output=True, text=True, timeout=60, check=True)
+    answer, pyroute2_loaded = result.stdout.splitlines()
+    if known_at_once:
+        assert answer == "the kernel has no WireGuard (none built in, and no module support)"
+        assert pyroute2_loaded == "False"
+    else:
+        assert pyroute2_loaded == "True"
+
+
 @needs_root
 def test_auto_as_a_user_without_tun_access_takes_kernel_through_sudo(python_for_users):
     mode = os.stat("/dev/net/tun").st_mode

@@ -309,6 +309,20 @@ def test_the_namespace_holds_only_descriptors_the_caller_passed_on(runner, drive
     assert passed in held, "what the caller passed on reaches the application"
 
 
+def test_the_last_words_of_a_side_that_closed_with_messages_unread_arrive():
+    # As when the child fails after the interface message while the tool's
+    # configuration is already on its way: the kernel reports ECONNRESET first.
+    tool, child = st3._Channel.pair()
+    try:
+        tool.send({"addresses": []})
+        child.send({"error": "cannot set MTU"})
+        child.close()
+        assert tool.receive(5) == ({"error": "cannot set MTU"}, [])
+        assert tool.receive(5) == (None, [])
+    finally:
+        tool.close()
+
+
 def test_an_error_inside_the_child_is_one_line(runner):
     code, _, stderr = runner.run({"command": ["true"], "mtu": 60})
     assert code == 125
