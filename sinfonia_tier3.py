@@ -2590,6 +2590,13 @@ def _iproute_class():
         spec = importlib.util.find_spec("pyroute2")
         if spec is not None:
             sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+            try:
+                from pyroute2.iproute.linux import IPRoute
+
+                return IPRoute
+            except (ImportError, AttributeError):  # a release whose modules need its __init__
+                for name in [n for n in sys.modules if n.partition(".")[0] == "pyroute2"]:
+                    del sys.modules[name]
     from pyroute2.iproute.linux import IPRoute
 
     return IPRoute
