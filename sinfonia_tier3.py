@@ -3618,7 +3618,8 @@ def _choose_tunnel(requested, *, debug=False):
     """The backend for `--tunnel` `requested` ("auto", "userspace", "kernel"):
     under auto, kernel when already root and the kernel has WireGuard, else
     userspace when /dev/net/tun can be opened, else kernel through sudo.
-    The choice and why go to stderr with `debug`."""
+    The choice and why go to stderr with `debug`; turning to sudo is always
+    told, with what failed, since sudo may then ask or refuse."""
     if requested != "auto":
         return requested
     if os.geteuid() == 0:
@@ -3633,6 +3634,9 @@ def _choose_tunnel(requested, *, debug=False):
             choice, why = "userspace", "/dev/net/tun can be opened"
         else:
             choice, why = "kernel", f"{why_not}: kernel WireGuard through sudo"
+            if not debug:
+                print(f"sinfonia-tier3: the userspace tunnel cannot work ({why_not}); "
+                      "trying the kernel's WireGuard through sudo", file=sys.stderr)
     if debug:
         _debug(f"--tunnel auto: {choice} ({why})")
     return choice
