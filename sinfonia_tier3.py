@@ -3048,6 +3048,11 @@ class _Namespace:
         self._channel.close()
 
 
+class _InterfaceFailedError(TunnelError):
+    """The namespace never got its tunnel interface: this backend cannot work
+    here, where another one might."""
+
+
 def _no_answer(config, connect_timeout):
     """The one line for a cloudlet that never completed the first handshake."""
     return TunnelError(
@@ -3090,7 +3095,10 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
             _debug(f"{what} ({elapsed:.0f} ms after the namespace child was forked)")
 
     with namespace:
-        _, fds = namespace.expect("interface")
+        try:
+            _, fds = namespace.expect("interface")
+        except TunnelError as e:
+            raise _InterfaceFailedError(str(e)) from None
         progress("TUN device handed over")
         if len(fds) != 1:
             raise TunnelError("the application's namespace sent no TUN device")
@@ -3771,8 +3779,9 @@ def _run(
             raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
         _segno()  # before deploying: the deployment would be wasted
     if not (config_debug or qrcode or as_json):
+        choice = _choose_tunnel(tunnel, debug=debug)
         # The namespace child sets itself up while Tier 1 answers.
-        if _choose_tunnel(tunnel, debug=debug) == "kernel":
+        if choice == "kernel":
             namespace, run = _kernel_namespace(mtu), _run_kernel_application
         else:
             namespace, run = _Namespace(_TunInside(), mtu=mtu), _run_application
@@ -3780,16 +3789,20 @@ def _run(
             keypair = _load_or_create_keypair(uuid)
             deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
                                            timeout=timeout, debug=debug)[0]
-            return run(
-                deployment.tunnel_config,
-                keypair,
-                command,
-                env_extra=_application_environment(deployment, tier1_url),
-                mtu=mtu,
-                connect_timeout=connect_timeout,
-                debug=debug,
-                namespace=namespace,
-            )
+            arguments = {
+                "env_extra": _application_environment(deployment, tier1_url), "mtu": mtu,
+                "connect_timeout": connect_timeout, "debug": debug}
+            try:
+                return run(deployment.tunnel_config, keypair, command,
+                           namespace=namespace, **arguments)
+            except _InterfaceFailedError as e:
+                if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
+                    raise
+                print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
+                      "kernel's WireGuard through sudo", file=sys.stderr)
+        with _kernel_namespace(mtu) as namespace:
+            return _run_kernel_application(deployment.tunnel_config, keypair, command,
+                                           namespace=namespace, **arguments)
     keypair = _load_or_create_keypair(uuid)
     deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
                                     timeout=timeout, debug=debug)

@@ -770,3 +770,32 @@ def test_auto_as_a_user_without_user_namespaces_takes_kernel_through_sudo(
         limit.write_text(saved)
     assert result.stdout == "kernel\n"
     assert "user namespaces are disabled" in result.stderr
+
+
+@needs_root
+def test_auto_turns_to_sudo_when_the_userspace_tunnel_fails_at_run_time(cloudlet):
+    """A /dev/net/tun that every check passes but that is no TUN device (here
+    /dev/null bound over it, in a mount namespace of the test's own): the
+    userspace path fails in the namespace child, the tool says so, tries the
+    kernel path through sudo, and that one's refusal (no sudoers rule for the
+    test user) is its one last line."""
+    import sessions
+
+    if sessions.missing_root():
+        pytest.skip(sessions.missing_root())
+    python = sessions.user_python()
+    with sessions.user_directory() as scratch:
+        script = ('mount --bind /dev/null /dev/net/tun && exec "$@"')
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+             *sessions.as_user([python, "-m", "sinfonia_tier3", cloudlet.url,
+                                "helloworld", "true"])],
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO),
+                 "XDG_CACHE_HOME": scratch, "HOME": scratch},
+            cwd=scratch, capture_output=True, text=True, timeout=60, check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 125, result.stderr
+    assert any(line.startswith("sinfonia-tier3: the userspace tunnel failed (")
+               and "trying the kernel's WireGuard through sudo" in line
+               for line in lines), result.stderr
+    assert "sudo" in lines[-1] and "Traceback" not in result.stderr, result.stderr
