@@ -39,6 +39,19 @@ sys.exit(3)
 '''
 
 
+def signal_when_ready(process, signum, timeout):
+    """Send `signum` to `process` once the SIGNAL_TRAP application in it has
+    said "ready"; (stdout, stderr) of the rest. The process is gone after."""
+    try:
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
+        process.send_signal(signum)
+        return process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def missing_root():
     """Why unprivileged runs cannot be arranged here ('' when they can)."""
     if os.geteuid() != 0:

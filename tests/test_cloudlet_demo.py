@@ -7,6 +7,7 @@ namespace and reach its backend through a real tunnel from a client namespace
 made with tests/netns.py.
 """
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -250,6 +251,17 @@ def endpoint_of(config):
     return host, int(port)
 
 
+@contextlib.contextmanager
+def wireguard_go_client(namespace, server, config, private_key):
+    """A wireguard-go client in `namespace` for the deployment `config`, routed
+    and pointed at `server`, as sinfonia-tier3 would set it up."""
+    with WireguardGo(namespace, config["address"], private_key=private_key) as client:
+        namespace.ip("route", "add", *config["allowedIPs"], "dev", client.name)
+        client.set_peer(server.public_key, endpoint=endpoint_of(config),
+                        allowed_ips=config["allowedIPs"])
+        yield client
+
+
 def curl(namespace, url="http://helloworld/"):
     return namespace.run(["curl", "-sS", "--max-time", "10", url], timeout=20)
 
@@ -274,17 +286,7 @@ def test_a_wireguard_go_client_reaches_helloworld_by_name(
         config = server.tunnel_config_for(cloudlet.HELLOWORLD, public)
         assert config["endpoint"].startswith("127.0.0.1:")
         assert config["dns"] == [str(cloudlet.DNS_ADDRESS), *cloudlet.SEARCH_DOMAINS]
-        with WireguardGo(
-            client_namespace, config["address"], private_key=private
-        ) as client:
-            client_namespace.ip(
-                "route", "add", *config["allowedIPs"], "dev", client.name
-            )
-            client.set_peer(
-                server.public_key,
-                endpoint=endpoint_of(config),
-                allowed_ips=config["allowedIPs"],
-            )
+        with wireguard_go_client(client_namespace, server, config, private):
             page = curl(client_namespace)
             fqdn = f"helloworld.{cloudlet.KUBERNETES_NAMESPACE}.svc.cluster.local"
             page_by_fqdn = curl(client_namespace, f"http://{fqdn}/")
@@ -324,17 +326,7 @@ def test_a_rerun_client_is_answered_at_once(implementation, client_namespace):
     with cloudlet.WireGuardServer(implementation) as server:
         config = server.tunnel_config_for(cloudlet.HELLOWORLD, public)
         for attempt in range(30):
-            with WireguardGo(
-                client_namespace, config["address"], private_key=private
-            ) as client:
-                client_namespace.ip(
-                    "route", "add", *config["allowedIPs"], "dev", client.name
-                )
-                client.set_peer(
-                    server.public_key,
-                    endpoint=endpoint_of(config),
-                    allowed_ips=config["allowedIPs"],
-                )
+            with wireguard_go_client(client_namespace, server, config, private):
                 fetch = subprocess.run(
                     [
                         "ip",

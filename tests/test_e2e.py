@@ -118,14 +118,7 @@ def test_signals_to_the_tool_reach_the_application(tool, signum):
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
         process = tool.start(api.url, "--", tool.python, "-c", sessions.SIGNAL_TRAP)
-        try:
-            assert process.stdout.readline() == "ready\n", process.stderr.read()
-            process.send_signal(signum)
-            stdout, stderr = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        stdout, stderr = sessions.signal_when_ready(process, signum, timeout=30)
     assert stdout == f"got {int(signum)}\n", stderr
     assert process.returncode == 40 + signum
 

@@ -241,14 +241,7 @@ def test_exit_status_is_the_applications(runner, command, status, message):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signals_to_the_tool_reach_the_application(runner, signum):
     process = runner.start({"command": [runner.python, "-c", sessions.SIGNAL_TRAP]})
-    try:
-        assert process.stdout.readline() == "ready\n", process.stderr.read()
-        process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    stdout, stderr = sessions.signal_when_ready(process, signum, timeout=20)
     assert stdout == f"got {int(signum)}\n", stderr
     assert process.returncode == 40 + signum
 
