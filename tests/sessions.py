@@ -196,6 +196,12 @@ def descendants(pid):
     return found
 
 
+def assert_nothing_left(pids, namespaces):
+    """Assert that `pids` and every process in `namespaces` end (bounded)."""
+    remaining = wait_until_gone(pids, namespaces)
+    assert remaining == [], describe(remaining)
+
+
 def wait_until_gone(pids, namespaces, timeout=10.0):
     """Wait (bounded) until none of `pids` lives and no process is in
     `namespaces`; returns what is still there. Call it right after the kill:

@@ -262,6 +262,14 @@ def wireguard_go_client(namespace, server, config, private_key):
         yield client
 
 
+def curl_status(namespace, url="http://helloworld/", max_time=10):
+    """curl `url` inside `namespace`: the finished process, whatever its status."""
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace.name, "curl", "-sS", "--max-time",
+         str(max_time), url],
+        capture_output=True, text=True, timeout=max_time + 10, check=False)
+
+
 def curl(namespace, url="http://helloworld/"):
     return namespace.run(["curl", "-sS", "--max-time", "10", url], timeout=20)
 
@@ -290,22 +298,7 @@ def test_a_wireguard_go_client_reaches_helloworld_by_name(
             page = curl(client_namespace)
             fqdn = f"helloworld.{cloudlet.KUBERNETES_NAMESPACE}.svc.cluster.local"
             page_by_fqdn = curl(client_namespace, f"http://{fqdn}/")
-            unknown = subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    client_namespace.name,
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "http://nosuchservice/",
-                ],
-                capture_output=True,
-                timeout=20,
-                check=False,
-            )
+            unknown = curl_status(client_namespace, "http://nosuchservice/")
     assert page == page_by_fqdn == greeting(config)
     assert unknown.returncode == 6, unknown.stderr  # curl: could not resolve host
 
@@ -327,23 +320,7 @@ def test_a_rerun_client_is_answered_at_once(implementation, client_namespace):
         config = server.tunnel_config_for(cloudlet.HELLOWORLD, public)
         for attempt in range(30):
             with wireguard_go_client(client_namespace, server, config, private):
-                fetch = subprocess.run(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        client_namespace.name,
-                        "curl",
-                        "-sS",
-                        "--max-time",
-                        "3",
-                        "http://helloworld/",
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=20,
-                    check=False,
-                )
+                fetch = curl_status(client_namespace, max_time=3)
                 if fetch.stdout != greeting(config):
                     slow.append((attempt, fetch.stderr.strip()))
     assert slow == [], "re-runs that lost their handshake or first packet"

@@ -135,8 +135,7 @@ def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
                       for kind in ("net", "mnt", "pid")}
         process.kill()
         process.wait()
-        remaining = sessions.wait_until_gone(pids, namespaces)
-        assert remaining == [], sessions.describe(remaining)
+        sessions.assert_nothing_left(pids, namespaces)
     finally:
         if process.poll() is None:
             process.kill()
@@ -176,8 +175,7 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
     assert [p.returncode for p in processes] == [0] * 10, [e for _, e in outputs]
     addresses = {GREETING.fullmatch(stdout).group(1) for stdout, _ in outputs}
     assert len(addresses) == 10, "ten keys, ten tunnels, ten addresses"
-    remaining = sessions.wait_until_gone(pids, {})
-    assert remaining == [], sessions.describe(remaining)
+    sessions.assert_nothing_left(pids, {})
     if tool.as_user:
         assert sessions.files_of_user(tool.uid) == []
 

@@ -257,8 +257,7 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
         assert len(pids) >= 4, "holder, init, shell and sleep"
         process.kill()
         process.wait()
-        remaining = sessions.wait_until_gone(pids, namespaces)
-        assert remaining == [], sessions.describe(remaining)
+        sessions.assert_nothing_left(pids, namespaces)
     finally:
         if process.poll() is None:
             process.kill()
