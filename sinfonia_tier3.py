@@ -965,15 +965,18 @@ class _SessionKeys:
 class _Handshake:
     """The initiator's half-done handshake, waiting for the response."""
 
-    __slots__ = ("chain", "ephemeral", "hash", "local_index", "mac1", "started")
+    __slots__ = ("chain", "ephemeral", "hash", "local_index", "mac1", "retries")
 
-    def __init__(self, local_index, ephemeral, chain, hash_, mac1, started):
+    def __init__(self, local_index, ephemeral, chain, hash_, mac1, retries):
         self.local_index = local_index
         self.ephemeral = ephemeral
         self.chain = chain
         self.hash = hash_
         self.mac1 = mac1
-        self.started = started  # first attempt of this round (REKEY_ATTEMPT_TIME)
+        # Retransmissions so far in this round. Counted rather than timed, as
+        # the kernel and wireguard-go do: with the jitter added to each retry,
+        # a time limit would give up after a varying number of attempts.
+        self.retries = retries
 
 
 class _AllowedIPs:
@@ -1348,12 +1351,12 @@ class _Peer:
         self.stamp_sent_ns = max(self.wallclock_ns(), self.stamp_sent_ns + 1)
         timestamp = _seal(key, 0, _tai64n(self.stamp_sent_ns), hash_)
         hash_ = _hash(hash_, timestamp)
-        started = self.handshake.started if retry and self.handshake else now
+        retries = self.handshake.retries + 1 if retry and self.handshake else 0
         self._forget_handshake()
         index = self._new_index()
         message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
         message, mac1 = self._add_macs(message, now)
-        self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, started)
+        self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, retries)
         self.keypairs[index] = None  # reserved until the response or the next attempt
         self.last_initiation_sent = now
         jitter = _REKEY_TIMEOUT_JITTER * self.random(1)[0] / 255
@@ -1616,7 +1619,7 @@ class _Peer:
         last_sent, last_data_sent = counters[_LAST_SENT], counters[_LAST_DATA_SENT]
         handshake = self.handshake
         if handshake is not None and now >= self.retransmit_at:
-            if now - handshake.started >= _REKEY_ATTEMPT_TIME:
+            if handshake.retries >= _REKEY_ATTEMPT_TIME / _REKEY_TIMEOUT:
                 counters[_HANDSHAKES_ABANDONED] += 1
                 self._forget_handshake()
                 self.retransmit_at = None
