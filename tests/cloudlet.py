@@ -729,7 +729,13 @@ class _WireGuardGoResponder:
             ]
             lines += [f"allowed_ip={network}" for network in allowed_ips]
             self._uapi("set=1\n" + "".join(line + "\n" for line in lines))
-            self.listen_port = int(self._uapi("get=1\n")["listen_port"])
+            # The port is bound, and reported, only once wireguard-go has seen
+            # its TUN device up, which may come after the set.
+            while "listen_port" not in (fields := self._uapi("get=1\n")):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("wireguard-go bound no UDP port")
+                time.sleep(0.005)
+            self.listen_port = int(fields["listen_port"])
         except BaseException:
             self.stop()
             raise
