@@ -2343,9 +2343,10 @@ def _resolve_endpoint(sock, endpoint):
 # The application runs in a tree of processes forked from the tool:
 #
 #   tool (caller's namespaces: datapath, Tier 1)
-#    `- holder: unshares user+net+mount+PID namespaces, waits for init
-#        `- init: PID 1 of the new PID namespace; sets up the network, /proc
-#            |    and resolv.conf, reaps orphans, passes signals on
+#    `- holder: unshares user+net+mount+PID namespaces, sets up the network
+#        |      and resolv.conf, then execs a minimal Python that waits for init
+#        `- init: PID 1 of the new PID namespace; mounts /proc, reaps orphans,
+#            |    passes signals on
 #            `- application (exec'd as the caller, without capabilities)
 #
 # Tool and namespace talk over a SOCK_SEQPACKET pair: JSON messages, and the
@@ -2512,7 +2513,7 @@ def _explain_userns_failure(error, proc_sys="/proc/sys"):
 
 
 def _enter_new_namespaces():
-    """Unshare network, mount and PID namespaces, and for any caller but root a
+    """Unshare network, mount (all private) and PID namespaces, and for any caller but root a
     user namespace mapping the caller's own uid and gid. Its capabilities there
     last until exec, where the non-root uid loses them. (Root needs no user
     namespace and keeps being root, as with `ip netns exec`.)"""
@@ -2521,17 +2522,22 @@ def _enter_new_namespaces():
     try:
         if uid == 0:
             _unshare(flags)
-            return
-        _unshare(flags | _CLONE_NEWUSER)
-        for name, text in [("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                           ("gid_map", f"{gid} {gid} 1")]:
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
+        else:
+            _unshare(flags | _CLONE_NEWUSER)
+            for name, text in [("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                               ("gid_map", f"{gid} {gid} 1")]:
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
     except OSError as e:
         if uid == 0:
             raise TunnelError(f"cannot create the application's namespaces: "
                               f"{e.strerror}") from None
         raise TunnelError(_explain_userns_failure(e)) from None
+    try:
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # no mount of ours leaks out
+    except OSError as e:
+        raise TunnelError(f"cannot make the application's mounts private: {e.strerror}") \
+            from None
 
 
 def _tun_advice(path="/dev/net/tun"):
@@ -2674,17 +2680,9 @@ def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIR
         _libc_call("umount2", staging.encode(), _MNT_DETACH)
 
 
-def _namespace_init(channel, interface, mtu):
-    """PID 1 of the new namespaces: set them up as the tool asks, start the
-    application, and serve as its init. Returns the application's status."""
-    try:
-        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing leaks out
-        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    except OSError as e:
-        raise TunnelError(
-            f"cannot mount /proc for the application's PID namespace: {e.strerror} "
-            "(a container that hides parts of /proc forbids it; run on the host)"
-        ) from None
+def _set_up_network(channel, interface, mtu):
+    """In the new namespaces, as the tool asks: the interface, its addresses
+    and routes, and resolv.conf. False when the tool gave up."""
     # The interface goes to the tool before pyroute2 is loaded (the longest
     # step here), so that the tool's datapath and handshake overlap the import.
     fds = interface.create(channel)
@@ -2700,8 +2698,8 @@ def _namespace_init(channel, interface, mtu):
         _netlink_step(f"bring up {interface.name}", ipr.link, "set", index=index,
                       state="up")
         config, _ = channel.receive()
-        if config is None:  # the tool gave up
-            return 125
+        if config is None:
+            return False
         _configure_interface(ipr, index, interface.name, config["addresses"],
                              config["routes"])
     if config["resolv_conf"] is not None:
@@ -2716,8 +2714,26 @@ def _namespace_init(channel, interface, mtu):
     except OSError:
         pass
     channel.send({"configured": True})
+    return True
+
+
+def _namespace_init(channel, network_ready):
+    """PID 1 of the new PID namespace: once the network is set up (EOF on
+    `network_ready`), a fresh /proc and the application; serves as its init.
+    Returns the application's status."""
+    # Until then the channel is the other process's, and /proc stays as it
+    # is: the new one has no /proc/self for a process outside the namespace.
+    os.read(network_ready, 1)
+    os.close(network_ready)
+    try:
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    except OSError as e:
+        raise TunnelError(
+            f"cannot mount /proc for the application's PID namespace: {e.strerror} "
+            "(a container that hides parts of /proc forbids it; run on the host)"
+        ) from None
     start, _ = channel.receive()
-    if start is None:
+    if start is None:  # the tool gave up
         return 125
     return _serve_as_init(channel, start)
 
@@ -2847,9 +2863,20 @@ def _close_private_descriptors(keep):
                 pass
 
 
+# What the namespace child becomes once the network is set up: a fresh,
+# minimal interpreter that only waits for init, so that neither pyroute2 nor
+# the copy of the tool's heap stays in memory for the whole session.
+_INIT_WAITER = """\
+import os, sys
+status = os.waitstatus_to_exitcode(os.waitpid(int(sys.argv[1]), 0)[1])
+os._exit(status if status >= 0 else 128 - status)
+"""
+
+
 def _run_namespace_child(channel, parent_pid, interface, mtu):
-    """The forked child: holder of the namespaces, then (in a second fork)
-    their init. Never returns."""
+    """The forked child: enters the new namespaces, forks their init, sets up
+    the network meanwhile, then waits for init and exits with its status.
+    Never returns."""
     status = 125
     try:
         _die_with_parent(parent_pid)
@@ -2860,17 +2887,34 @@ def _run_namespace_child(channel, parent_pid, interface, mtu):
         _close_private_descriptors(keep=channel.fileno())
         os.setpgid(0, 0)  # out of the terminal's way: its signals go to the tool
         _enter_new_namespaces()
+        network_ready, network_done = os.pipe()  # both close on exec
         init = os.fork()
-        if init:
-            channel.close()
-            status = _exit_status(os.waitpid(init, 0)[1])
+        if init == 0:
+            _die_with_parent(None)  # this process is outside the new PID namespace
+            os.close(network_done)
+            status = _namespace_init(channel, network_ready)
         else:
-            _die_with_parent(None)  # the holder is outside our PID namespace
-            status = _namespace_init(channel, interface, mtu)
+            os.close(network_ready)
+            if _set_up_network(channel, interface, mtu):
+                channel.close()
+                _become_init_waiter(init)
+                os.close(network_done)
+                status = _exit_status(os.waitpid(init, 0)[1])
     except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
         _report_failure(channel, e)
     finally:
         os._exit(status)
+
+
+def _become_init_waiter(init):
+    """Exec `_INIT_WAITER` for `init`, when this is a Python interpreter that
+    can run it (an application embedding Python may not be); else return."""
+    if os.path.basename(sys.executable).startswith(("python", "pypy")):
+        try:
+            os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _INIT_WAITER,
+                                      str(init)])
+        except OSError:
+            pass
 
 
 def _foreground_terminal():

@@ -31,6 +31,7 @@ import json, os, select, sys
 sys.path.insert(0, sys.argv[1])
 import sinfonia_tier3 as st3
 spec = json.loads(sys.argv[2])
+sys.executable = spec.get("executable", sys.executable)  # as in an embedding program
 interface = st3._TunInside()
 if "moved_link" in spec:
     interface = st3._LinkMovedIn(spec["moved_link"]["name"])
@@ -264,6 +265,34 @@ def test_a_killed_tool_leaves_nothing_behind(runner):
             process.wait()
     if runner.as_user:
         assert sessions.files_of_user(runner.uid) == []
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["python", "embedded"])
+def test_the_holder_waits_for_init_as_a_minimal_interpreter(runner, embedded):
+    """Once the network is set up, the holder execs a fresh `python -I -S` that
+    only waits for init: neither pyroute2 nor the tool's heap stays for the
+    session. Where sys.executable is not a Python (a program embedding it),
+    the holder waits as it is. Either way the status comes through."""
+    spec = {"command": ["sh", "-c", "echo started; read line; exit 9"]}
+    if embedded:
+        spec["executable"] = "/bin/false"
+    process = runner.start(spec, stdin=subprocess.PIPE)
+    try:
+        holder = json.loads(process.stderr.readline())["holder"]
+        assert process.stdout.readline() == "started\n"
+        with open(f"/proc/{holder}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        _, stderr = process.communicate("go\n", timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if embedded:
+        assert argv[1].endswith(b"driver.py"), argv  # still the forked driver
+    else:
+        assert argv[1:4] == [b"-I", b"-S", b"-c"], argv
+        assert argv[4] == st3._INIT_WAITER.encode(), argv
+    assert process.returncode == 9, stderr
 
 
 def test_the_namespace_holds_only_descriptors_the_caller_passed_on(runner, driver_file):
