@@ -29,7 +29,7 @@ import fcntl
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 # Constants and errors ########################################################
 
@@ -124,12 +124,13 @@ def _printable(text, limit=_MAX_DETAIL_CHARS):
 # Keys and key cache ##########################################################
 
 
-@dataclass(frozen=True)
-class _KeyPair:
+class _KeyPair(namedtuple("_KeyPair", "private public")):
     """An X25519 keypair; the private half never leaves its 0600 file."""
 
-    private: bytes = field(repr=False)
-    public: bytes
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"_KeyPair(public={self.public!r})"
 
 
 def _b64_key(text):
@@ -320,17 +321,18 @@ def _load_or_create_keypair(uuid):
 # Tier 1 client and response validation #######################################
 
 
-@dataclass(frozen=True)
-class TunnelConfig:
-    """The WireGuard side of a deployment, validated and parsed."""
+class TunnelConfig(namedtuple("TunnelConfig", [
+    "public_key",  # bytes: the cloudlet's WireGuard key
+    "allowed_ips",  # ipaddress networks routed into the tunnel
+    "endpoint_host",  # a name, an IPv4 or an IPv6 literal (no brackets)
+    "endpoint_port",  # int
+    "addresses",  # ipaddress interfaces: this client's tunnel addresses
+    "nameservers",  # ipaddress addresses
+    "search_domains",  # str
+])):
+    """The WireGuard side of a deployment, validated and parsed (immutable)."""
 
-    public_key: bytes  # the cloudlet's WireGuard key
-    allowed_ips: tuple  # ipaddress networks routed into the tunnel
-    endpoint_host: str  # a name, an IPv4 or an IPv6 literal (no brackets)
-    endpoint_port: int
-    addresses: tuple  # ipaddress interfaces: this client's tunnel addresses
-    nameservers: tuple  # ipaddress addresses
-    search_domains: tuple  # str
+    __slots__ = ()
 
     @property
     def endpoint(self):
@@ -340,16 +342,17 @@ class TunnelConfig:
         return f"{self.endpoint_host}:{self.endpoint_port}"
 
 
-@dataclass(frozen=True)
-class Deployment:
-    """One backend deployment offered by the Tier 1."""
+class Deployment(namedtuple("Deployment", [
+    "uuid",  # canonical application uuid
+    "application_key",  # bytes: this client's public key, as the server has it
+    "status",  # str
+    "tunnel_config",  # TunnelConfig
+    "deployment_name",  # str, "" when the server gave none
+    "created",  # str or None
+], defaults=("", None))):
+    """One backend deployment offered by the Tier 1 (immutable)."""
 
-    uuid: str  # canonical application uuid
-    application_key: bytes  # this client's public key, as the server has it
-    status: str
-    tunnel_config: TunnelConfig
-    deployment_name: str = ""
-    created: "str | None" = None
+    __slots__ = ()
 
     def as_json(self):
         """The deployment in the server's own field names."""
@@ -3166,9 +3169,11 @@ def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
                 mtu=mtu,
             )
             try:
-                datapath.start()
                 namespace.expect("configured")
                 progress("addresses, routes and resolv.conf in place")
+                # Only now: the workers' memory and pyroute2's, which goes with
+                # the namespace child's exec, would otherwise add up.
+                datapath.start()
                 try:
                     datapath.wait_for_handshake(connect_timeout)
                 except _NoHandshakeError:

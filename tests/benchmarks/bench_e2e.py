@@ -7,7 +7,7 @@ Three clients fetch `http://helloworld/` from one test cloudlet (tests/cloudlet.
 measured round-robin in the same run so machine noise hits them alike:
 
   ours      python3 -m sinfonia_tier3 URL helloworld -- curl -sS http://helloworld/
-            (from the checkout, with its bytecode cached as an install has it)
+            (a copy of the checkout's module with its bytecode, as installed)
   upstream  sinfonia-tier3 0.7.4 from PyPI (in a venv made on first use), same command
   bare      a wireguard-go tunnel set up by hand: the deploy POST, then `ip netns
             add`, wireguard-go, `wg set`, addresses, route and resolv.conf
@@ -29,6 +29,7 @@ import argparse
 import base64
 import json
 import os
+import py_compile
 import select
 import shutil
 import signal
@@ -104,6 +105,21 @@ def _kib(path, field):
     return 0
 
 
+def _identities(root):
+    """(pid, program, whole command line) of each process of the tree: what
+    an exec changes as well as what a fork or an exit does."""
+    identities = []
+    for pid in _tree(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command_line = f.read()
+        except OSError:
+            continue
+        program = command_line.split(b"\0")[0].decode(errors="replace")
+        identities.append((pid, program, command_line))
+    return identities
+
+
 class _MemorySampler(threading.Thread):
     """Peak summed RSS and PSS of the tree under `root`, minus `excluded` programs."""
 
@@ -118,21 +134,21 @@ class _MemorySampler(threading.Thread):
 
     def run(self):
         while not self._done.is_set():
-            rss = pss = 0
-            for pid in _tree(self.root):
-                try:
-                    program = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-                except OSError:
-                    continue
-                if program in self.excluded:
+            before = _identities(self.root)
+            rss = pss = largest = 0
+            for pid, program, _ in before:
+                if os.path.basename(program) in self.excluded:
                     continue
                 rss += _kib(f"/proc/{pid}/status", "VmRSS:")
-                self.largest_rss_kib = max(
-                    self.largest_rss_kib, _kib(f"/proc/{pid}/status", "VmHWM:")
-                )
+                largest = max(largest, _kib(f"/proc/{pid}/status", "VmHWM:"))
                 pss += _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
-            self.peak_rss_kib = max(self.peak_rss_kib, rss)
-            self.peak_pss_kib = max(self.peak_pss_kib, pss)
+            # A fork, exit or exec while reading moves shared pages between
+            # processes read before and after it, which the sum would count
+            # twice: such a sample is dropped.
+            if _identities(self.root) == before:
+                self.peak_rss_kib = max(self.peak_rss_kib, rss)
+                self.peak_pss_kib = max(self.peak_pss_kib, pss)
+                self.largest_rss_kib = max(self.largest_rss_kib, largest)
             self._done.wait(SAMPLE_INTERVAL)
 
     def stop(self):
@@ -202,18 +218,15 @@ def _time_command(argv, env, cwd, sample):
 
 
 def ours_environment(scratch):
-    """The environment for our runs: the module from the checkout, its bytecode
-    compiled once into `scratch` and used from then on, as an installed
-    package has it (compiling a 4000-line module costs ~20 ms and ~8 MiB that
-    pip's install-time compilation spares real users)."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        PYTHONPYCACHEPREFIX=os.path.join(scratch, "pycache"),
-    )
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    subprocess.run([sys.executable, "-c", "import sinfonia_tier3"], env=env, check=True)
-    return env
+    """The environment for our runs: a copy of the module with its bytecode
+    compiled next to it, as an installed package has it (compiling a
+    4000-line module costs ~20 ms and ~8 MiB that pip's install-time
+    compilation spares real users); everything else as it is installed."""
+    directory = os.path.join(scratch, "ours")
+    os.mkdir(directory)
+    module = shutil.copy(REPO / "sinfonia_tier3.py", directory)
+    py_compile.compile(module, doraise=True)
+    return dict(os.environ, PYTHONPATH=directory)
 
 
 def run_ours(url, env, cache, sample):
