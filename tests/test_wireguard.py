@@ -659,6 +659,40 @@ def test_cffi_and_bindings_ciphers_agree():
     assert sealed[0] == sealed[1]
 
 
+# RFC 7748 §6.1: Alice's private key, Bob's public key, and what they share.
+ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+ALICE_PUBLIC = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+BOB_PUBLIC = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
+
+
+def test_sodium_through_cffi_lib_and_through_bindings_agree():
+    """pynacl's cffi lib is not a public API; where it is missing, nacl.bindings
+    must give the same results, refusals included."""
+    via_lib, via_bindings = st3._Sodium(), st3._Sodium(use_lib=False)
+    assert via_lib.lib is not None and via_bindings.lib is None
+    for sodium in (via_lib, via_bindings):
+        assert sodium.public_key(ALICE_PRIVATE) == ALICE_PUBLIC
+        assert sodium.dh(ALICE_PRIVATE, BOB_PUBLIC) == SHARED
+        assert sodium.dh(ALICE_PRIVATE, bytes(32)) == bytes(32)  # low order
+        with pytest.raises(ValueError):
+            sodium.dh(ALICE_PRIVATE, BOB_PUBLIC[:31])  # C would read past it
+        with pytest.raises(ValueError):
+            sodium.seal(bytes(32), bytes(11), b"", b"")
+    for nonce_size in (12, 24):  # ChaCha20-Poly1305 and XChaCha20-Poly1305
+        key, nonce = os.urandom(32), os.urandom(nonce_size)
+        for size in (0, 1, 1500):
+            plaintext, ad = os.urandom(size), os.urandom(32)
+            sealed = via_lib.seal(key, nonce, plaintext, ad)
+            assert len(sealed) == size + 16
+            assert via_bindings.seal(key, nonce, bytearray(plaintext), ad) == sealed
+            for sodium in (via_lib, via_bindings):
+                assert sodium.open(key, nonce, memoryview(sealed), ad) == plaintext
+                assert sodium.open(key, nonce, sealed, ad[1:]) is None
+                assert sodium.open(key, nonce, sealed[:-1], ad) is None
+                assert sodium.open(key, nonce, sealed[:15], ad) is None
+
+
 # The Datapath between two namespaces ###########################################
 
 
