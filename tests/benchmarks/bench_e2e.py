@@ -29,7 +29,6 @@ import argparse
 import base64
 import json
 import os
-import py_compile
 import select
 import shutil
 import signal
@@ -47,6 +46,7 @@ REPO = HERE.parent.parent
 sys.path[:0] = [str(HERE.parent), str(REPO)]  # tests/, repo root
 
 import cloudlet
+from compiled import compiled_copy
 from netns import Namespace, WireguardGo, generate_keypair, missing_requirements
 
 UPSTREAM_VERSION = "0.7.4"
@@ -217,18 +217,6 @@ def _time_command(argv, env, cwd, sample):
     return first, (sampler.peak_rss_kib, sampler.peak_pss_kib, sampler.largest_rss_kib)
 
 
-def ours_environment(scratch):
-    """The environment for our runs: a copy of the module with its bytecode
-    compiled next to it, as an installed package has it (compiling a
-    4000-line module costs ~20 ms and ~8 MiB that pip's install-time
-    compilation spares real users); everything else as it is installed."""
-    directory = os.path.join(scratch, "ours")
-    os.mkdir(directory)
-    module = shutil.copy(REPO / "sinfonia_tier3.py", directory)
-    py_compile.compile(module, doraise=True)
-    return dict(os.environ, PYTHONPATH=directory)
-
-
 def run_ours(url, env, cache, sample):
     argv = [
         sys.executable,
@@ -391,7 +379,7 @@ def main(argv=None):
         cloudlet.Cloudlet(wireguard=server) as api,
         tempfile.TemporaryDirectory() as scratch,
     ):
-        ours_env = ours_environment(scratch)
+        ours_env = dict(os.environ, PYTHONPATH=compiled_copy(scratch))
         # Round 0 warms the caches and samples memory; rounds 1.. are timed.
         for round_number in range(args.rounds + 1):
             for client in clients:

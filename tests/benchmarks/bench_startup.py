@@ -24,9 +24,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "benchmarks")]
 
 from cloudlet import Cloudlet
+from compiled import compiled_copy
 
 UPSTREAM_VERSION = "0.7.4"
 
@@ -72,14 +73,14 @@ def main():
     upstream_requirements = [f"sinfonia-tier3=={UPSTREAM_VERSION}"]
     upstream = [venv_python(f"upstream-{UPSTREAM_VERSION}", upstream_requirements)]
     upstream += ["-m", "sinfonia_tier3"]
-    # Both as `python -m`, so both import compiled bytecode (a script is
-    # compiled afresh on every run, an imported module is not).
+    # Both as `python -m` with compiled bytecode, as pip installs them (ours: a
+    # compiled copy of this checkout's module).
     ours = [venv_python("ours-deps", ["pynacl", "pyroute2"]), "-m", "sinfonia_tier3"]
 
     with tempfile.TemporaryDirectory() as scratch, Cloudlet() as cloudlet:
         env = dict(os.environ, XDG_CACHE_HOME=os.path.join(scratch, "cache"))
         env.pop("PYTHONPATH", None)
-        our_env = dict(env, PYTHONPATH=str(ROOT))
+        our_env = dict(env, PYTHONPATH=compiled_copy(scratch))
         cases = [
             ("--version", ours + ["--version"], upstream + ["--version"]),
             (
