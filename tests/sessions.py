@@ -196,6 +196,19 @@ def descendants(pid):
     return found
 
 
+def held_files(pid):
+    """What the descriptors of process `pid` point at. A descriptor closed
+    while being read (an interpreter starting up opens and closes many) is
+    not held, and left out."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return held
+
+
 def assert_nothing_left(pids, namespaces):
     """Assert that `pids` and every process in `namespaces` end (bounded)."""
     remaining = wait_until_gone(pids, namespaces)

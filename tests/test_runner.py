@@ -321,8 +321,7 @@ def test_the_namespace_holds_only_descriptors_the_caller_passed_on(runner, drive
         holder = json.loads(process.stderr.readline())["holder"]
         assert process.stdout.readline() == "started\n"
         namespace_processes = [holder, *sessions.descendants(holder)]
-        held = {os.readlink(f"/proc/{pid}/fd/{fd}")
-                for pid in namespace_processes for fd in os.listdir(f"/proc/{pid}/fd")}
+        held = set().union(*map(sessions.held_files, namespace_processes))
     finally:
         process.kill()
         process.wait()

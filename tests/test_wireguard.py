@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import sessions
+
 import sinfonia_tier3 as st3
 
 A_ADDRESS = ("192.0.2.1", 51820)
@@ -756,8 +758,7 @@ def test_datapath_between_namespaces(vnet_hdr):
         a.start()
         a.datapath.wait_for_handshake(10)
         for pid in a.datapath._workers:
-            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-            assert os.readlink(f"/proc/self/fd/{stray_write}") not in held
+            assert os.readlink(f"/proc/self/fd/{stray_write}") not in sessions.held_files(pid)
         echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
         answer = ns_a.fork(_udp_ask, B_IP, 7007, b"hello through the tunnel")
         assert answer.result(20) == b"lennut eht hguorht olleh"
