@@ -931,20 +931,15 @@ class _Sodium:
     before they reach C.
     """
 
-    _FUNCTIONS = ("sodium_init", "crypto_scalarmult_base", "crypto_scalarmult",
-                  "crypto_aead_chacha20poly1305_ietf_encrypt",
-                  "crypto_aead_chacha20poly1305_ietf_decrypt",
-                  "crypto_aead_xchacha20poly1305_ietf_encrypt",
-                  "crypto_aead_xchacha20poly1305_ietf_decrypt")
+    _AEADS = ((12, "chacha20poly1305"), (24, "xchacha20poly1305"))  # by nonce size
 
     def __init__(self, use_lib=True):
-        self.ffi = self.lib = self.bindings = None
+        self.ffi = self.lib = None
         if use_lib:
             try:
                 from nacl._sodium import ffi, lib
 
-                for name in self._FUNCTIONS:
-                    getattr(lib, name)
+                self._take_functions(lib)
                 if lib.sodium_init() >= 0:  # without it ChaCha20 runs 3x slower
                     self.ffi, self.lib = ffi, lib
             except (ImportError, AttributeError):
@@ -952,14 +947,24 @@ class _Sodium:
         if self.lib is None:
             import nacl.bindings  # importing it runs sodium_init()
 
-            self.bindings = nacl.bindings
+            self._take_functions(nacl.bindings)
+
+    def _take_functions(self, functions):
+        """From `lib` or `nacl.bindings`, which use the same names (but not the
+        same calling conventions); AttributeError when one is missing."""
+        self._scalarmult_base = functions.crypto_scalarmult_base
+        self._scalarmult = functions.crypto_scalarmult
+        self._aeads = {
+            size: (getattr(functions, f"crypto_aead_{name}_ietf_encrypt"),
+                   getattr(functions, f"crypto_aead_{name}_ietf_decrypt"))
+            for size, name in self._AEADS}
 
     def public_key(self, private):
         private = _sized(private, 32)
         if self.lib is None:
-            return self.bindings.crypto_scalarmult_base(private)
+            return self._scalarmult_base(private)
         out = self.ffi.new("unsigned char[32]")
-        self.lib.crypto_scalarmult_base(out, private)
+        self._scalarmult_base(out, private)
         return bytes(out)
 
     def dh(self, private, public):
@@ -969,26 +974,20 @@ class _Sodium:
             from nacl.exceptions import CryptoError
 
             try:
-                return self.bindings.crypto_scalarmult(private, public)
+                return self._scalarmult(private, public)
             except CryptoError:  # libsodium refuses low-order points
                 return _NO_KEY
         out = self.ffi.new("unsigned char[32]")
-        if self.lib.crypto_scalarmult(out, private, public) != 0:
+        if self._scalarmult(out, private, public) != 0:
             return _NO_KEY
         return bytes(out)
 
     def seal(self, key, nonce, plaintext, ad):
-        key, nonce = _sized(key, 32), _sized(nonce, 12, 24)
+        key, nonce = _sized(key, 32), _sized(nonce, *self._aeads)
         plaintext, ad = bytes(plaintext), bytes(ad)
-        xchacha = len(nonce) == 24
+        encrypt = self._aeads[len(nonce)][0]
         if self.lib is None:
-            bindings = self.bindings
-            encrypt = (bindings.crypto_aead_xchacha20poly1305_ietf_encrypt if xchacha
-                       else bindings.crypto_aead_chacha20poly1305_ietf_encrypt)
             return encrypt(plaintext, ad, nonce, key)
-        lib = self.lib
-        encrypt = (lib.crypto_aead_xchacha20poly1305_ietf_encrypt if xchacha
-                   else lib.crypto_aead_chacha20poly1305_ietf_encrypt)
         out = self.ffi.new("unsigned char[]", len(plaintext) + _TAG)
         encrypt(out, self.ffi.NULL, plaintext, len(plaintext), ad, len(ad), self.ffi.NULL,
                 nonce, key)
@@ -996,24 +995,18 @@ class _Sodium:
 
     def open(self, key, nonce, ciphertext, ad):
         """The plaintext, or None when `ciphertext` does not authenticate."""
-        key, nonce = _sized(key, 32), _sized(nonce, 12, 24)
+        key, nonce = _sized(key, 32), _sized(nonce, *self._aeads)
         ciphertext, ad = bytes(ciphertext), bytes(ad)
-        xchacha = len(nonce) == 24
         if len(ciphertext) < _TAG:
             return None
+        decrypt = self._aeads[len(nonce)][1]
         if self.lib is None:
             from nacl.exceptions import CryptoError
 
-            bindings = self.bindings
-            decrypt = (bindings.crypto_aead_xchacha20poly1305_ietf_decrypt if xchacha
-                       else bindings.crypto_aead_chacha20poly1305_ietf_decrypt)
             try:
                 return decrypt(ciphertext, ad, nonce, key)
             except CryptoError:
                 return None
-        lib = self.lib
-        decrypt = (lib.crypto_aead_xchacha20poly1305_ietf_decrypt if xchacha
-                   else lib.crypto_aead_chacha20poly1305_ietf_decrypt)
         size = len(ciphertext) - _TAG
         out = self.ffi.new("unsigned char[]", max(size, 1))
         if decrypt(out, self.ffi.NULL, self.ffi.NULL, ciphertext, len(ciphertext), ad,
@@ -2778,7 +2771,7 @@ def _set_up_network(channel, interface, mtu):
     """In the new namespaces, as the tool asks: the interface, its addresses
     and routes, and resolv.conf. False when the tool gave up."""
     # The interface goes to the tool before pyroute2 is loaded (the longest
-    # step here), so that the tool's datapath and handshake overlap the import.
+    # step here), so that the tool sets up its datapath meanwhile.
     fds = interface.create(channel)
     channel.send({"interface": interface.name}, fds=fds)
     for fd in fds:
