@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import netns
 import sessions
 
 import sinfonia_tier3 as st3
@@ -698,16 +699,10 @@ def test_sodium_through_cffi_lib_and_through_bindings_agree():
 # The Datapath between two namespaces ###########################################
 
 
-def _namespaces():
-    """tests/netns.py (the shared namespace helpers), or a skip saying why not."""
-    try:
-        import netns
-    except ImportError:
-        pytest.skip("tests/netns.py (shared namespace helpers) is not in this checkout")
+def _require_namespaces():
     reason = netns.missing_requirements()
     if reason:
         pytest.skip(reason)
-    return netns
 
 
 def _udp_echo_once(address, port):
@@ -739,7 +734,7 @@ def _udp_ask(address, port, payload):
 
 @pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain-tun", "vnet-hdr"])
 def test_datapath_between_namespaces(vnet_hdr):
-    netns = _namespaces()
+    _require_namespaces()
     (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
     with ExitStack() as stack:
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
@@ -801,7 +796,7 @@ def test_rerun_initiator_gets_the_answer_to_its_first_packet():
     import signal
     import time
 
-    netns = _namespaces()
+    _require_namespaces()
     (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
     with ExitStack() as stack:
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
@@ -837,7 +832,7 @@ def test_wait_for_handshake_has_a_deadline():
     import socket
     import time
 
-    netns = _namespaces()
+    _require_namespaces()
     (a_private, _), (_, b_public) = _keypair(), _keypair()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))  # takes datagrams, never answers

@@ -46,6 +46,7 @@ REPO = HERE.parent.parent
 sys.path[:0] = [str(HERE.parent), str(REPO)]  # tests/, repo root
 
 import cloudlet
+import sessions
 from compiled import compiled_copy
 from netns import Namespace, WireguardGo, generate_keypair, missing_requirements
 
@@ -61,24 +62,8 @@ SAMPLE_INTERVAL = 0.005
 # Memory of a process tree #####################################################
 
 
-def _children(pid):
-    children = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children.extend(int(child) for child in f.read().split())
-    except OSError:
-        pass
-    return children
-
-
 def _tree(root):
-    pids, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        pids.append(pid)
-        frontier.extend(_children(pid))
-    return pids
+    return [root, *sessions.descendants(root)]
 
 
 def _command_line(pid):
