@@ -1614,10 +1614,15 @@ class _Peer:
         keypair = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index, now, True)
         self.handshake = None
         self.retransmit_at = None
-        for old in (self.previous, self.next):
-            if old is not None:
-                self.keypairs.pop(old.local_index, None)
-        self.previous, self.current, self.next = self.current, keypair, None
+        # A responder keypair still waiting for its confirmation may be what
+        # the peer sends with (both sides initiated at once): as the kernel
+        # does, it stays for receiving as the previous one, and the current
+        # one goes.
+        retired = self.current if self.next is not None else self.previous
+        if retired is not None:
+            self.keypairs.pop(retired.local_index, None)
+        self.previous = self.next if self.next is not None else self.current
+        self.current, self.next = keypair, None
         self.keypairs[keypair.local_index] = keypair
         self.last_received = now
         self._roam(address)

@@ -175,6 +175,32 @@ def test_handshake_and_transport_both_ways():
     assert stats_a[st3._RX_BYTES] == len(messages[1][2])
 
 
+def test_crossing_initiations_keep_the_keypair_the_peer_still_sends_with():
+    """Both ends initiate at once. B answers A's initiation (its keypair K1
+    waits for confirmation), then completes its own handshake (K2) before
+    any of A's data on K1 has arrived: what A still sends on K1 must get
+    through (the kernel keeps K1 as the previous keypair)."""
+    pair = Pair()
+    pair.a.peer.initiate()
+    pair.deliver(pair.take())  # A's initiation reaches B
+    response_to_a = pair.take()
+    assert _kinds(response_to_a) == [2] and pair.b.peer.next is not None
+    pair.b.peer.initiate()  # B knows A's endpoint from the initiation
+    initiation_from_b = pair.take()
+    assert _kinds(initiation_from_b) == [1]
+    pair.deliver(response_to_a)  # A: K1 is current; its keepalive confirms K1
+    held_on_k1 = pair.take()
+    assert _kinds(held_on_k1) == [4]
+    pair.deliver(initiation_from_b)
+    pair.deliver(pair.take())  # A's response: B's own handshake completes (K2)
+    assert pair.b.peer.current.initiator
+    pair.take()  # B's keepalive on K2, not delivered yet
+    packet = _ip_packet(A_IP, B_IP)
+    pair.a.sender.send_packet(packet)  # A has no news of K2 being used: K1
+    pair.deliver(held_on_k1 + pair.take())
+    assert pair.b.delivered == [packet]
+
+
 def test_preshared_key_must_match():
     psk = os.urandom(32)
     pair = Pair(preshared_key=psk)
