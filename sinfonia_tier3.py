@@ -404,6 +404,22 @@ def _deploy_url(tier1_url, uuid, public_key, results):
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
+_IP_LITERAL_CHARACTERS = frozenset("0123456789abcdefABCDEF.:")
+
+
+def _ip_literal(text, parse):
+    """`text` parsed by `parse` (an `ipaddress` function) if it is a bare
+    address with an optional decimal /prefix, else ValueError. `ipaddress`
+    alone would also take an IPv6 zone id (`%` and then anything, a new line
+    included), which would reach wg.conf and resolv.conf as it came."""
+    address, slash, prefix = text.partition("/")
+    if not (address and set(address) <= _IP_LITERAL_CHARACTERS) or (
+        slash and not (prefix.isascii() and prefix.isdigit() and len(prefix) <= 3)
+    ):
+        raise ValueError("not a bare IP address")
+    return parse(text)
+
+
 def _is_domain_name(text):
     """Whether `text` is a syntactically valid DNS name (LDH labels, the
     last one not all digits, so that a bad IPv4 address is no name)."""
@@ -500,11 +516,14 @@ class _Validator:
     def tunnel_config(self, obj, path):
         import ipaddress
 
+        def network(text):  # host bits may be set, as in 10.0.0.2/24
+            return ipaddress.ip_network(text, strict=False)
+
         public_key = self.key(obj, path, "publicKey")
         allowed_ips = []
         for index, text in enumerate(self.member(obj, path, "allowedIPs", list)):
             try:
-                allowed_ips.append(ipaddress.ip_network(text.strip(), strict=False))
+                allowed_ips.append(_ip_literal(text, network))
             except ValueError:
                 self.fail(f"{path}.allowedIPs[{index}]", "not an IP network")
         if not allowed_ips:
@@ -513,7 +532,7 @@ class _Validator:
         addresses = []
         for index, text in enumerate(self.member(obj, path, "address", list)):
             try:
-                addresses.append(ipaddress.ip_interface(text.strip()))
+                addresses.append(_ip_literal(text, ipaddress.ip_interface))
             except ValueError:
                 self.fail(f"{path}.address[{index}]", "not an IP address")
         if not addresses:
@@ -521,7 +540,7 @@ class _Validator:
         nameservers, search_domains = [], []
         for index, text in enumerate(self.member(obj, path, "dns", list)):
             try:
-                nameservers.append(ipaddress.ip_address(text.strip()))
+                nameservers.append(_ip_literal(text, ipaddress.ip_address))
             except ValueError:
                 if not _is_domain_name(text):
                     self.fail(
@@ -547,12 +566,12 @@ class _Validator:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
             try:
-                ipaddress.IPv6Address(host)
+                _ip_literal(host, ipaddress.IPv6Address)
             except ValueError:
                 self.fail(f"{path}.endpoint", "not an IPv6 address in brackets")
             return host, int(port)
         try:
-            ipaddress.IPv4Address(host)
+            _ip_literal(host, ipaddress.IPv4Address)
         except ValueError:
             if not _is_domain_name(host):
                 self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
@@ -587,6 +606,8 @@ def _parse_deployments(body, uuid, client_public_key):
             f"bad response from Tier 1: {problem} ({e.msg}: line {e.lineno} "
             f"column {e.colno})"
         ) from None
+    except ValueError:  # a number of more digits than int() converts
+        raise BadResponseError("bad response from Tier 1: a number too long") from None
     except RecursionError:
         raise BadResponseError(
             "bad response from Tier 1: JSON nested too deeply"
@@ -3867,6 +3888,17 @@ def _segno():
     return segno
 
 
+def _check_android_packages(names):
+    """--qrcode's COMMAND: Android package names (`org.example.app`), which
+    go into the QR code's IncludedApplications line as they are."""
+    import re
+
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*", name):
+            raise UsageError(f"--qrcode: {name!r} is not an Android package name "
+                             "(such as org.example.app)")
+
+
 def _print_qrcode(text, style):
     """`text` as a terminal QR code, `compact` (half blocks) or `alt` (emoji
     squares), as upstream draws it for the WireGuard Android app."""
@@ -3918,6 +3950,7 @@ def _run(
     if qrcode is not None:
         if qrcode not in ("compact", "alt"):
             raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _check_android_packages(command)
         _segno()  # before deploying: the deployment would be wasted
     if not (config_debug or qrcode or as_json):
         choice = _choose_tunnel(tunnel, debug=debug)

@@ -352,6 +352,14 @@ def test_qrcode_decodes_back_to_the_wg_quick_config(cloudlet, key_cache, style, 
     assert decode_qr(parse(result.stdout)) == expected
 
 
+@pytest.mark.parametrize("name", ["org.example.app\nPostUp = x", "org..app", "a b"])
+def test_qrcode_takes_only_android_package_names(cloudlet, name):
+    result = run_cli("--qrcode", "alt", cloudlet.url, "helloworld", "--", name)
+    assert_one_line_failure(result, status=2)
+    assert "not an Android package name" in result.stderr
+    assert not cloudlet.requests, "refused before deploying"
+
+
 def test_qrcode_without_segno_says_how_to_get_it(cloudlet, tmp_path):
     # -S leaves out site-packages, so segno is really not importable.
     result = subprocess.run(

@@ -337,6 +337,18 @@ FIELD_ERRORS = [
     ("TunnelConfig.address", [], f"{TC}.address: empty list"),
     ("TunnelConfig.address", {"a": 1}, f"{TC}.address: expected a list, got object"),
     ("TunnelConfig.address", ["10.0.0.300"], f"{TC}.address[0]: not an IP address"),
+    # ipaddress takes an IPv6 zone id with anything after the %, a new line too
+    (
+        "TunnelConfig.address",
+        ["fe80::2%eth0\nPostUp = touch /tmp/owned"],
+        f"{TC}.address[0]: not an IP address",
+    ),
+    ("TunnelConfig.address", [" 10.0.0.2"], f"{TC}.address[0]: not an IP address"),
+    ("TunnelConfig.address", ["10.0.0.2/24\n"], f"{TC}.address[0]: not an IP address"),
+    ("TunnelConfig.allowedIPs", ["fd00::%x/64"], f"{TC}.allowedIPs[0]: not an IP network"),
+    ("TunnelConfig.allowedIPs", ["10.0.0.0/+8"], f"{TC}.allowedIPs[0]: not an IP network"),
+    ("TunnelConfig.dns", ["fd00::a%\nsearch evil"], f"{TC}.dns[0]: neither"),
+    ("TunnelConfig.endpoint", "[fe80::1%eth0]:51820", f"{TC}.endpoint: not an IPv6"),
     ("TunnelConfig.dns", DELETE, f"{TC}.dns: missing"),
     ("TunnelConfig.dns", [1.5], f"{TC}.dns[0]: expected a string, got number"),
     ("TunnelConfig.dns", ["a b"], f"{TC}.dns[0]: neither an IP address nor a domain"),

@@ -4,6 +4,7 @@ deployments or raises the tool's own BadResponseError, nothing else."""
 import base64
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as s
 
@@ -72,3 +73,133 @@ def test_arbitrary_json_gives_deployments_or_a_bad_response(document):
 @given(s.binary(max_size=200))
 def test_arbitrary_bytes_give_deployments_or_a_bad_response(body):
     check(body)
+
+
+def test_a_number_too_long_for_int_is_a_bad_response():
+    """json turns a 5000-digit number into a ValueError that is no
+    JSONDecodeError (Python's limit on int() conversions)."""
+    with pytest.raises(st.BadResponseError, match="a number too long"):
+        st._parse_deployments(b"[" + b"7" * 5000 + b"]", HELLOWORLD, KEY)
+
+
+# What a server sends never changes what the tool writes ---------------------
+
+# Text that tries to end a line or a value, hide in an IPv6 zone id (which
+# ipaddress accepts with anything after the %), or reach the terminal.
+HOSTILE = [
+    "fe80::1%eth0\nPostUp = touch /tmp/owned",
+    "fd00::1%x", "::1%a b", "10.0.0.1\n", " 10.0.0.1", "10.0.0.0/8\r\nDNS = 1.1.1.1",
+    "10.0.0.1, 10.0.0.2", "a.b\nnameserver 6.6.6.6", "svc.local options",
+    "x\x1b[2Jy", "10.0.0.0/255.0.0.0", "[fe80::1%\n]:51820", "h:1\nEndpoint=x:2",
+    "cloudlet.example:51820 # c", "\u2028", "١٢٣.1.1.1",
+]
+addresses = s.ip_addresses().map(str)
+networks = s.builds(
+    lambda address, bits: f"{address}/{bits % (33 if address.version == 4 else 129)}",
+    s.ip_addresses(), s.integers(0, 128))
+domains = s.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z0-9_]{1,8}){0,3}\.?",
+                       fullmatch=True)
+endpoints = s.one_of(
+    s.builds(lambda a, p: f"{a}:{p}", s.ip_addresses(v=4), s.integers(1, 65535)),
+    s.builds(lambda a, p: f"[{a}]:{p}", s.ip_addresses(v=6), s.integers(1, 65535)),
+    s.builds(lambda d, p: f"{d}:{p}", domains, s.integers(1, 65535)),
+)
+
+
+def maybe_hostile(values):
+    return s.one_of(values, s.sampled_from(HOSTILE), s.text(max_size=20))
+
+
+def string_lists(values):
+    return s.lists(maybe_hostile(values), min_size=1, max_size=4)
+
+
+rendered_documents = s.fixed_dictionaries({
+    "UUID": s.just(HELLOWORLD),
+    "ApplicationKey": s.just(KEY_TEXT),
+    "Status": maybe_hostile(s.just("Deployed")),
+    "DeploymentName": maybe_hostile(domains),
+    "TunnelConfig": s.fixed_dictionaries({
+        "publicKey": s.just(base64.b64encode(bytes(range(1, 33))).decode()),
+        "allowedIPs": string_lists(networks),
+        "endpoint": maybe_hostile(endpoints),
+        "address": string_lists(s.one_of(addresses, networks)),
+        "dns": s.lists(maybe_hostile(s.one_of(addresses, domains)), max_size=5),
+    }),
+})
+
+
+def key_values(text):
+    """wg-quick text back as (section, key, value) triples, every line
+    checked to be one plain-ASCII `[Section]` or `Key = Value`."""
+    section, triples = None, []
+    for line in text.split("\n")[:-1]:
+        assert all(" " <= c <= "~" for c in line), repr(line)
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line:
+            key, sep, value = line.partition(" = ")
+            assert sep and key.isalpha() and "=" not in key, repr(line)
+            triples.append((section, key, value))
+    assert text.endswith("\n")
+    return triples
+
+
+def is_ip(text):
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def expected_networks(texts, parse):
+    return ", ".join(str(parse(text)) for text in texts)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rendered_documents)
+def test_accepted_deployments_render_exactly_their_fields(document):
+    """For any deployment the validator accepts, wg.conf, resolv.conf and the
+    QR code's text parse back line by line to exactly the keys and values
+    that went in; anything else is refused with the tool's one line."""
+    import ipaddress
+
+    try:
+        (deployment,) = st._parse_deployments(json.dumps([document]).encode(),
+                                              HELLOWORLD, KEY)
+    except st.BadResponseError as e:
+        assert "\n" not in str(e)
+        return
+    config, tunnel = deployment.tunnel_config, document["TunnelConfig"]
+    for text in (deployment.status, deployment.deployment_name):
+        assert text.isprintable()
+    keypair = st._KeyPair(bytes(range(32)), KEY)
+    nameservers = [str(ipaddress.ip_address(t)) for t in tunnel["dns"] if is_ip(t)]
+    searches = [t for t in tunnel["dns"] if not is_ip(t)]
+    dns = nameservers + searches
+    host, _, port = tunnel["endpoint"].rpartition(":")
+    interface = [
+        ("Interface", "PrivateKey", base64.b64encode(keypair.private).decode()),
+        ("Interface", "Address", expected_networks(tunnel["address"],
+                                                   ipaddress.ip_interface)),
+    ] + ([("Interface", "DNS", ", ".join(dns))] if dns else [])
+    peer = [
+        ("Peer", "PublicKey", tunnel["publicKey"]),
+        ("Peer", "Endpoint", f"{host}:{int(port)}"),
+        ("Peer", "PersistentKeepalive", str(st._PERSISTENT_KEEPALIVE)),
+        ("Peer", "AllowedIPs", expected_networks(
+            tunnel["allowedIPs"], lambda t: ipaddress.ip_network(t, strict=False))),
+    ]
+    assert key_values(st._render_wg_quick(config, keypair)) == interface + peer
+    assert key_values(st._render_wg_quick(config, keypair, ["org.example.app"])) == (
+        interface + [("Interface", "IncludedApplications", "org.example.app")] + peer)
+
+    resolv = st._render_resolv_conf(config).split("\n")
+    assert resolv.pop() == ""
+    expected = [f"nameserver {n}" for n in nameservers]
+    expected += [f"search {' '.join(searches)}"] if searches else []
+    assert resolv == expected + [f"options ndots:{st._RESOLV_NDOTS}"]
+    assert all(" " <= c <= "~" for line in resolv for c in line)
