@@ -638,10 +638,13 @@ def _error_detail(content_type, body):
 def _read_bounded(response, deadline, clock):
     """The body of `response`: at most _MAX_RESPONSE_BYTES, read in chunks as
     they come so that a dripping body still ends at `deadline`."""
-    length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > _MAX_RESPONSE_BYTES:
+    declared = response.headers.get("Content-Length", "")
+    length = None
+    if declared.isascii() and declared.isdigit():  # int() also takes "²" and "1_0"
+        length = int(declared) if len(declared) <= 18 else 1 << 62  # and refuses 5000 digits
+    if length is not None and length > _MAX_RESPONSE_BYTES:
         raise BadResponseError(
-            f"bad response from Tier 1: a body of {int(length)} bytes, "
+            f"bad response from Tier 1: a body of {_printable(declared, 24)} bytes, "
             f"more than the {_MAX_RESPONSE_BYTES} allowed"
         )
     chunks, size = [], 0
@@ -650,7 +653,7 @@ def _read_bounded(response, deadline, clock):
             raise DeadlineError("Tier 1 was still sending its answer at the deadline")
         chunk = response.read1(16384)
         if not chunk:
-            if length.isdigit() and size < int(length):
+            if length is not None and size < length:
                 raise BadResponseError(
                     f"bad response from Tier 1: body cut short, {size} of {length} bytes"
                 )

@@ -127,6 +127,8 @@ MISBEHAVIOURS = {
     "not-utf8": "200 application/json whose bytes are not UTF-8",
     "huge": "200 with a 2 MiB body and an honest Content-Length",
     "huge-unannounced": "200 streaming 2 MiB without a Content-Length",
+    "long-length": "200 whose Content-Length has 5000 digits",
+    "odd-length": "200 whose Content-Length is a superscript digit, then closing",
     "endless": "200 dripping a byte every 50 ms, never ending",
     "slow-headers": "accept the connection and say nothing",
 }
@@ -323,6 +325,11 @@ class Cloudlet:
             send(200, "application/json", b'["\xff\xfe\xfa"]')
         elif name == "huge":
             send(200, "application/json", b"[" + b" " * (2 << 20) + b"]")
+        elif name == "long-length":
+            send(200, "application/json", good_body, length="9" * 5000)
+        elif name == "odd-length":
+            handler.close_connection = True
+            send(200, "application/json", good_body, length="\u00b2")
         elif name == "huge-unannounced":
             handler.send_response(200)
             handler.send_header("Content-Type", "application/json")

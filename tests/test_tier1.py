@@ -133,6 +133,9 @@ EXPECTED_FAILURES = {
     "not-utf8": (st.BadResponseError, "body is not UTF-8"),
     "huge": (st.BadResponseError, "more than the 1048576 allowed"),
     "huge-unannounced": (st.BadResponseError, "body larger than 1048576 bytes"),
+    "long-length": (st.BadResponseError, "more than the 1048576 allowed"),
+    # http.client reads to the end when int() refuses the length: a good answer
+    "odd-length": (None, None),
     "endless": (st.DeadlineError, "within 1.5 s"),
     "slow-headers": (st.DeadlineError, "within 1.5 s"),
 }
@@ -146,6 +149,9 @@ def test_every_misbehaviour_has_an_expected_failure():
 def test_hostile_server_gives_one_short_line(cloudlet, misbehaviour):
     error_class, message = EXPECTED_FAILURES[misbehaviour]
     cloudlet.misbehaviour = misbehaviour
+    if error_class is None:
+        assert st.deploy(cloudlet.url, "helloworld", timeout=1.5)
+        return
     started = time.monotonic()
     with pytest.raises(st.SinfoniaError) as caught:
         st.deploy(cloudlet.url, "helloworld", timeout=1.5)
