@@ -219,16 +219,32 @@ def _nacl_only_path(scratch):
 
 
 def _installed_script(scratch):
-    # Built offline from a copy of the project (needs setuptools and wheel).
+    # A wheel built offline from a copy of the project, by this interpreter
+    # (whose setuptools .ci/run provides: the new venv's base may have none
+    # that builds wheels), then installed into a new venv.
     project = os.path.join(scratch, "project")
     os.mkdir(project)
     for name in ("sinfonia_tier3.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(os.path.join(REPO, name), project)
+    dist = os.path.join(scratch, "dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--no-index", "--wheel-dir", dist, project],
+                   check=True, capture_output=True, timeout=300)
     environment = os.path.join(scratch, "venv")
-    venv.create(environment, system_site_packages=True, with_pip=False)
+    venv.create(environment, with_pip=False)
     python = os.path.join(environment, "bin", "python")
-    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install",
-                    "--quiet", "--no-deps", "--no-build-isolation", "--no-index", project],
+    # pynacl and pyroute2 from where this interpreter has them, not its base's.
+    import nacl
+    import pyroute2
+
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "dependencies.pth"), "w") as f:
+        for module in (nacl, pyroute2):
+            f.write(os.path.dirname(os.path.dirname(module.__file__)) + "\n")
+    (wheel,) = os.listdir(dist)
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
+                    "--no-deps", "--no-index", os.path.join(dist, wheel)],
                    check=True, capture_output=True, timeout=300)
     return [os.path.join(environment, "bin", "sinfonia-tier3")], {}
 
