@@ -3405,10 +3405,15 @@ def _parse_kernel_link_request(data):
     try:
         request = json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys,
                              parse_constant=lambda name: refuse(f"{name} is not allowed"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError):  # a number of 5000 digits too
         refuse("not a JSON object")
+    except RecursionError:
+        refuse("nested too deeply")
     if type(request) is not dict or set(request) != set(_KERNEL_LINK_FIELDS):
         refuse("expected exactly the keys " + ", ".join(_KERNEL_LINK_FIELDS))
+    if type(request["listen_port"]) is not int or request["listen_port"] != 0:
+        # A chosen port would be bound as root in the caller's namespace.
+        refuse("listen_port must be 0: the kernel picks the port")
 
     def key(name):
         text = request[name]
@@ -3564,35 +3569,95 @@ def _read_proc_file(name, dir_fd):
         os.close(fd)
 
 
+def _changeable_by_others(path):
+    """Why someone other than root could change what `path` names, or None.
+
+    The path and every directory above it must be owned by root and writable
+    by no group or other, both as written and with its symlinks resolved. A
+    missing path is what its directory allows (whoever may write there may
+    create it); a sticky directory such as /tmp is fine above an entry that
+    exists, since only root may then rename or remove that root-owned entry.
+    """
+    import stat
+
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        current, below_exists = start, False
+        while True:
+            try:
+                info = os.lstat(current)
+            except OSError:
+                below_exists = False
+            else:
+                if not stat.S_ISLNK(info.st_mode):  # replaced only by its directory's owner
+                    if info.st_uid != 0:
+                        return f"{current} is owned by uid {info.st_uid}, not root"
+                    if info.st_mode & 0o022 and not (below_exists and
+                                                      info.st_mode & stat.S_ISVTX):
+                        return f"{current} is writable by others than root"
+                below_exists = True
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+    return None
+
+
+def _check_root_owned_code():
+    """Refuse to run as root from code that anyone but root could change: this
+    file (or the zipapp holding it), the interpreter, and every directory
+    Python imports from (a virtualenv in a user's home is one, `-I` or not)."""
+    paths = [_this_program(), sys.executable]
+    paths += [os.path.abspath(entry) for entry in sys.path]  # "" is the current directory
+    for path in paths:
+        why = _changeable_by_others(path)
+        if why is not None:
+            raise TunnelError(
+                f"root helper: refusing to run code others could change: {why}; "
+                "install sinfonia-tier3, Python, pynacl and pyroute2 root-owned (the "
+                "distribution's packages, or under /usr/local/lib) and name that "
+                "python3 -I in the sudoers rule")
+
+
 def _root_helper_main(args, stdin):
     """`--root-helper PID IFNAME`, run as root by sudo: create, configure and
     move one kernel WireGuard link into the invoking user's namespace.
 
     Everything is untrusted: the arguments, SUDO_UID and the configuration on
-    `stdin`. Returns the exit status; every refusal is one line on stderr.
+    `stdin`. Returns the exit status; every refusal is one line on stderr, and
+    so is anything unforeseen: root never prints a traceback.
     """
     try:
-        if os.geteuid() != 0:
-            raise TunnelError("root helper: must run as root (through sudo)")
-        sudo_uid = os.environ.get("SUDO_UID", "")
-        if not sudo_uid.isdigit() or not sudo_uid.isascii():
-            raise TunnelError("root helper: SUDO_UID is missing; run it through sudo")
-        if len(args) != 2:
-            raise TunnelError("root helper: usage: --root-helper PID IFNAME")
-        pid_text, ifname = args
-        if not (pid_text.isascii() and pid_text.isdigit() and 0 < len(pid_text) < 8
-                and int(pid_text) > 1):
-            raise TunnelError(f"root helper: invalid PID {pid_text!r}")
-        _check_interface_name(ifname)
-        spec = _parse_kernel_link_request(stdin.read(_ROOT_HELPER_MAX_REQUEST + 1))
-        netns_fd = _open_caller_netns(int(pid_text), int(sudo_uid))
-        try:
-            _create_kernel_link(ifname, spec, netns_fd)
-        finally:
-            os.close(netns_fd)
+        return _root_helper(args, stdin)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         return e.exit_status
+    except BaseException as e:  # noqa: BLE001 - one line, whatever happened
+        print(f"sinfonia-tier3: root helper failed: {type(e).__name__}: "
+              f"{_printable(e)}", file=sys.stderr)
+        return 125
+
+
+def _root_helper(args, stdin):
+    """The root helper's one job; raises SinfoniaError for every refusal."""
+    if os.geteuid() != 0:
+        raise TunnelError("root helper: must run as root (through sudo)")
+    _check_root_owned_code()
+    sudo_uid = os.environ.get("SUDO_UID", "")
+    if not (sudo_uid.isascii() and sudo_uid.isdigit() and len(sudo_uid) <= 10):
+        raise TunnelError("root helper: SUDO_UID is missing; run it through sudo")
+    if len(args) != 2:
+        raise TunnelError("root helper: usage: --root-helper PID IFNAME")
+    pid_text, ifname = args
+    if not (pid_text.isascii() and pid_text.isdigit() and 0 < len(pid_text) < 8
+            and int(pid_text) > 1):
+        raise TunnelError(f"root helper: invalid PID {pid_text!r}")
+    _check_interface_name(ifname)
+    spec = _parse_kernel_link_request(stdin.read(_ROOT_HELPER_MAX_REQUEST + 1))
+    netns_fd = _open_caller_netns(int(pid_text), int(sudo_uid))
+    try:
+        _create_kernel_link(ifname, spec, netns_fd)
+    finally:
+        os.close(netns_fd)
     return 0
 
 
@@ -3608,8 +3673,10 @@ def _this_program():
 
 
 def _root_helper_command(pid, ifname, *, interactive=False):
-    """The sudo command line that runs the root helper for `pid` and `ifname`."""
-    return ["sudo", *(() if interactive else ("-n",)), "--", sys.executable,
+    """The sudo command line that runs the root helper for `pid` and `ifname`:
+    Python isolated (-I), so that nothing beside the file, on PYTHONPATH or in
+    the user's site-packages is imported as root."""
+    return ["sudo", *(() if interactive else ("-n",)), "--", sys.executable, "-I",
             _this_program(), _ROOT_HELPER_FLAG, str(pid), ifname]
 
 

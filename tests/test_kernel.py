@@ -272,9 +272,11 @@ def _request_with(**changes):
     ({"private_key": "*" * 43 + "="}, "not valid base64"),
     ({"private_key": _b64(bytes(32))}, "all zeros"),
     ({"peer_public_key": 5}, "44 characters"),
-    ({"listen_port": 70000}, "listen port"),
-    ({"listen_port": "51820"}, "listen port"),
-    ({"listen_port": True}, "listen port"),
+    ({"listen_port": 51820}, "listen_port must be 0"),
+    ({"listen_port": 70000}, "listen_port must be 0"),
+    ({"listen_port": "0"}, "listen_port must be 0"),
+    ({"listen_port": False}, "listen_port must be 0"),
+    ({"listen_port": 0.0}, "listen_port must be 0"),
     ({"persistent_keepalive": -1}, "persistent keepalive"),
     ({"persistent_keepalive": 2.5}, "persistent keepalive"),
     ({"endpoint": ["cloudlet.example", 51820]}, "literal"),
@@ -360,6 +362,123 @@ def _assert_refused(result, complaint):
     assert complaint in stderr, stderr
 
 
+# The helper runs only root's code ###############################################
+
+#: Imported by the helper once it reads its request; planted beside a copy of
+#: the module (or on PYTHONPATH), it leaves a mark when root imports it.
+PLANTED_JSON = """
+import pathlib, sys
+pathlib.Path(sys.argv[0]).with_name("imported-as-root").write_text("yes")
+raise SystemExit("planted json imported")
+"""
+
+
+def _copy_module(directory):
+    import shutil
+    directory.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(MODULE_FILE, directory / "sinfonia_tier3.py"))
+
+
+def _run_copy(python_argv, env=None):
+    """Run the helper as `python_argv` names it, as root, for pid 2 (a kernel
+    thread in the helper's own namespace, refused once the request is read)."""
+    return subprocess.run(
+        [*python_argv, "--root-helper", "2", "wgok"], input=_request_with(),
+        env={"PATH": os.environ["PATH"], "SUDO_UID": "0", **(env or {})},
+        capture_output=True, timeout=60, check=False)
+
+
+@host_side
+@needs_root
+def test_helper_refuses_a_copy_the_caller_owns(tmp_path):
+    copy = _copy_module(tmp_path / "caller")
+    os.chown(copy, CALLER_UID, CALLER_UID)
+    result = _run_copy([sys.executable, "-I", str(copy)])
+    _assert_refused(result, f"{copy} is owned by uid {CALLER_UID}, not root")
+    assert "/usr/local/lib" in result.stderr.decode()
+
+
+@host_side
+@needs_root
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_helper_refuses_a_copy_in_a_directory_others_may_write(tmp_path, mode):
+    copy = _copy_module(tmp_path / "open")
+    os.chmod(copy.parent, mode)
+    _assert_refused(_run_copy([sys.executable, "-I", str(copy)]),
+                    f"{copy.parent} is writable by others than root")
+
+
+@host_side
+@needs_root
+def test_helper_refuses_a_virtualenv_the_caller_owns(tmp_path):
+    """A virtualenv in a user's home: its site-packages is on the import path
+    whatever -I says, so the helper refuses it (and names it)."""
+    copy = _copy_module(tmp_path / "root-owned")
+    venv = tmp_path / "home" / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(["chown", "-R", f"{CALLER_UID}:{CALLER_UID}", str(tmp_path / "home")],
+                   check=True)
+    result = _run_copy([str(venv / "bin" / "python"), "-I", str(copy)])
+    _assert_refused(result, f"{venv}/")
+    assert "owned by uid 4242" in result.stderr.decode()
+
+
+@host_side
+@needs_root
+def test_helper_accepts_a_root_owned_file_in_a_sticky_directory(tmp_path):
+    """A sticky directory (as /tmp) above a root-owned file is fine: only root
+    may rename or remove what root owns there. The helper goes on to judge
+    the process."""
+    copy = _copy_module(tmp_path / "sticky")
+    os.chmod(copy.parent, 0o1777)
+    _assert_refused(_run_copy([sys.executable, "-I", str(copy)]), "own network namespace")
+
+
+@host_side
+@needs_root
+def test_a_module_planted_beside_the_file_or_on_pythonpath_is_never_imported(tmp_path):
+    copy = _copy_module(tmp_path / "app")
+    (copy.parent / "json.py").write_text(PLANTED_JSON)
+    planted_path = tmp_path / "pythonpath"
+    planted_path.mkdir()
+    (planted_path / "json.py").write_text(PLANTED_JSON)
+    mark = copy.parent / "imported-as-root"
+    # The control: without -I the planted module is imported, so the test can fail.
+    _run_copy([sys.executable, str(copy)])
+    assert mark.read_text() == "yes"
+    mark.unlink()
+    # The tool's own command line, as sudo would run it (with sudo, too).
+    spec = importlib.util.spec_from_file_location("planted_copy", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    command = module._root_helper_command(2, "wgok")
+    python_argv = command[command.index("--") + 1:command.index("--root-helper")]
+    assert python_argv == [sys.executable, "-I", str(copy)]
+    result = _run_copy(python_argv, env={"PYTHONPATH": str(planted_path),
+                                         "PYTHONSTARTUP": str(planted_path / "json.py")})
+    _assert_refused(result, "own network namespace")
+    assert not mark.exists()
+    sudo = subprocess.run(command, input=_request_with(), capture_output=True, timeout=60,
+                          env={"PATH": os.environ["PATH"],
+                               "PYTHONPATH": str(planted_path)}, check=False)
+    if b"sudo" in sudo.stderr and b"sinfonia-tier3" not in sudo.stderr:
+        pytest.fail(f"sudo as root did not run the helper: {sudo.stderr.decode()}")
+    _assert_refused(sudo, "own network namespace")
+    assert not mark.exists()
+
+
+@host_side
+@needs_root
+@pytest.mark.parametrize("request_bytes", [
+    b"[" * 16000, b'{"listen_port": ' + b"9" * 5000 + b"}", b'"\\ud800"', b"\x00",
+    b'{"endpoint": 1e999}',
+])
+def test_helper_answers_any_request_with_one_line(request_bytes):
+    result = _run_helper(["2", "wgok"], request_bytes)
+    assert b"Traceback" not in result.stderr
+    _assert_refused(result, "invalid kernel WireGuard configuration")
+
+
 # The sudo path, as an unprivileged user ########################################
 
 SUDO_USER = "st3-vm-caller"
@@ -395,7 +514,8 @@ def sudo_user(python_for_users):
     for name in (SUDO_USER, SUDO_USER + "-x"):
         subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name],
                        check=True)
-    rule = f"{SUDO_USER} ALL=(root) NOPASSWD: {sys.executable} {MODULE_FILE} --root-helper *\n"
+    rule = (f"{SUDO_USER} ALL=(root) NOPASSWD: {sys.executable} -I {MODULE_FILE} "
+            "--root-helper *\n")
     Path("/etc/sudoers.d/sinfonia-tier3-test").write_text(rule)
     os.chmod("/etc/sudoers.d/sinfonia-tier3-test", 0o440)
     return pwd.getpwnam(SUDO_USER).pw_uid, pwd.getpwnam(SUDO_USER + "-x").pw_uid
@@ -704,7 +824,8 @@ def _helper_command_from(path_entry, module_name):
 
 
 def _assert_reexec_reaches_helper(command, program):
-    assert command[:3] == ["sudo", "-n", "--"] and command[4] == str(program), command
+    assert command[:3] == ["sudo", "-n", "--"] and command[4:6] == ["-I", str(program)], \
+        command
     # Run what sudo would run, minus sudo: the helper answers, so the entry
     # point works from there.
     result = subprocess.run(command[3:-1] + ["bad/name"], input=_request_with(),

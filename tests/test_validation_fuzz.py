@@ -2,6 +2,7 @@
 deployments or raises the tool's own BadResponseError, nothing else."""
 
 import base64
+import os
 import json
 
 import pytest
@@ -203,3 +204,62 @@ def test_accepted_deployments_render_exactly_their_fields(document):
     expected += [f"search {' '.join(searches)}"] if searches else []
     assert resolv == expected + [f"options ndots:{st._RESOLV_NDOTS}"]
     assert all(" " <= c <= "~" for line in resolv for c in line)
+
+
+# The root helper's request, as anyone who may run it can write it -----------
+
+REQUEST_FIELDS = ("private_key", "peer_public_key", "endpoint", "listen_port",
+                  "allowed_ips", "persistent_keepalive")
+big_numbers = s.one_of(s.integers(), s.integers(min_value=10**30, max_value=10**300),
+                       s.floats(allow_nan=True, allow_infinity=True))
+request_values = s.recursive(
+    s.none() | s.booleans() | big_numbers | s.text(max_size=50)
+    | s.sampled_from([KEY_TEXT, "192.0.2.1", "10.0.0.0/8", "fe80::1%x/64", 0, 51820]),
+    lambda children: s.lists(children, max_size=4)
+    | s.dictionaries(s.text(max_size=8), children, max_size=3),
+    max_leaves=12,
+)
+requests = s.fixed_dictionaries({}, optional=dict.fromkeys(REQUEST_FIELDS, request_values))
+raw_requests = s.one_of(
+    requests.map(lambda r: json.dumps(r).encode()),
+    s.binary(max_size=300),
+    s.integers(1, 20000).map(lambda depth: b"[" * depth + b"]" * depth),
+    s.integers(4000, 8000).map(lambda digits: b'{"listen_port": ' + b"9" * digits + b"}"),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_requests)
+def test_root_helper_request_parser_refuses_in_one_line(data):
+    try:
+        spec = st._parse_kernel_link_request(data)
+    except st.TunnelError as e:
+        assert "\n" not in str(e)
+        assert str(e).startswith("invalid kernel WireGuard configuration: ")
+    else:
+        assert spec.listen_port == 0 and len(spec.private_key) == 32
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root helper refuses anyone but root")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_requests, s.lists(s.text(max_size=12), max_size=3))
+def test_root_helper_answers_anything_with_one_line(data, args):
+    """In process, as root: whatever the arguments and the request, one line
+    on stderr and a failure status (pid 2 is never the caller's)."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    saved = os.environ.get("SUDO_UID")
+    os.environ["SUDO_UID"] = "4242"
+    try:
+        with contextlib.redirect_stderr(stderr):
+            status = st._root_helper_main(["2", "wgok"] if not args else args,
+                                          io.BytesIO(data))
+    finally:
+        if saved is None:
+            del os.environ["SUDO_UID"]
+        else:
+            os.environ["SUDO_UID"] = saved
+    assert status != 0
+    assert stderr.getvalue().count("\n") == 1 and "Traceback" not in stderr.getvalue()
