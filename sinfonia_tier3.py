@@ -2463,7 +2463,7 @@ def _resolve_endpoint(sock, endpoint):
 #        |      and resolv.conf, then execs a minimal Python that waits for init
 #        `- init: PID 1 of the new PID namespace; mounts /proc, reaps orphans,
 #            |    passes signals on
-#            `- application (exec'd as the caller, without capabilities)
+#            `- application (exec'd as the caller, with no capability left)
 #
 # Tool and namespace talk over a SOCK_SEQPACKET pair: JSON messages, and the
 # TUN descriptor as SCM_RIGHTS. Each child dies with its parent
@@ -2477,6 +2477,12 @@ _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_SECUREBITS = 28
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_SECBIT_NOROOT, _SECBIT_NOROOT_LOCKED = 0x1, 0x2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MS_NOEXEC = 0x8
@@ -2903,6 +2909,27 @@ def _serve_as_init(channel, start):
                         return _exit_status(status)
 
 
+def _drop_capabilities():
+    """Leave the application no capability, now or after any exec: none
+    effective, permitted, inheritable or ambient, an empty bounding set, uid 0
+    no longer special (SECBIT_NOROOT, locked) and no_new_privs. A user's
+    application would lose its user namespace's capabilities at exec anyway;
+    root's, which has no user namespace, would otherwise keep all of them and
+    could leave its network namespace (by unmounting its /proc, say)."""
+    import ctypes
+
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for capability in range(last + 1):
+        _libc_call("prctl", _PR_CAPBSET_DROP, capability, 0, 0, 0)
+    _libc_call("prctl", _PR_SET_SECUREBITS, _SECBIT_NOROOT | _SECBIT_NOROOT_LOCKED,
+               0, 0, 0)
+    _libc_call("prctl", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    _libc_call("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    header = struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    _libc_call("capset", ctypes.c_char_p(header), ctypes.create_string_buffer(24))
+
+
 def _exec_application(channel, command, env, terminal):
     """In the application's own process: take the terminal when the tool had
     it, restore default signal handling, exec. Never returns."""
@@ -2924,6 +2951,11 @@ def _exec_application(channel, command, env, terminal):
         if program is None:
             status, message = 127, f"{name}: command not found"
         else:
+            try:
+                _drop_capabilities()
+            except OSError as e:
+                raise TunnelError(f"cannot drop the application's capabilities: "
+                                  f"{e.strerror}") from None
             try:
                 os.execve(program, command, env)
             except (FileNotFoundError, NotADirectoryError):
