@@ -240,8 +240,7 @@ def _installed_script(scratch):
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
     with open(os.path.join(site, "dependencies.pth"), "w") as f:
-        for module in (nacl, pyroute2):
-            f.write(os.path.dirname(os.path.dirname(module.__file__)) + "\n")
+        f.writelines(f"{os.path.dirname(os.path.dirname(m.__file__))}\n" for m in (nacl, pyroute2))
     (wheel,) = os.listdir(dist)
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
                     "--no-deps", "--no-index", os.path.join(dist, wheel)],

@@ -1,9 +1,11 @@
-"""Property test: whatever JSON a server sends, the validator either returns
-deployments or raises the tool's own BadResponseError, nothing else."""
+"""Property tests of what comes from outside: whatever JSON a server sends,
+the validator returns deployments or raises the tool's own BadResponseError,
+and what it accepts renders to exactly its fields; whatever the root helper
+is fed, it answers with one line."""
 
 import base64
-import os
 import json
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
