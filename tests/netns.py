@@ -59,7 +59,7 @@ _WG_RUN_DIR = "/var/run/wireguard"
 
 #: The Debian package of each program the tests and benchmarks check for
 #: (sh, sleep, env... of the Essential coreutils, dash and bash are not
-#: checked); .ci/run installs them all.
+#: checked); .ci/run installs them all, and .ci/programs.md lists every program.
 DEBIAN_PACKAGES = {
     "curl": "curl",
     "ip": "iproute2",
