@@ -12,7 +12,9 @@ namespaces made here.
             wg_b.set_peer(wg_a.public_key, endpoint=wg_a.endpoint, allowed_ips=["10.99.0.1/32"])
             exchange(b, "10.99.0.2", a, 50 << 20)
 
-Needs root, `ip` (iproute2) and, for WireguardGo, `wireguard-go` and `wg`.
+Needs root, `ip` (iproute2) and, for WireguardGo, `wireguard-go` and `wg`
+(wireguard-tools); without one, a test fails naming its Debian package
+(`require_programs`).
 """
 
 import base64
@@ -29,6 +31,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -41,9 +44,11 @@ __all__ = [
     "WireguardGo",
     "exchange",
     "generate_keypair",
+    "missing_programs",
     "missing_requirements",
     "move_link",
     "pattern_sha256",
+    "require_programs",
     "unique_name",
     "veth_pair",
 ]
@@ -52,13 +57,56 @@ _CLONE_NEWNET = 0x40000000
 _WG_RUN_DIR = "/var/run/wireguard"
 
 
-def missing_requirements(*programs):
-    """Why the caller cannot run here ('' when it can): root and `programs`."""
+#: The Debian package of each program the tests and benchmarks check for
+#: (sh, sleep, env... of the Essential coreutils, dash and bash are not
+#: checked); .ci/run installs them all, and .ci/programs.md lists every program.
+DEBIAN_PACKAGES = {
+    "curl": "curl",
+    "ip": "iproute2",
+    "iperf3": "iperf3",
+    "mount": "mount",
+    "nsenter": "util-linux",
+    "openssl": "openssl",
+    "setpriv": "util-linux",
+    "ss": "iproute2",
+    "sudo": "sudo",
+    "unshare": "util-linux",
+    "useradd": "passwd",
+    "wg": "wireguard-tools",
+    "wg-quick": "wireguard-tools",
+    "wireguard-go": "wireguard-go",
+}
+
+
+def missing_programs(*programs):
+    """'' when every one of `programs` is on PATH, else one line naming the
+    first that is not and its Debian package."""
+    for program in programs:
+        if shutil.which(program) is None:
+            package = DEBIAN_PACKAGES.get(program, "unknown: add it to DEBIAN_PACKAGES")
+            return f"{program} not found (Debian package {package})"
+    return ""
+
+
+def require_programs(*programs):
+    """Stop unless all of `programs` are on PATH, with that one line: a test
+    fails with it (an absent program is a broken set-up, not a reason to
+    skip), a script such as a benchmark exits with it."""
+    missing = missing_programs(*programs)
+    if not missing:
+        return
+    if "pytest" in sys.modules:
+        import pytest
+
+        pytest.fail(missing, pytrace=False)
+    raise SystemExit(f"{os.path.basename(sys.argv[0]).removesuffix('.py')}: {missing}")
+
+
+def missing_requirements():
+    """Why the caller cannot run here ('' when it can): root and /dev/net/tun.
+    (Programs are not a reason: see `require_programs`.)"""
     if os.geteuid() != 0:
         return "needs root (network namespaces, TUN devices)"
-    for program in ("ip",) + programs:
-        if shutil.which(program) is None:
-            return f"needs `{program}` on PATH"
     if not os.path.exists("/dev/net/tun"):
         return "needs /dev/net/tun"
     return ""
@@ -190,6 +238,7 @@ class Namespace:
     """
 
     def __init__(self, prefix="st3t"):
+        require_programs("ip")
         self.name = unique_name(prefix)
         self.path = f"/var/run/netns/{self.name}"
         self._processes = []
@@ -346,6 +395,7 @@ class WireguardGo:
         """Launch the process and apply the kept configuration."""
         import tempfile
 
+        require_programs("wireguard-go", "wg")
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as self
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL=self._log_level)
         self._process = subprocess.Popen(

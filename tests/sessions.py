@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from netns import require_programs
+
 USER = "sinfonia-test"
 TUN = "/dev/net/tun"
 SCRATCH_PREFIX = "sinfonia-test-"  # the user's scratch directories in /tmp
@@ -56,8 +58,6 @@ def missing_root():
     """Why unprivileged runs cannot be arranged here ('' when they can)."""
     if os.geteuid() != 0:
         return "needs root to switch to the test user and open /dev/net/tun to it"
-    if shutil.which("setpriv") is None:
-        return "needs setpriv (util-linux)"
     return ""
 
 
@@ -66,6 +66,7 @@ def user_ids():
     try:
         entry = pwd.getpwnam(USER)
     except KeyError:
+        require_programs("useradd")
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
              "--shell", "/bin/sh", USER],
@@ -77,6 +78,7 @@ def user_ids():
 
 def as_user(argv):
     """`argv` run as the test user, with no supplementary groups."""
+    require_programs("setpriv")
     uid, gid = user_ids()
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *argv]
 

@@ -15,6 +15,7 @@ import uuid
 import pytest
 from cloudlet import HELLOWORLD
 from conftest import ROOT, run_cli
+from netns import require_programs
 
 import sinfonia_tier3 as st
 
@@ -248,11 +249,9 @@ def wg_showconf_after_setconf(conf_path):
 
 @pytest.mark.interop
 def test_config_debug_wg_conf_loads_into_wireguard_go(cloudlet, key_cache, tmp_path):
-    missing = [
-        t for t in ("wg", "wg-quick", "wireguard-go", "unshare") if not shutil.which(t)
-    ]
-    if missing or os.geteuid() != 0:
-        pytest.skip(f"needs root and {', '.join(missing) or 'nothing else'}")
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    require_programs("wg", "wg-quick", "wireguard-go", "unshare")
     assert (
         run_cli("--config-debug", cloudlet.url, "helloworld", cwd=tmp_path).returncode
         == 0

@@ -18,6 +18,7 @@ import zipapp
 import cloudlet
 import pytest
 import sessions
+from netns import require_programs
 
 pytestmark = pytest.mark.e2e
 
@@ -25,10 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "sinfonia_tier3.py")
 GREETING = re.compile(
     r"Hello from the sinfonia test cloudlet!\nYour tunnel address is (10\.44\.\d+\.\d+)\.\n")
-CURL = ["curl", "-sS", "--max-time", "10", "http://helloworld/"]
 
-if sessions.missing_root() or shutil.which("curl") is None:
-    pytest.skip(sessions.missing_root() or "needs curl", allow_module_level=True)
+if sessions.missing_root():
+    pytest.skip(sessions.missing_root(), allow_module_level=True)
+
+
+@pytest.fixture
+def curl():
+    """The application that fetches the page through the tunnel."""
+    require_programs("curl")
+    return ["curl", "-sS", "--max-time", "10", "http://helloworld/"]
 
 
 def wireguard_go_missing():
@@ -95,11 +102,11 @@ class Tool:
         return process.returncode, stdout, stderr
 
 
-def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool):
+def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool, curl):
     code, stdout, stderr = tool.run(
         cloudlet_url, "--", "sh", "-c",
         '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL '
-        '$SINFONIA_DEPLOYMENT"', "-", *CURL)
+        '$SINFONIA_DEPLOYMENT"', "-", *curl)
     assert code == 0, stderr
     page = GREETING.match(stdout)
     assert page, stdout
@@ -158,10 +165,10 @@ def test_a_dead_endpoint_fails_before_the_application_starts(tool):
     assert not os.path.exists(marker)
 
 
-def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
+def test_ten_sessions_at_once_each_through_its_own_tunnel(tool, curl):
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
-        processes = [tool.start(api.url, "--", *CURL, cache=f"cache{i}") for i in range(10)]
+        processes = [tool.start(api.url, "--", *curl, cache=f"cache{i}") for i in range(10)]
         pids = []
         try:
             for process in processes:
@@ -181,7 +188,7 @@ def test_ten_sessions_at_once_each_through_its_own_tunnel(tool):
 
 
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
-def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell):
+def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell, curl):
     # bash reads /etc/bash.bashrc, which sets a prompt of its own.
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
@@ -191,7 +198,7 @@ def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell):
                            ("XDG_CACHE_HOME", "HOME", "SHELL", "PATH", "TERM") if name in env),
             *tool.argv(api.url),
         ], [
-            ("sinfonia$ ", "curl -sS --max-time 10 http://helloworld/\n"),
+            ("sinfonia$ ", " ".join(curl) + "\n"),
             ("tunnel address is", "sleep 30\n"),
             ("sleep 30", "\x03"),  # Ctrl-C ends the sleep, not the shell
             ("sinfonia$ ", "echo still here\n"),
@@ -282,13 +289,13 @@ def _zipapp(scratch):
 
 @pytest.mark.parametrize("way", [_installed_script, _python_m, _vendored, _zipapp],
                          ids=["installed-script", "python-m", "vendored", "zipapp"])
-def test_every_way_of_running_it_gets_the_page(way, tmp_path):
+def test_every_way_of_running_it_gets_the_page(way, tmp_path, curl):
     scratch = str(tmp_path)
     argv, env = way(scratch)
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
         result = subprocess.run(
-            [*argv, api.url, "helloworld", "--", "sh", "-c", '"$@"; exit 7', "sh", *CURL],
+            [*argv, api.url, "helloworld", "--", "sh", "-c", '"$@"; exit 7', "sh", *curl],
             env=dict(os.environ, **env), cwd=scratch, capture_output=True, text=True,
             timeout=60, check=False,
         )

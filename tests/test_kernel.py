@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from netns import missing_programs, require_programs
 
 import sinfonia_tier3 as st3
 
@@ -53,6 +54,8 @@ def _kernel_wireguard_missing():
     """Why kernel WireGuard links cannot be made here, or None if they can."""
     if os.geteuid() != 0:
         return "not root"
+    if missing_programs("ip"):
+        return missing_programs("ip")
     name = f"wgprobe{uuid.uuid4().hex[:6]}"
     result = subprocess.run(["ip", "link", "add", name, "type", "wireguard"],
                             capture_output=True, text=True, check=False)
@@ -92,7 +95,7 @@ def _ensure_pyroute2_debian():
 def test_tests_pass_inside_guest():
     why_not = vm.qemu_available()
     if why_not:
-        pytest.skip(f"cannot boot the kernel test VM: {why_not}")
+        pytest.fail(f"cannot boot the kernel test VM: {why_not}", pytrace=False)
     _ensure_pyroute2_debian()
     result = subprocess.run(
         [sys.executable, str(REPO / "tests/vm/run.py"), "--",
@@ -137,6 +140,7 @@ class _NetnsHolder:
     """A process as `uid`, in a new user+network namespace when `own_netns`."""
 
     def __init__(self, uid, *, new_namespaces=True, root_netns=False):
+        require_programs("unshare", "setpriv")
         if root_netns:       # network namespace made by root, then drop to uid
             argv = ["unshare", "-n", "setpriv", f"--reuid={uid}", f"--regid={uid}",
                     "--clear-groups"]
@@ -153,6 +157,7 @@ class _NetnsHolder:
 
     def run(self, *argv):
         """Run `argv` as root in this process's network namespace."""
+        require_programs("nsenter", argv[0])
         return subprocess.run(["nsenter", "-t", str(self.pid), "-n", *argv],
                               capture_output=True, text=True, check=False)
 
@@ -186,11 +191,13 @@ def _run_helper(args, request, *, sudo_uid=CALLER_UID, pythonpath=None):
 
 
 def _link_exists(name):
+    require_programs("ip")
     return subprocess.run(["ip", "link", "show", name], capture_output=True,
                           check=False).returncode == 0
 
 
 def _udp_ports():
+    require_programs("ss")
     out = subprocess.run(["ss", "-Hnlu"], capture_output=True, text=True,
                          check=True).stdout
     return {line.split()[3].rsplit(":", 1)[1] for line in out.splitlines()}
@@ -511,6 +518,7 @@ def sudo_user(python_for_users):
     """A user who may run the root helper through sudo without a password,
     and one who may not (guest only: this changes /etc)."""
     import pwd
+    require_programs("useradd", "sudo")
     for name in (SUDO_USER, SUDO_USER + "-x"):
         subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name],
                        check=True)
@@ -581,6 +589,7 @@ class _KernelPeer:
         self.name = f"st3k{uuid.uuid4().hex[:8]}"
         self.namespace = namespace
         spec = st3._kernel_link_spec(private_key, peer_public_key, **settings)
+        require_programs("wg")
         netns_fd = os.open(namespace.path, os.O_RDONLY)
         try:
             st3._create_kernel_link(self.name, spec, netns_fd)
@@ -668,12 +677,14 @@ def _kernel_session(url, *command, tmp_path, pythonpath=None):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
+    require_programs(command[0])
     return subprocess.run(
         [sys.executable, "-c", KERNEL_SESSION, str(REPO), url, *command],
         env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _st3_links():
+    require_programs("ip")
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
                          check=True).stdout
     return [line.split(":")[1].strip() for line in out.splitlines()
@@ -723,6 +734,7 @@ def test_kernel_backend_through_sudo_as_a_user(sudo_user, cloudlet_url):
 
 
 def _kernel_session_as(uid, home, cloudlet_url):
+    require_programs("curl")
     return subprocess.run(
         [sys.executable, "-c", KERNEL_SESSION, str(REPO), cloudlet_url,
          "curl", "-sS", "--max-time", "20", "http://helloworld/"],
@@ -904,6 +916,7 @@ def test_auto_turns_to_sudo_when_the_userspace_tunnel_fails_at_run_time(cloudlet
 
     if sessions.missing_root():
         pytest.skip(sessions.missing_root())
+    require_programs("unshare", "mount", "sudo")
     python = sessions.user_python()
     with sessions.user_directory() as scratch:
         script = ('mount --bind /dev/null /dev/net/tun && exec "$@"')

@@ -20,7 +20,7 @@ import tempfile
 
 import pytest
 import sessions
-from netns import Child, Namespace, veth_pair
+from netns import Child, Namespace, require_programs, veth_pair
 
 import sinfonia_tier3 as st3
 
@@ -158,6 +158,7 @@ print(json.dumps({
 
 
 def test_the_application_runs_as_the_caller_in_its_own_namespaces(runner):
+    require_programs("ip")  # INSPECT's
     own_file = os.path.join(runner.scratch, "mine")
     with open(own_file, "w"):
         pass
@@ -190,6 +191,7 @@ def test_the_application_runs_as_the_caller_in_its_own_namespaces(runner):
 
 
 def test_routes_follow_the_allowed_ips(runner):
+    require_programs("ip")  # INSPECT's
     code, stdout, stderr = runner.run({
         "command": [runner.python, "-c", INSPECT], "env": {"OWN_FILE": "/"},
         "addresses": ["10.44.0.9/32"], "routes": ["10.43.0.0/16", "10.44.0.0/16"],
@@ -402,6 +404,7 @@ def test_ctrl_z_stops_the_tool_too_and_continuing_it_continues_the_application(r
 @needs_root
 def test_missing_tun_device_says_what_to_do(driver_file):
     # A private mount namespace whose /dev/net is empty: no device node.
+    require_programs("unshare", "mount")
     spec = json.dumps({"command": ["true"], "addresses": ADDRESSES, "routes": ROUTES})
     result = subprocess.run(
         ["unshare", "--mount", "sh", "-c",
@@ -419,6 +422,7 @@ def test_missing_tun_device_says_what_to_do(driver_file):
 def test_unopenable_tun_device_says_what_to_do(driver_file):
     # A private mount namespace with a /dev/net/tun of mode 0600, as some
     # distributions ship it; the test user cannot open it.
+    require_programs("unshare", "mount")
     spec = json.dumps({"command": ["true"], "addresses": ADDRESSES, "routes": ROUTES})
     python = sessions.user_python()
     script = ("mount -t tmpfs none /dev/net && mknod -m 0600 /dev/net/tun c 10 200"

@@ -5,7 +5,6 @@ import base64
 import copy
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import urllib.request
 import pytest
 from cloudlet import HELLOWORLD, MISBEHAVIOURS, Cloudlet
 from conftest import ROOT
+from netns import require_programs
 
 import sinfonia_tier3 as st
 
@@ -185,8 +185,7 @@ def test_connection_refused_is_unreachable():
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory):
     """A certificate for 127.0.0.1 that no CA store trusts: (cert, key)."""
-    if not shutil.which("openssl"):
-        pytest.skip("needs the openssl command to make a certificate")
+    require_programs("openssl")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
@@ -447,8 +446,9 @@ while time.monotonic() < end:  # take queries, answer none
 def test_deadline_covers_a_name_lookup_that_hangs(tmp_path):
     """In a private network and mount namespace whose resolv.conf points at a
     loopback DNS server that never answers, the lookup outlasts the deadline."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare for a private network and mount namespace")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private network and mount namespace")
+    require_programs("unshare", "mount", "ip")
     (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:10\n")
     (tmp_path / "sink.py").write_text(SILENT_DNS)
     script = (

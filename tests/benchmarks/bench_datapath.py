@@ -35,6 +35,7 @@ from netns import (
     WireguardGo,
     generate_keypair,
     missing_requirements,
+    require_programs,
 )
 
 import sinfonia_tier3 as st3
@@ -110,10 +111,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (3)")
     parser.add_argument("--seconds", type=int, default=4, help="each iperf3 run (4 s)")
     args = parser.parse_args(argv)
-    reason = missing_requirements("wireguard-go", "wg", "iperf3")
+    reason = missing_requirements()
     if reason:
         print(f"bench_datapath: skipped: {reason}", file=sys.stderr)
         return 0
+    require_programs("wireguard-go", "wg", "iperf3")
     results = {variant: [] for variant in VARIANTS}
     for round_number in range(args.rounds):
         for variant in VARIANTS:

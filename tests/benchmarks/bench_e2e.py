@@ -48,7 +48,14 @@ sys.path[:0] = [str(HERE.parent), str(REPO)]  # tests/, repo root
 import cloudlet
 import sessions
 from compiled import compiled_copy
-from netns import Namespace, WireguardGo, generate_keypair, missing_requirements
+from netns import (
+    Namespace,
+    WireguardGo,
+    generate_keypair,
+    missing_programs,
+    missing_requirements,
+    require_programs,
+)
 
 UPSTREAM_VERSION = "0.7.4"
 PAGE_END = b"Your tunnel address is 10.44."
@@ -320,8 +327,8 @@ def upstream_venv(directory):
                 str(e)
             ]
             return None, f"cannot install it: {detail[0]}"
-    if shutil.which("unshare") is None:
-        return None, "it needs util-linux `unshare`, which is missing"
+    if missing_programs("unshare"):
+        return None, missing_programs("unshare")
     return venv, None
 
 
@@ -344,10 +351,11 @@ def main(argv=None):
         ),
     )
     args = parser.parse_args(argv)
-    missing = missing_requirements("wireguard-go", "wg", "curl")
+    missing = missing_requirements()
     if missing:
         print(f"bench_e2e: cannot run here: {missing}")
         return 1
+    require_programs("wireguard-go", "wg", "curl")
 
     venv, upstream_missing = upstream_venv(args.upstream_venv)
     clients = ["ours", "upstream", "bare"] if venv else ["ours", "bare"]

@@ -43,6 +43,7 @@ from netns import (
     WireguardGo,
     generate_keypair,
     missing_requirements,
+    require_programs,
     unique_name,
     veth_pair,
 )
@@ -386,10 +387,11 @@ def main(argv=None):
         "--plain-tun", action="store_true", help="open our TUN without IFF_VNET_HDR"
     )
     args = parser.parse_args(argv)
-    reason = missing_requirements("wireguard-go", "wg", "iperf3", "curl")
+    reason = missing_requirements()
     if reason:
         print(f"bench_tunnel: skipped: {reason}", file=sys.stderr)
         return 0
+    require_programs("wireguard-go", "wg", "iperf3", "curl")
     cases = [c for c in "abcdek" if c in args.cases]
     kernel_missing = _kernel_wireguard_missing() if {"e", "k"} & set(cases) else None
     if kernel_missing:

@@ -171,6 +171,7 @@ def prepare_kernel():
         package = cached[-1].name
     tree = cache / package
     if not tree.is_dir():
+        _depmod()  # a fresh kernel needs it: say so before the download, not after
         print(f"sinfonia-tier3 vm: downloading {package} into {cache}",
               file=sys.stderr)
         _download_and_unpack([package], tree)
@@ -286,7 +287,7 @@ def qemu_command(vmlinuz, initramfs, io_dir, *, memory_mb=2048, cpus=2, kvm=True
 def qemu_available():
     """Why the guest cannot run here, or None when it can."""
     if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed (Debian package qemu-system-x86)"
+        return "qemu-system-x86_64 not found (Debian package qemu-system-x86)"
     if shutil.which("apt-get") is None and not any(cache_dir().glob("linux-image-*")):
         return "no cached guest kernel and no apt-get to download one"
     return None
