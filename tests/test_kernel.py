@@ -459,6 +459,7 @@ def test_a_module_planted_beside_the_file_or_on_pythonpath_is_never_imported(tmp
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     command = module._root_helper_command(2, "wgok")
+    require_programs("sudo")
     python_argv = command[command.index("--") + 1:command.index("--root-helper")]
     assert python_argv == [sys.executable, "-I", str(copy)]
     result = _run_copy(python_argv, env={"PYTHONPATH": str(planted_path),
