@@ -3378,7 +3378,7 @@ def _kernel_link_spec(private_key, peer_public_key, *, endpoint=None, listen_por
         if type(endpoint) is not tuple or len(endpoint) != 2:
             refuse("endpoint must be an address and a port")
         try:
-            host = ipaddress.ip_address(endpoint[0])
+            host = _ip_literal(str(endpoint[0]), ipaddress.ip_address)
         except ValueError:
             refuse("endpoint address must be an IPv4 or IPv6 literal")
         if host.is_unspecified or host.is_multicast:
@@ -3387,8 +3387,8 @@ def _kernel_link_spec(private_key, peer_public_key, *, endpoint=None, listen_por
     networks = []
     for network in allowed_ips:
         try:
-            networks.append(ipaddress.ip_network(network))
-        except (TypeError, ValueError):
+            networks.append(_ip_literal(str(network), ipaddress.ip_network))
+        except ValueError:
             refuse(f"allowed IP {network!r} is not a network in CIDR notation")
     if len(networks) > 256:
         refuse("more than 256 allowed IPs")

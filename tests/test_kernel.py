@@ -288,6 +288,8 @@ def _request_with(**changes):
     ({"persistent_keepalive": 2.5}, "persistent keepalive"),
     ({"endpoint": ["cloudlet.example", 51820]}, "literal"),
     ({"endpoint": ["0.0.0.0", 51820]}, "cannot be a peer"),
+    ({"endpoint": ["fe80::1%eth0", 51820]}, "literal"),
+    ({"allowed_ips": ["fe80::1%eth0"]}, "CIDR"),
     ({"endpoint": ["192.0.2.1", 0]}, "endpoint port"),
     ({"endpoint": "192.0.2.1:51820"}, "endpoint must be"),
     ({"allowed_ips": ["10.0.0.1/8"]}, "CIDR"),
