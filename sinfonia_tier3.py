@@ -202,20 +202,37 @@ def _parse_key_file(text):
 
 
 def _prepare_key_cache_dir(directory):
-    """Create `directory` 0700 if missing; refuse one that is not ours."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-    except OSError as e:
-        raise KeyCacheError(f"key cache {directory}: {e.strerror}") from None
+    """Create `directory` if missing, make it 0700, refuse one that is not ours.
+
+    Missing parents (such as `~/.cache`) are created 0700 too, as the XDG
+    spec asks; parents that exist are left as they are.
+    """
     import stat
 
-    if not stat.S_ISDIR(info.st_mode):
-        raise KeyCacheError(f"key cache {directory}: not a directory (or a symlink)")
-    if info.st_uid != os.geteuid():
-        raise KeyCacheError(f"key cache {directory}: owned by uid {info.st_uid}")
-    if info.st_mode & 0o077:
-        os.chmod(directory, 0o700)
+    try:
+        _make_private_dir(directory)
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise KeyCacheError(f"key cache {directory}: not a directory (or a symlink)")
+        if info.st_uid != os.geteuid():
+            raise KeyCacheError(f"key cache {directory}: owned by uid {info.st_uid}")
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            os.chmod(directory, 0o700)
+    except OSError as e:
+        raise KeyCacheError(f"key cache {directory}: {e.strerror}") from None
+
+
+def _make_private_dir(path):
+    """`mkdir -p path`, every directory it makes 0700: mkdir's mode is cut by
+    the umask, so each is chmodded after."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.exists(parent):
+        _make_private_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return  # ours from an earlier run, or another run's that it chmods itself
+    os.chmod(path, 0o700)
 
 
 def _read_key_file(path):
@@ -238,7 +255,11 @@ def _read_key_file(path):
         if info.st_uid != os.geteuid():
             raise KeyCacheError(f"key file {path}: owned by uid {info.st_uid}")
         if info.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError as e:
+                raise KeyCacheError(f"key file {path} is readable by others and cannot "
+                                    f"be made 0600: {e.strerror}") from None
             _warn(f"key file {path} was readable by others; made it 0600")
         return file.read(4096).decode("utf-8", "replace")
 

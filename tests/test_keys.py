@@ -2,11 +2,17 @@
 writes, modes, and refusal of files that are not safely ours."""
 
 import base64
+import json
 import multiprocessing
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 import sinfonia_tier3 as st
 
@@ -160,6 +166,69 @@ def test_unwritable_cache_is_one_clear_error(key_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     with pytest.raises(st.KeyCacheError, match="key cache .*not-a-dir"):
         st._load_or_create_keypair(UUID)
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000, 0o022, 0o277], ids="umask-{:03o}".format)
+def test_directories_made_are_0700_whatever_the_umask(key_cache, tmp_path, umask):
+    """$XDG_CACHE_HOME is missing too: both it and sinfonia/ are made; the
+    existing parent above them keeps its mode."""
+    parent_mode = stat.S_IMODE(os.stat(tmp_path).st_mode)
+    old = os.umask(umask)
+    try:
+        st._load_or_create_keypair(UUID)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(key_cache.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(key_cache).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) == parent_mode
+
+
+def run_on_read_only_cache(cache_home, *args):
+    """The command line with `cache_home` a real read-only bind mount, in a
+    private mount namespace of its own (root, or an unprivileged user
+    namespace); skips where neither can be had."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private mount namespace")
+    namespace = ["--mount"] if os.geteuid() == 0 else ["--map-root-user", "--mount"]
+    result = subprocess.run(
+        ["unshare", *namespace, "sh", "-c",
+         'mount --bind -o ro "$0" "$0" || exit 99; exec "$@"', str(cache_home),
+         sys.executable, str(ROOT / "sinfonia_tier3.py"), *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
+    )
+    if result.returncode == 99 or "unshare failed" in result.stderr:
+        pytest.skip(f"no read-only bind mount here: {result.stderr.strip()}")
+    return result
+
+
+READ_ONLY_FAILURES = {
+    "loose-directory": r"key cache .*/sinfonia: Read-only file system",
+    "loose-file": r"key file .* readable by others and cannot be made 0600: Read-only file system",
+}
+
+
+@pytest.mark.parametrize("case", READ_ONLY_FAILURES)
+def test_read_only_cache_that_needs_a_change_is_one_line(key_cache, cloudlet, case):
+    path = key_cache / UUID
+    write_upstream_file(path, RFC7748_PRIVATE, RFC7748_PUBLIC)
+    os.chmod(key_cache, 0o755 if case == "loose-directory" else 0o700)
+    os.chmod(path, 0o644 if case == "loose-file" else 0o600)
+    before = path.read_bytes()
+    result = run_on_read_only_cache(key_cache.parent, "--json", cloudlet.url, "helloworld")
+    assert result.returncode == 125, result.stderr
+    [line] = result.stderr.splitlines()
+    assert re.fullmatch("sinfonia-tier3: " + READ_ONLY_FAILURES[case], line), line
+    assert json.loads(result.stdout)["error"]["kind"] == "key_cache"
+    assert sorted(os.listdir(key_cache)) == [UUID] and path.read_bytes() == before
+
+
+def test_read_only_cache_with_a_good_key_is_used(key_cache, cloudlet):
+    write_upstream_file(key_cache / UUID, RFC7748_PRIVATE, RFC7748_PUBLIC)
+    result = run_on_read_only_cache(key_cache.parent, "--json", cloudlet.url, "helloworld")
+    assert result.returncode == 0, result.stderr
+    (deployment,) = json.loads(result.stdout)
+    assert deployment["ClientPublicKey"] == b64(RFC7748_PUBLIC)
+    assert sorted(os.listdir(key_cache)) == [UUID]
 
 
 def test_write_is_atomic_and_leaves_no_temporary_file(key_cache):
