@@ -298,17 +298,53 @@ def _write_atomically(path, text, replace=True):
     return True
 
 
-def _store_keypair(path, keypair, replace):
-    """Save `keypair` in upstream's format; False if `path` appeared meanwhile
-    and `replace` is false."""
+def _store_keypair(path, keypair):
+    """Save `keypair` in upstream's format unless `path` exists: False if
+    another run created it meanwhile (a key file is never overwritten)."""
     text = (
         f"private_key: {_key_text(keypair.private)}\n"
         f"public_key: {_key_text(keypair.public)}\n"
     )
     try:
-        return _write_atomically(path, text, replace)
+        return _write_atomically(path, text, replace=False)
     except OSError as e:
         raise KeyCacheError(f"key file {path}: {e.strerror}") from None
+
+
+def _keep_unusable_key_file(path, text, reason):
+    """Move the key file at `path`, whose content `text` is unusable, to a
+    new `<path>.unreadable-<UTC time>[-N]` and warn, naming both.
+
+    The file is locked while it is checked and moved, and moved only if it
+    is still at `path` with that content: of several runs that found it,
+    one moves it, and a key another run made meanwhile is never moved.
+    Link then unlink, so an earlier kept file is never clobbered and the
+    bytes are on disk under one name or both at every moment.
+    """
+    import itertools
+    import time
+
+    try:
+        with open(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK),
+                  "rb") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            if (not os.path.samestat(os.fstat(file.fileno()), os.lstat(path))
+                    or _read_key_file(path) != text):
+                return  # another run moved it and made a new key
+            base = kept = f"{path}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            for number in itertools.count(2):
+                try:
+                    os.link(path, kept)
+                    break
+                except FileExistsError:
+                    kept = f"{base}-{number}"
+            os.unlink(path)
+    except FileNotFoundError:
+        return  # another run moved it
+    except OSError as e:
+        raise KeyCacheError(f"key file {path} is unusable ({reason}) and cannot be moved "
+                            f"aside: {e.strerror}") from None
+    _warn(f"key file {path} is unusable ({reason}); kept it as {kept} and made a new key")
 
 
 def _load_or_create_keypair(uuid):
@@ -324,16 +360,13 @@ def _load_or_create_keypair(uuid):
         text = _read_key_file(path)
         if text is None:
             keypair = _generate_keypair()
-            if _store_keypair(path, keypair, replace=False):
+            if _store_keypair(path, keypair):
                 return keypair
             continue  # another run created it meanwhile: use theirs
         try:
             return _parse_key_file(text)
         except ValueError as e:
-            _warn(f"key file {path} is unusable ({e}); replacing it with a new key")
-            keypair = _generate_keypair()
-            _store_keypair(path, keypair, replace=True)
-            return keypair
+            _keep_unusable_key_file(path, text, e)  # then make a new key (or use theirs)
     raise KeyCacheError(f"key file {path}: keeps changing under us")
 
 
