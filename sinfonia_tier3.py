@@ -1946,9 +1946,10 @@ class _TunWriter:
             return False
         if length < ip_size + 20:
             return False
-        header_size = ip_size + (plain[ip_size + 12] >> 4) * 4
+        data_offset = plain[ip_size + 12] >> 4  # 32-bit words; below 5 is malformed
+        header_size = ip_size + data_offset * 4
         payload = length - header_size
-        if payload <= 0 or plain[ip_size + 13] != _TCP_ACK:
+        if payload <= 0 or data_offset < 5 or plain[ip_size + 13] != _TCP_ACK:
             return False
         shape = header_size if ip_size == 20 else -header_size
         layout = self.layouts.get(shape)

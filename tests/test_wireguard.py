@@ -8,6 +8,8 @@ tests run the real `Datapath` between two network namespaces (root only).
 
 import ipaddress
 import os
+import random
+import socket
 import struct
 import sys
 from contextlib import ExitStack
@@ -664,6 +666,64 @@ def test_fuzz_messages_with_valid_type_and_random_body(body, kind):
             before = _state(end.peer)
             end.receive(message, ("203.0.113.5", 9))
             assert _state(end.peer) == before
+
+
+# The TUN writer ################################################################
+
+V6_A_IP, V6_B_IP = "fd00:7::1", "fd00:7::2"
+ACK, PSH = st3._TCP_ACK, st3._TCP_PSH
+VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+
+
+def _tcp_segment(version, seq, payload, *, flags=ACK, ports=(40000, 80), options=b"",
+                 data_offset=None):
+    """A TCP segment from A to B over IPv4 (no IP options) or IPv6; the data
+    offset fits the options unless given."""
+    if data_offset is None:
+        data_offset = 5 + len(options) // 4
+    tcp = struct.pack(">HHIIBBHHH", *ports, seq, 7, data_offset << 4, flags, 512, 0, 0)
+    tcp += options + payload
+    if version == 4:
+        return _ip_packet(A_IP, B_IP, tcp, protocol=6)
+    return struct.pack(">IHBB16s16s", 6 << 28, len(tcp), 6, 64,
+                       ipaddress.ip_address(V6_A_IP).packed,
+                       ipaddress.ip_address(V6_B_IP).packed) + tcp
+
+
+def _through_tun_writer(packets, vnet_hdr):
+    """Every write a `_TunWriter` makes for `packets`, each put at the start
+    of a buffer full of stale bytes. A SOCK_SEQPACKET socketpair stands in
+    for the TUN device: like it, and unlike a pipe, it keeps each write one
+    message. It is drained after every packet, so that writes never block."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    frames = []
+
+    def drain():
+        while True:
+            try:
+                frames.append(theirs.recv(1 << 17, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return
+
+    with ours, theirs:
+        plain = bytearray(random.Random(len(packets)).randbytes(65536))
+        writer = st3._TunWriter(ours.fileno(), plain, vnet_hdr)
+        for packet in packets:
+            plain[:len(packet)] = packet
+            writer.write(len(packet))
+            drain()
+        writer.flush()
+        drain()
+    return frames
+
+
+@pytest.mark.parametrize("data_offset", [0, 4])
+@pytest.mark.parametrize("version", [4, 6])
+def test_tun_writer_sends_a_tcp_header_below_20_bytes_alone(version, data_offset):
+    """Such a header gave `_flow_layout` a negative options size: the
+    struct.error killed the decrypting worker."""
+    packet = _tcp_segment(version, 1, b"x" * 100, data_offset=data_offset)
+    assert _through_tun_writer([packet], vnet_hdr=True) == [bytes(VNET.size) + packet]
 
 
 # The transport cipher's two paths ##############################################
