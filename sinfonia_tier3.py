@@ -1870,7 +1870,8 @@ class _TunWriter:
     """Writes decrypted packets (left in `plain` by `_Peer.receive`) to the TUN.
 
     With a virtio_net_hdr on the device, consecutive segments of one TCP flow
-    are coalesced into one GSO packet: one write instead of dozens.
+    are coalesced into one GSO packet: one write instead of dozens. Any
+    other packet, malformed ones included, goes out alone and unchanged.
     """
 
     __slots__ = (
@@ -1911,7 +1912,11 @@ class _TunWriter:
         self.layouts = {}  # header size (negative: IPv6) -> _flow_layout
 
     def write(self, length):
-        """Queue (or write) the IP packet of `length` bytes at the start of `plain`."""
+        """Queue (or write) the IP packet of `length` bytes at the start of `plain`.
+
+        `length` must be the one its IP header gives (`packet_length` makes
+        sure): segments are joined up to it, not checked against it again.
+        """
         size = self.size
         if size and length > self.header_size:  # the common case: the flow goes on
             fields = self.layout.unpack_from(self.plain)
