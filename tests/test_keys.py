@@ -37,11 +37,16 @@ def b64(key):
     return base64.b64encode(key).decode()
 
 
+def write_key_file(path, content):
+    """`content` (bytes) as a 0600 key file in a 0700 cache directory."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(0o600)
+
+
 def write_upstream_file(path, private, public):
     """A key file exactly as upstream 0.7.4 writes it (yaml.dump, sorted keys)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_text(f"private_key: {b64(private)}\npublic_key: {b64(public)}\n")
-    path.chmod(0o600)
+    write_key_file(path, f"private_key: {b64(private)}\npublic_key: {b64(public)}\n".encode())
 
 
 def test_new_key_is_created_with_private_modes(key_cache):
@@ -112,9 +117,7 @@ def kept_files(key_cache):
 )
 def test_unusable_file_is_kept_aside_and_a_new_key_made(key_cache, capsys, content, reason):
     path = key_cache / UUID
-    path.parent.mkdir(parents=True)
-    path.write_bytes(content)
-    path.chmod(0o600)
+    write_key_file(path, content)
     keypair = st._load_or_create_keypair(UUID)
     [kept] = kept_files(key_cache)
     assert kept.read_bytes() == content
@@ -132,7 +135,7 @@ def test_a_second_unusable_file_never_clobbers_an_earlier_kept_one(key_cache):
     """Both in the same second: names for the next few seconds are taken
     by earlier kept files, so the new one must find a name of its own."""
     path = key_cache / UUID
-    key_cache.mkdir(parents=True, mode=0o700)
+    write_key_file(path, b"truncated")
     now = int(time.time())
     earlier = {}
     for second in range(now - 1, now + 10):
@@ -140,8 +143,6 @@ def test_a_second_unusable_file_never_clobbers_an_earlier_kept_one(key_cache):
         earlier[key_cache / f"{UUID}.unreadable-{stamp}"] = f"earlier {second}".encode()
     for kept, content in earlier.items():
         kept.write_bytes(content)
-    path.write_bytes(b"truncated")
-    path.chmod(0o600)
     st._load_or_create_keypair(UUID)
     [new] = set(kept_files(key_cache)) - set(earlier)
     assert new.read_bytes() == b"truncated" and new.name.endswith("-2")
@@ -248,9 +249,9 @@ READ_ONLY_FAILURES = {
 @pytest.mark.parametrize("case", READ_ONLY_FAILURES)
 def test_read_only_cache_that_needs_a_change_is_one_line(key_cache, cloudlet, case):
     path = key_cache / UUID
-    write_upstream_file(path, RFC7748_PRIVATE, RFC7748_PUBLIC)
-    if case == "unusable-file":
-        path.write_bytes(b"truncat")
+    write_key_file(path, b"truncat")
+    if case != "unusable-file":
+        write_upstream_file(path, RFC7748_PRIVATE, RFC7748_PUBLIC)
     os.chmod(key_cache, 0o755 if case == "loose-directory" else 0o700)
     os.chmod(path, 0o644 if case == "loose-file" else 0o600)
     before = path.read_bytes()
@@ -283,9 +284,7 @@ def test_existing_key_file_is_never_overwritten(key_cache):
 
 def test_failed_write_of_the_new_key_keeps_the_unusable_one(key_cache, monkeypatch):
     path = key_cache / UUID
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"private_key: trunc")
-    path.chmod(0o600)
+    write_key_file(path, b"private_key: trunc")
 
     def no_space(fd):
         raise OSError(28, "No space left on device")
@@ -334,9 +333,7 @@ def test_concurrent_runs_on_an_unusable_file_keep_it_once_and_agree_on_one_key(
     key_cache, capfd
 ):
     path = key_cache / UUID
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"private_key: trunc")
-    path.chmod(0o600)
+    write_key_file(path, b"private_key: trunc")
     publics = public_keys_of_runs_at_once(4)
     assert publics == {st._load_or_create_keypair(UUID).public}
     [kept] = kept_files(key_cache)
@@ -350,9 +347,7 @@ def test_a_run_waits_while_another_moves_the_unusable_file_then_uses_its_key(key
     while a run starts, then moves the file and makes a key; the run must
     neither move that key nor make one of its own."""
     path = key_cache / UUID
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"private_key: trunc")
-    path.chmod(0o600)
+    write_key_file(path, b"private_key: trunc")
     code = ("import sinfonia_tier3 as st; "
             f"print(st._key_text(st._load_or_create_keypair({UUID!r}).public))")
     with open(path, "rb") as held:
