@@ -231,7 +231,7 @@ def _make_private_dir(path):
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
-        return  # ours from an earlier run, or another run's that it chmods itself
+        return  # there already: left as it is (the run that made it chmods it)
     os.chmod(path, 0o700)
 
 
