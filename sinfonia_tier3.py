@@ -202,20 +202,37 @@ def _parse_key_file(text):
 
 
 def _prepare_key_cache_dir(directory):
-    """Create `directory` 0700 if missing; refuse one that is not ours."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-    except OSError as e:
-        raise KeyCacheError(f"key cache {directory}: {e.strerror}") from None
+    """Create `directory` if missing, make it 0700, refuse one that is not ours.
+
+    Missing parents (such as `~/.cache`) are created 0700 too, as the XDG
+    spec asks; parents that exist are left as they are.
+    """
     import stat
 
-    if not stat.S_ISDIR(info.st_mode):
-        raise KeyCacheError(f"key cache {directory}: not a directory (or a symlink)")
-    if info.st_uid != os.geteuid():
-        raise KeyCacheError(f"key cache {directory}: owned by uid {info.st_uid}")
-    if info.st_mode & 0o077:
-        os.chmod(directory, 0o700)
+    try:
+        _make_private_dir(directory)
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise KeyCacheError(f"key cache {directory}: not a directory (or a symlink)")
+        if info.st_uid != os.geteuid():
+            raise KeyCacheError(f"key cache {directory}: owned by uid {info.st_uid}")
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            os.chmod(directory, 0o700)
+    except OSError as e:
+        raise KeyCacheError(f"key cache {directory}: {e.strerror}") from None
+
+
+def _make_private_dir(path):
+    """`mkdir -p path`, every directory it makes 0700: mkdir's mode is cut by
+    the umask, so each is chmodded after."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.exists(parent):
+        _make_private_dir(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return  # there already: left as it is (the run that made it chmods it)
+    os.chmod(path, 0o700)
 
 
 def _read_key_file(path):
@@ -238,7 +255,11 @@ def _read_key_file(path):
         if info.st_uid != os.geteuid():
             raise KeyCacheError(f"key file {path}: owned by uid {info.st_uid}")
         if info.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError as e:
+                raise KeyCacheError(f"key file {path} is readable by others and cannot "
+                                    f"be made 0600: {e.strerror}") from None
             _warn(f"key file {path} was readable by others; made it 0600")
         return file.read(4096).decode("utf-8", "replace")
 
@@ -277,17 +298,53 @@ def _write_atomically(path, text, replace=True):
     return True
 
 
-def _store_keypair(path, keypair, replace):
-    """Save `keypair` in upstream's format; False if `path` appeared meanwhile
-    and `replace` is false."""
+def _store_keypair(path, keypair):
+    """Save `keypair` in upstream's format unless `path` exists: False if
+    another run created it meanwhile (a key file is never overwritten)."""
     text = (
         f"private_key: {_key_text(keypair.private)}\n"
         f"public_key: {_key_text(keypair.public)}\n"
     )
     try:
-        return _write_atomically(path, text, replace)
+        return _write_atomically(path, text, replace=False)
     except OSError as e:
         raise KeyCacheError(f"key file {path}: {e.strerror}") from None
+
+
+def _keep_unusable_key_file(path, text, reason):
+    """Move the key file at `path`, whose content `text` is unusable, to a
+    new `<path>.unreadable-<UTC time>[-N]` and warn, naming both.
+
+    The file is locked while it is checked and moved, and moved only if it
+    is still at `path` with that content: of several runs that found it,
+    one moves it, and a key another run made meanwhile is never moved.
+    Link then unlink, so an earlier kept file is never clobbered and the
+    bytes are on disk under one name or both at every moment.
+    """
+    import itertools
+    import time
+
+    try:
+        with open(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK),
+                  "rb") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            if (not os.path.samestat(os.fstat(file.fileno()), os.lstat(path))
+                    or _read_key_file(path) != text):
+                return  # another run moved it and made a new key
+            base = kept = f"{path}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            for number in itertools.count(2):
+                try:
+                    os.link(path, kept)
+                    break
+                except FileExistsError:
+                    kept = f"{base}-{number}"
+            os.unlink(path)
+    except FileNotFoundError:
+        return  # another run moved it
+    except OSError as e:
+        raise KeyCacheError(f"key file {path} is unusable ({reason}) and cannot be moved "
+                            f"aside: {e.strerror}") from None
+    _warn(f"key file {path} is unusable ({reason}); kept it as {kept} and made a new key")
 
 
 def _load_or_create_keypair(uuid):
@@ -303,16 +360,13 @@ def _load_or_create_keypair(uuid):
         text = _read_key_file(path)
         if text is None:
             keypair = _generate_keypair()
-            if _store_keypair(path, keypair, replace=False):
+            if _store_keypair(path, keypair):
                 return keypair
             continue  # another run created it meanwhile: use theirs
         try:
             return _parse_key_file(text)
         except ValueError as e:
-            _warn(f"key file {path} is unusable ({e}); replacing it with a new key")
-            keypair = _generate_keypair()
-            _store_keypair(path, keypair, replace=True)
-            return keypair
+            _keep_unusable_key_file(path, text, e)  # then make a new key (or use theirs)
     raise KeyCacheError(f"key file {path}: keeps changing under us")
 
 
@@ -1840,7 +1894,8 @@ class _TunWriter:
     """Writes decrypted packets (left in `plain` by `_Peer.receive`) to the TUN.
 
     With a virtio_net_hdr on the device, consecutive segments of one TCP flow
-    are coalesced into one GSO packet: one write instead of dozens.
+    are coalesced into one GSO packet: one write instead of dozens. Any
+    other packet, malformed ones included, goes out alone and unchanged.
     """
 
     __slots__ = (
@@ -1881,7 +1936,11 @@ class _TunWriter:
         self.layouts = {}  # header size (negative: IPv6) -> _flow_layout
 
     def write(self, length):
-        """Queue (or write) the IP packet of `length` bytes at the start of `plain`."""
+        """Queue (or write) the IP packet of `length` bytes at the start of `plain`.
+
+        `length` must be the one its IP header gives (`packet_length` makes
+        sure): segments are joined up to it, not checked against it again.
+        """
         size = self.size
         if size and length > self.header_size:  # the common case: the flow goes on
             fields = self.layout.unpack_from(self.plain)
@@ -1916,9 +1975,10 @@ class _TunWriter:
             return False
         if length < ip_size + 20:
             return False
-        header_size = ip_size + (plain[ip_size + 12] >> 4) * 4
+        data_offset = plain[ip_size + 12] >> 4  # 32-bit words; below 5 is malformed
+        header_size = ip_size + data_offset * 4
         payload = length - header_size
-        if payload <= 0 or plain[ip_size + 13] != _TCP_ACK:
+        if payload <= 0 or data_offset < 5 or plain[ip_size + 13] != _TCP_ACK:
             return False
         shape = header_size if ip_size == 20 else -header_size
         layout = self.layouts.get(shape)

@@ -7,7 +7,10 @@ tests run the real `Datapath` between two network namespaces (root only).
 """
 
 import ipaddress
+import json
 import os
+import random
+import socket
 import struct
 import sys
 from contextlib import ExitStack
@@ -664,6 +667,281 @@ def test_fuzz_messages_with_valid_type_and_random_body(body, kind):
             before = _state(end.peer)
             end.receive(message, ("203.0.113.5", 9))
             assert _state(end.peer) == before
+
+
+# The TUN writer ################################################################
+
+V6_A_IP, V6_B_IP = "fd00:7::1", "fd00:7::2"
+ACK, PSH = st3._TCP_ACK, st3._TCP_PSH
+VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+
+
+def _tcp_segment(version, seq, payload, *, flags=ACK, ports=(40000, 80), options=b"",
+                 data_offset=None):
+    """A TCP segment from A to B over IPv4 (no IP options) or IPv6; the data
+    offset fits the options unless given."""
+    if data_offset is None:
+        data_offset = 5 + len(options) // 4
+    tcp = struct.pack(">HHIIBBHHH", *ports, seq, 7, data_offset << 4, flags, 512, 0, 0)
+    tcp += options + payload
+    if version == 4:
+        return _ip_packet(A_IP, B_IP, tcp, protocol=6)
+    return struct.pack(">IHBB16s16s", 6 << 28, len(tcp), 6, 64,
+                       ipaddress.ip_address(V6_A_IP).packed,
+                       ipaddress.ip_address(V6_B_IP).packed) + tcp
+
+
+def _through_tun_writer(packets, vnet_hdr):
+    """Every write a `_TunWriter` makes for `packets`, each put at the start
+    of a buffer full of stale bytes. A SOCK_SEQPACKET socketpair stands in
+    for the TUN device: like it, and unlike a pipe, it keeps each write one
+    message. It is drained after every packet, so that writes never block."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    frames = []
+
+    def drain():
+        while True:
+            try:
+                frames.append(theirs.recv(1 << 17, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return
+
+    with ours, theirs:
+        plain = bytearray(random.Random(len(packets)).randbytes(65536))
+        writer = st3._TunWriter(ours.fileno(), plain, vnet_hdr)
+        for packet in packets:
+            plain[:len(packet)] = packet
+            writer.write(len(packet))
+            drain()
+        writer.flush()
+        drain()
+    return frames
+
+
+@pytest.mark.parametrize("data_offset", [0, 4])
+@pytest.mark.parametrize("version", [4, 6])
+def test_tun_writer_sends_a_tcp_header_below_20_bytes_alone(version, data_offset):
+    """Such a header gave `_flow_layout` a negative options size: the
+    struct.error killed the decrypting worker."""
+    packet = _tcp_segment(version, 1, b"x" * 100, data_offset=data_offset)
+    assert _through_tun_writer([packet], vnet_hdr=True) == [bytes(VNET.size) + packet]
+
+
+def _masked(packet, ip_size, header_size, *spans):
+    """The headers of a TCP packet without lengths, checksums, TCP flags and
+    `spans` (byte ranges)."""
+    header = bytearray(packet[:header_size])
+    lengths = [(2, 4), (10, 12)] if ip_size == 20 else [(4, 6)]
+    for start, end in lengths + [(ip_size + 13, ip_size + 14), (ip_size + 16, ip_size + 18),
+                                 *spans]:
+        header[start:end] = bytes(end - start)
+    return bytes(header)
+
+
+def _assert_gso_frame(frame, segments):
+    """`frame` (virtio_net_hdr first) is what the kernel cuts back into
+    `segments`: their payloads in order, the first one's headers but for
+    lengths, checksums and PSH, consecutive sequence numbers, checksums for
+    the kernel to finish."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET.unpack_from(frame)
+    body = frame[VNET.size:]
+    ip_size = {st3._VNET_GSO_TCPV4: 20, st3._VNET_GSO_TCPV6: 40}[gso_type]
+    assert (flags, csum_start, csum_offset) == (st3._VNET_NEEDS_CSUM, ip_size, 16)
+    first = segments[0]
+    assert len(segments) >= 2 and _masked(body, ip_size, hdr_len) == _masked(first, ip_size, hdr_len)
+    seq = struct.unpack_from(">I", first, ip_size + 4)[0]
+    id_and_seq = [(4, 6)] if ip_size == 20 else []
+    id_and_seq.append((ip_size + 4, ip_size + 8))
+    for segment in segments:
+        if ip_size == 20:  # no IP options, not a fragment, TCP
+            assert segment[0] == 0x45 and segment[6] & 0x3F == segment[7] == 0 and segment[9] == 6
+        else:
+            assert segment[0] >> 4 == 6 and segment[6] == 6
+        assert hdr_len - ip_size == (segment[ip_size + 12] >> 4) * 4 >= 20
+        assert _masked(segment, ip_size, hdr_len, *id_and_seq) == _masked(
+            first, ip_size, hdr_len, *id_and_seq)
+        assert struct.unpack_from(">I", segment, ip_size + 4)[0] == seq
+        size = len(segment) - hdr_len
+        assert 0 < size <= gso_size and (size == gso_size or segment is segments[-1])
+        seq = (seq + size) & 0xFFFFFFFF
+        assert segment[ip_size + 13] in ((ACK, ACK | PSH) if segment is segments[-1] else (ACK,))
+    assert body[hdr_len:] == b"".join(segment[hdr_len:] for segment in segments)
+    assert body[ip_size + 13] == first[ip_size + 13] | segments[-1][ip_size + 13]
+    if ip_size == 20:
+        assert struct.unpack_from(">H", body, 2)[0] == len(body)
+        assert st3._fold(sum(struct.unpack_from(">10H", body))) == 0xFFFF
+        pseudo = sum(struct.unpack_from(">4H", body, 12)) + 6 + len(body) - 20
+    else:
+        assert struct.unpack_from(">H", body, 4)[0] == len(body) - 40
+        pseudo = sum(struct.unpack_from(">16H", body, 8)) + 6 + len(body) - 40
+    assert struct.unpack_from(">H", body, ip_size + 16)[0] == st3._fold(pseudo)
+
+
+def _assert_frames_stand_for(frames, packets, vnet_hdr):
+    """Every packet, in order, went out either unchanged in a frame of its
+    own or inside a GSO frame with the segments it follows."""
+    if not vnet_hdr:
+        assert frames == packets
+        return
+    left = list(packets)
+    for frame in frames:
+        header = VNET.unpack_from(frame)
+        if header == (0, 0, 0, 0, 0, 0):
+            assert frame[VNET.size:] == left.pop(0)
+            continue
+        payload_size, hdr_len, taken = len(frame) - VNET.size - header[2], header[2], 0
+        count = 0
+        while taken < payload_size:
+            taken += len(left[count]) - hdr_len
+            count += 1
+        _assert_gso_frame(frame, left[:count])
+        del left[:count]
+    assert left == []
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_tun_writer_coalesces_a_burst_of_one_flow(version):
+    payloads = [os.urandom(1000) for _ in range(5)] + [os.urandom(300)]
+    seqs = [1000 * number for number in range(6)]
+    burst = [_tcp_segment(version, seq, payload) for seq, payload in zip(seqs, payloads)]
+    other_flow = _tcp_segment(version, 0, b"y" * 1000, ports=(40001, 80))
+    packets = [*burst[:3], other_flow, *burst[3:]]
+    frames = _through_tun_writer(packets, vnet_hdr=True)
+    assert len(frames) == 3 and frames[1] == bytes(VNET.size) + other_flow
+    _assert_gso_frame(frames[0], burst[:3])
+    _assert_gso_frame(frames[2], burst[3:])
+    _assert_frames_stand_for(frames, packets, vnet_hdr=True)
+    assert _through_tun_writer(packets, vnet_hdr=False) == packets
+
+
+# Flows of the fuzzed writer input: IP version, TCP ports, TCP options. The
+# last one sends only first fragments (more-fragments set), never to coalesce.
+_TIMESTAMPS = b"\x01\x01\x08\x0a" + bytes(range(8))
+_FLOWS = [(4, (40000, 80), b""), (4, (40001, 80), _TIMESTAMPS),
+          (6, (40000, 80), b""), (6, (40001, 80), _TIMESTAMPS), (4, (40002, 80), b"")]
+
+
+def _malformed(draw, packet, version):
+    """`packet` broken in one of the ways a hostile or buggy peer could."""
+    packet, ip_size = bytearray(packet), 20 if version == 4 else 40
+    how = draw(st.sampled_from(["truncated", "short data offset", "long data offset",
+                                "fragment", "not plain TCP", "bit flip"]))
+    if how == "truncated":  # as the IP header says: the writer trusts its length
+        del packet[draw(st.integers(ip_size, len(packet) - 1)):]
+        struct.pack_into(">H", packet, 2 if version == 4 else 4,
+                         len(packet) - (0 if version == 4 else 40))
+    elif how == "short data offset":
+        packet[ip_size + 12] = draw(st.integers(0, 4)) << 4
+    elif how == "long data offset":
+        packet[ip_size + 12] = draw(st.integers(6, 15)) << 4
+    elif how == "fragment" and version == 4:
+        packet[6] |= draw(st.sampled_from([0x20, 0x01]))  # more fragments, or an offset
+    elif how == "fragment":
+        packet[6] = 44  # a fragment header
+    elif how == "not plain TCP" and version == 4:
+        packet[0] = 0x46  # IP options
+    elif how == "not plain TCP":
+        packet[6] = 0  # hop-by-hop options
+    else:
+        bit = draw(st.integers(0, min(len(packet), 80) * 8 - 1))
+        packet[bit // 8] ^= 1 << (bit % 8)
+    return bytes(packet)
+
+
+@st.composite
+def _writer_input(draw):
+    """Up to 30 IP packets of up to 65535 bytes: TCP segments of five flows,
+    mostly of the flow's segment size with consecutive sequence numbers (so
+    that they coalesce), some malformed, and random bytes, some of them
+    looking like a TCP segment at first glance."""
+    segment_sizes = [draw(st.sampled_from([1, 536, 1380, 9000, 40000])) for _ in _FLOWS]
+    next_seqs = [draw(st.sampled_from([0, 2**32 - 1500]) | st.integers(0, 2**32 - 1))
+                 for _ in _FLOWS]
+    packets, flow = [], 0
+    for _ in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from(["segment"] * 8 + ["random", "TCP-like random"]))
+        if kind != "segment":
+            packet = bytearray(random.Random(draw(st.integers(0, 2**32))).randbytes(
+                draw(st.integers(0, 80) | st.integers(0, 65535))))
+            if kind == "TCP-like random" and len(packet) >= 60:
+                if draw(st.booleans()):
+                    packet[0], packet[6:8], packet[9], packet[33] = 0x45, b"\0\0", 6, ACK
+                else:
+                    packet[0], packet[6], packet[53] = 0x60, 6, ACK
+            packets.append(bytes(packet))
+            continue
+        if draw(st.integers(0, 3)) == 0:
+            flow = draw(st.integers(0, len(_FLOWS) - 1))
+        version, ports, options = _FLOWS[flow]
+        room = 65535 - (20 if version == 4 else 40) - 20 - len(options)
+        size = min(room, draw(st.sampled_from(["full"] * 6 + ["short", "empty", "long"]).map(
+            {"full": segment_sizes[flow], "short": segment_sizes[flow] // 2,
+             "empty": 0, "long": segment_sizes[flow] + 1}.get)))
+        seq = next_seqs[flow]
+        if draw(st.integers(0, 9)) == 0:
+            seq = (seq + draw(st.sampled_from([-1000, -1, 1, 1000]))) & 0xFFFFFFFF
+        next_seqs[flow] = (seq + size) & 0xFFFFFFFF
+        flags = draw(st.sampled_from([ACK] * 8 + [ACK | PSH] * 2 + [0x12, 0x11, 0x90, 0x04]))
+        payload = random.Random(len(packets)).randbytes(size)
+        packet = _tcp_segment(version, seq, payload, flags=flags, ports=ports, options=options)
+        if flow == len(_FLOWS) - 1:
+            packet = packet[:6] + bytes([packet[6] | 0x20]) + packet[7:]
+        if draw(st.integers(0, 7)) == 0:
+            packet = _malformed(draw, packet, version)
+        packets.append(packet)
+    return packets
+
+
+@_FUZZ
+@given(_writer_input(), st.booleans())
+def test_fuzz_tun_writer(packets, vnet_hdr):
+    frames = _through_tun_writer(packets, vnet_hdr)
+    _assert_frames_stand_for(frames, packets, vnet_hdr)
+
+
+@pytest.fixture(scope="module")
+def real_tun():
+    """A TUN device with a virtio_net_hdr, up in a namespace of its own whose
+    addresses the fuzzed packets are not for: the kernel takes and counts
+    each write, then drops the packet. Yields the descriptor and a function
+    returning the device's receive counters."""
+    _require_namespaces()
+    with netns.Namespace("st3wt") as namespace:
+        name = netns.unique_name("st3tun")
+        fd = st3._open_tun(name, vnet_hdr=True)
+        try:
+            netns.move_link(name, namespace)
+            namespace.add_addresses(name, ["10.7.0.9/24", "fd00:7::9/64"])
+
+            def received():
+                [link] = json.loads(namespace.ip("-j", "-s", "-s", "link", "show", "dev", name))
+                return link["stats64"]["rx"]
+
+            yield fd, received
+        finally:
+            os.close(fd)
+
+
+@settings(_FUZZ, max_examples=100)
+@given(_writer_input())
+def test_fuzz_tun_writer_on_a_real_tun_device(real_tun, packets):
+    """The kernel takes every frame the writer makes that holds an IP
+    packet (the GSO ones too: no frame errors) and only those."""
+    fd, received = real_tun
+    frames = _through_tun_writer(packets, vnet_hdr=True)  # what the writer makes of them
+    taken = [frame for frame in frames
+             if len(frame) > VNET.size and frame[VNET.size] >> 4 in (4, 6)]
+    before = received()
+    writer = st3._TunWriter(fd, bytearray(65536), vnet_hdr=True)
+    for packet in packets:
+        writer.plain[:len(packet)] = packet
+        writer.write(len(packet))
+    writer.flush()
+    after = received()
+    assert after["frame_errors"] == before["frame_errors"]
+    assert after["packets"] - before["packets"] == len(taken)
+    assert after["bytes"] - before["bytes"] == sum(len(frame) - VNET.size for frame in taken)
+    assert after["dropped"] - before["dropped"] == len(frames) - len(taken)
 
 
 # The transport cipher's two paths ##############################################
