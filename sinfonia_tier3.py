@@ -276,6 +276,7 @@ def _write_atomically(path, text, replace=True):
     directory = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o600)  # mkstemp's 0600 is cut by the umask (0277 gives 0400)
         with open(fd, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()

@@ -206,7 +206,8 @@ def test_unwritable_cache_is_one_clear_error(key_cache, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("umask", [0o077, 0o000, 0o022, 0o277], ids="umask-{:03o}".format)
-def test_directories_made_are_0700_whatever_the_umask(key_cache, tmp_path, umask):
+def test_directories_made_are_0700_and_the_key_0600_whatever_the_umask(
+        key_cache, tmp_path, umask):
     """$XDG_CACHE_HOME is missing too: both it and sinfonia/ are made; the
     existing parent above them keeps its mode."""
     parent_mode = stat.S_IMODE(os.stat(tmp_path).st_mode)
@@ -218,6 +219,7 @@ def test_directories_made_are_0700_whatever_the_umask(key_cache, tmp_path, umask
     assert stat.S_IMODE(os.stat(key_cache.parent).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(key_cache).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path).st_mode) == parent_mode
+    assert stat.S_IMODE(os.stat(key_cache / UUID).st_mode) == 0o600
 
 
 def run_on_read_only_cache(cache_home, *args):
