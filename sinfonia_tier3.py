@@ -2529,7 +2529,7 @@ def _resolve_endpoint(sock, endpoint):
 # Tool and namespace talk over a SOCK_SEQPACKET pair: JSON messages, and the
 # TUN descriptor as SCM_RIGHTS. Each child dies with its parent
 # (PR_SET_PDEATHSIG), and everything in a PID namespace dies with its init,
-# so nothing outlives the tool. The child is forked early and prepares what it
+# so nothing outlives the tool. The holder is forked early and prepares what it
 # can (namespaces, pyroute2, the interface) while the tool is still talking to
 # Tier 1; the addresses, routes and command follow when they are known.
 
@@ -2618,7 +2618,7 @@ class _CommandError(SinfoniaError):
 
 
 class _Channel:
-    """One end of the conversation between the tool and its namespace child:
+    """One end of the conversation between the tool and the holder:
     JSON messages, with file descriptors attached when needed."""
 
     def __init__(self, sock):
@@ -2739,7 +2739,7 @@ class _TunInside:
     name = "sinfonia0"
 
     def create(self, channel):
-        """In the namespace child: make the device; its descriptor is what
+        """In the holder: make the device; its descriptor is what
         goes to the tool with the {"interface": name} message."""
         try:
             return [_open_tun(self.name)]
@@ -2749,7 +2749,7 @@ class _TunInside:
 
 class _LinkMovedIn:
     """Interface made outside and moved in by the tool (the kernel backend):
-    the child says {"awaiting_link": name}; the tool moves the link into the
+    the holder says {"awaiting_link": name}; the tool moves the link into the
     network namespace of `_Namespace.pid` and answers {"link_moved": name};
     then, as with a TUN device, {"interface": name} says it is there (and
     {"configured"} that it is up)."""
@@ -2772,7 +2772,7 @@ def _iproute_class():
 
     The package's __init__ imports the whole library (NDB, IPDB, conntrack,
     ...), which takes as long again as IPRoute's own modules, on the path to
-    the application's start. In the namespace child, which needs nothing
+    the application's start. In the holder, which needs nothing
     else, the package is registered without running it (unless the tool had
     loaded it before the fork), and only IPRoute's modules load.
     """
@@ -3047,7 +3047,7 @@ def _find_program(name, path):
 
 
 def _report_failure(channel, error):
-    """Tell the tool, in one line, why the namespace child gives up."""
+    """Tell the tool, in one line, why the holder gives up."""
     if isinstance(error, SinfoniaError):
         message = str(error)
     else:
@@ -3072,7 +3072,7 @@ def _close_private_descriptors(keep):
                 pass
 
 
-# What the namespace child becomes once the network is set up: a fresh,
+# What the holder becomes once the network is set up: a fresh,
 # minimal interpreter that only waits for init, so that neither pyroute2 nor
 # the copy of the tool's heap stays in memory for the whole session.
 _INIT_WAITER = """\
@@ -3082,10 +3082,10 @@ os._exit(status if status >= 0 else 128 - status)
 """
 
 
-def _run_namespace_child(channel, parent_pid, interface, mtu):
-    """The forked child: enters the new namespaces, forks their init, sets up
-    the network meanwhile, then waits for init and exits with its status.
-    Never returns."""
+def _run_holder(channel, parent_pid, interface, mtu):
+    """The holder, forked by `_Namespace`: enters the new namespaces, forks
+    their init, sets up the network meanwhile, then waits for init and exits
+    with its status. Never returns."""
     status = 125
     try:
         _die_with_parent(parent_pid)
@@ -3138,24 +3138,25 @@ def _foreground_terminal():
 
 
 class _Namespace:
-    """The application's namespaces, held by a child forked at construction.
+    """The application's namespaces, kept by the holder, a child forked at
+    construction.
 
     `interface` says how the tunnel interface gets in (`_TunInside` or
-    `_LinkMovedIn`). Then: `expect()` the interface message, `configure()`,
-    `start()` the application, `wait()` for its exit status; `close()` (or
-    leaving the `with` block) kills whatever is left.
+    `_LinkMovedIn`). Then: `receive_interface()`, `configure()` it, `run()`
+    the application (or `start()` it and `wait()` for its exit status);
+    `close()` (or leaving the `with` block) kills whatever is left.
     """
 
     def __init__(self, interface, *, mtu=_DEFAULT_MTU):
         import time
 
-        self._channel, child_end = _Channel.pair()
+        self._channel, holder_end = _Channel.pair()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             self._channel.close()
-            _run_namespace_child(child_end, parent, interface, mtu)
-        child_end.close()
+            _run_holder(holder_end, parent, interface, mtu)
+        holder_end.close()
         self.forked = time.monotonic()
         self.pid = pid
         self.interface = interface
@@ -3179,8 +3180,8 @@ class _Namespace:
                               f"namespace: {e.strerror}") from None
 
     def expect(self, key, timeout=_SETUP_TIMEOUT):
-        """The child's next message, which must carry `key`: (message, fds).
-        The child's own failures arrive as its one-line TunnelError."""
+        """The holder's next message, which must carry `key`: (message, fds).
+        The holder's own failures arrive as its one-line TunnelError."""
         import socket
 
         try:
@@ -3201,14 +3202,45 @@ class _Namespace:
                               f"not {key!r}")
         return message, fds
 
-    def configure(self, addresses, routes, resolv_conf):
-        """Send the tunnel addresses and routes (networks) and the resolv.conf
-        text (None: keep the host's); `expect("configured")` confirms."""
+    def receive_interface(self, move_link=None):
+        """The tunnel interface, once it is in the namespace: the descriptors
+        that came with it (the caller's to close). A link made outside is
+        moved in by `move_link(pid)` when the holder asks for it. The
+        interface never arriving is an `_InterfaceFailedError`."""
+        if move_link is not None:
+            self.expect("awaiting_link")
+            move_link(self.pid)
+            self.send({"link_moved": self.interface.name})
+        try:
+            return self.expect("interface")[1]
+        except TunnelError as e:
+            raise _InterfaceFailedError(str(e)) from None
+
+    def configure(self, addresses, routes, resolv_conf, meanwhile=None):
+        """Give the interface its addresses and routes (networks) and the
+        namespace the resolv.conf text (None: keep the host's); returns once
+        they are in place, having run `meanwhile()` while the holder works."""
         self.send({
             "addresses": [str(address) for address in addresses],
             "routes": [str(route) for route in routes],
             "resolv_conf": resolv_conf,
         })
+        if meanwhile is not None:
+            meanwhile()
+        self.expect("configured")
+
+    def run(self, command, env_extra):
+        """Start `command` (empty: the user's shell, prompting `sinfonia$ `)
+        with the tool's environment plus `env_extra`; its exit status."""
+        env = dict(os.environ)
+        env.update(env_extra)
+        if not command:
+            command = [env.get("SHELL") or "/bin/sh"]
+            env["PS1"] = _SHELL_PROMPT
+            # bash sets PS1 in its rc files; this sets it back each time
+            env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
+        self.start(command, env)
+        return self.wait()
 
     def start(self, command, env):
         """Let the application run: exec `command` (found on env's PATH).
@@ -3293,7 +3325,7 @@ class _Namespace:
         return self._status
 
     def close(self):
-        """Kill the namespace child if still there, and reap it (idempotent)."""
+        """Kill the holder if still there, and reap it (idempotent)."""
         if self._status is None:
             try:
                 os.kill(self.pid, 9)
@@ -3307,89 +3339,6 @@ class _Namespace:
 class _InterfaceFailedError(TunnelError):
     """The namespace never got its tunnel interface: this backend cannot work
     here, where another one might."""
-
-
-def _no_answer(config, connect_timeout):
-    """The one line for a cloudlet that never completed the first handshake."""
-    return TunnelError(
-        f"the cloudlet did not answer at its endpoint {config.endpoint} within "
-        f"{connect_timeout:g} s: check that UDP to it gets through, or allow more "
-        "time with --connect-timeout")
-
-
-def _start_and_wait(namespace, command, env_extra):
-    """Start `command` in `namespace` (empty: the user's shell, prompting
-    `sinfonia$ `); the application's exit status."""
-    env = dict(os.environ)
-    env.update(env_extra)
-    if not command:
-        command = [env.get("SHELL") or "/bin/sh"]
-        env["PS1"] = _SHELL_PROMPT
-        # bash sets PS1 in its rc files; this sets it back each time
-        env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
-    namespace.start(command, env)
-    return namespace.wait()
-
-
-def _run_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
-                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False,
-                     namespace=None):
-    """Run `command` (empty: the user's shell) in its own namespaces behind the
-    tunnel described by `config`; returns its exit status.
-
-    `namespace`, when given, is a `_Namespace(_TunInside(), mtu=mtu)` forked
-    earlier, so that its set-up overlapped the Tier 1 request.
-    """
-    import time
-
-    if namespace is None:
-        namespace = _Namespace(_TunInside(), mtu=mtu)
-
-    def progress(what):
-        if debug:
-            elapsed = (time.monotonic() - namespace.forked) * 1000
-            _debug(f"{what} ({elapsed:.0f} ms after the namespace child was forked)")
-
-    with namespace:
-        try:
-            _, fds = namespace.expect("interface")
-        except TunnelError as e:
-            raise _InterfaceFailedError(str(e)) from None
-        progress("TUN device handed over")
-        if len(fds) != 1:
-            raise TunnelError("the application's namespace sent no TUN device")
-        tun_fd = fds[0]
-        try:
-            namespace.configure(
-                config.addresses,
-                config.allowed_ips,
-                _render_resolv_conf(config) if config.nameservers else None,
-            )
-            datapath = Datapath(
-                tun_fd,
-                keypair.private,
-                config.public_key,
-                endpoint=(config.endpoint_host, config.endpoint_port),
-                allowed_ips=config.allowed_ips,
-                persistent_keepalive=_PERSISTENT_KEEPALIVE,
-                mtu=mtu,
-            )
-            try:
-                namespace.expect("configured")
-                progress("addresses, routes and resolv.conf in place")
-                # Only now: the workers' memory and pyroute2's, which goes with
-                # the namespace child's exec, would otherwise add up.
-                datapath.start()
-                try:
-                    datapath.wait_for_handshake(connect_timeout)
-                except _NoHandshakeError:
-                    raise _no_answer(config, connect_timeout) from None
-                progress(f"handshake with {config.endpoint} done; starting the application")
-                return _start_and_wait(namespace, command, env_extra)
-            finally:
-                datapath.stop()
-        finally:
-            os.close(tun_fd)
 
 
 # Kernel backend and root helper ##############################################
@@ -3906,123 +3855,157 @@ def _endpoint_literal(host, port):
     return infos[0][4][0], port
 
 
-def _kernel_wireguard_available(proc="/proc", sys_module="/sys/module"):
-    """Whether this kernel makes WireGuard links: try one (root only). A kernel
-    that loads no modules (no /proc/modules) and has no WireGuard built in (no
-    /sys/module/wireguard) is known to have none without loading pyroute2."""
-    if not os.path.exists(os.path.join(proc, "modules")) and \
-            not os.path.exists(os.path.join(sys_module, "wireguard")):
-        return "the kernel has no WireGuard (none built in, and no module support)"
-    import secrets
-
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    name = "st3probe" + secrets.token_hex(3)
-    with IPRoute() as ipr:
-        try:
-            ipr.link("add", ifname=name, kind="wireguard")
-        except NetlinkError as e:
-            return f"the kernel has no WireGuard ({os.strerror(e.code)})"
-        ipr.link("del", ifname=name)
-    return None
+# Tunnels: the two backends ##################################################
+#
+# Each backend forks the application's namespace holder at construction, so
+# that its set-up overlaps the Tier 1 request; `connect()` then brings the
+# deployment's tunnel up in it and returns once the cloudlet has answered the
+# first handshake, `run()` runs the application, `close()` (or leaving the
+# `with` block) removes everything.
 
 
-def _userspace_blocked():
-    """Why the userspace backend cannot work for this user, or None: no user
-    namespaces, or no /dev/net/tun it may open."""
-    for path, blocked in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
-                          ("/proc/sys/user/max_user_namespaces", "0"),
-                          ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1")):
-        try:
-            with open(path) as f:
-                if f.read().strip() == blocked:
-                    return f"user namespaces are disabled ({path} is {blocked})"
-        except OSError:
-            pass
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun does not exist"
-    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
-        return "/dev/net/tun is not readable and writable for this user"
-    return None
+def _no_answer(config, connect_timeout):
+    """The one line for a cloudlet that never completed the first handshake."""
+    return TunnelError(
+        f"the cloudlet did not answer at its endpoint {config.endpoint} within "
+        f"{connect_timeout:g} s: check that UDP to it gets through, or allow more "
+        "time with --connect-timeout")
 
 
-def _choose_tunnel(requested, *, debug=False):
-    """The backend for `--tunnel` `requested` ("auto", "userspace", "kernel"):
-    under auto, kernel when already root and the kernel has WireGuard, else
-    userspace when /dev/net/tun can be opened, else kernel through sudo.
-    The choice and why go to stderr with `debug`; turning to sudo is always
-    told, with what failed, since sudo may then ask or refuse."""
-    if requested != "auto":
-        return requested
-    if os.geteuid() == 0:
-        why_not = _kernel_wireguard_available()
-        if why_not is None:
-            choice, why = "kernel", "running as root and the kernel has WireGuard"
-        else:
-            choice, why = "userspace", f"running as root but {why_not}"
-    else:
-        why_not = _userspace_blocked()
-        if why_not is None:
-            choice, why = "userspace", "/dev/net/tun can be opened"
-        else:
-            choice, why = "kernel", f"{why_not}: kernel WireGuard through sudo"
-            if not debug:
-                print(f"sinfonia-tier3: the userspace tunnel cannot work ({why_not}); "
-                      "trying the kernel's WireGuard through sudo", file=sys.stderr)
-    if debug:
-        _debug(f"--tunnel auto: {choice} ({why})")
-    return choice
+def _resolv_conf_or_none(config):
+    """The namespace's resolv.conf; None keeps the host's (no nameservers given)."""
+    return _render_resolv_conf(config) if config.nameservers else None
 
 
-def _kernel_namespace(mtu=_DEFAULT_MTU):
-    """The application's namespace child for the kernel backend, forked now so
-    that its set-up overlaps the Tier 1 request, as with `_TunInside`."""
-    import secrets
+class _Tunnel:
+    """What both backends share: the namespace, the application, the end."""
 
-    return _Namespace(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu=mtu)
+    name = None
 
+    def __init__(self, interface, mtu):
+        self.namespace = _Namespace(interface, mtu=mtu)
 
-def _run_kernel_application(config, keypair, command, *, env_extra, mtu=_DEFAULT_MTU,
-                            connect_timeout=_DEFAULT_CONNECT_TIMEOUT, debug=False,
-                            namespace=None):
-    """`_run_application` with a kernel WireGuard link instead of the userspace
-    datapath: made here (as root) or by the sudo root helper, then moved into
-    the application's namespace; returns the application's exit status.
+    def __enter__(self):
+        return self
 
-    `namespace`, when given, is a `_kernel_namespace(mtu)` forked earlier.
-    """
-    import socket
-    import time
+    def __exit__(self, *exc_info):
+        self.close()
 
-    spec = _kernel_link_spec(
-        keypair.private, config.public_key,
-        endpoint=_endpoint_literal(config.endpoint_host, config.endpoint_port),
-        allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
-    use_sudo = os.geteuid() != 0
-    if namespace is None:
-        namespace = _kernel_namespace(mtu)
-    ifname = namespace.interface.name
-    with namespace:
-        namespace.expect("awaiting_link")
-        _provide_kernel_link(namespace.pid, ifname, spec, use_sudo=use_sudo)
+    def progress(self, what, debug):
         if debug:
-            _debug(f"kernel WireGuard link {ifname} created "
-                   f"{'by the sudo root helper' if use_sudo else 'as root'}")
-        namespace.send({"link_moved": ifname})
-        _, fds = namespace.expect("interface")
+            import time
+
+            elapsed = (time.monotonic() - self.namespace.forked) * 1000
+            _debug(f"{what} ({elapsed:.0f} ms after the holder was forked)")
+
+    def run(self, command, env_extra):
+        """The application's exit status, once it has run behind the tunnel."""
+        return self.namespace.run(command, env_extra)
+
+    def close(self):
+        self.namespace.close()
+
+
+class _UserspaceTunnel(_Tunnel):
+    """The rootless backend: a TUN device made inside the namespace, and this
+    process's own WireGuard datapath between it and a UDP socket here."""
+
+    name = "userspace"
+
+    def __init__(self, mtu=_DEFAULT_MTU):
+        super().__init__(_TunInside(), mtu)
+        self._mtu = mtu
+        self._tun_fd = None
+        self._datapath = None
+
+    def connect(self, config, keypair, *, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+                debug=False):
+        fds = self.namespace.receive_interface()
+        if len(fds) != 1:
+            raise TunnelError("the application's namespace sent no TUN device")
+        (self._tun_fd,) = fds
+        self.progress("TUN device handed over", debug)
+
+        def make_datapath():
+            self._datapath = Datapath(
+                self._tun_fd, keypair.private, config.public_key,
+                endpoint=(config.endpoint_host, config.endpoint_port),
+                allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE,
+                mtu=self._mtu)
+
+        self.namespace.configure(config.addresses, config.allowed_ips,
+                                 _resolv_conf_or_none(config), meanwhile=make_datapath)
+        self.progress("addresses, routes and resolv.conf in place", debug)
+        # Only now: the workers' memory and pyroute2's, which goes with the
+        # holder's exec, would otherwise add up.
+        self._datapath.start()
+        try:
+            self._datapath.wait_for_handshake(connect_timeout)
+        except _NoHandshakeError:
+            raise _no_answer(config, connect_timeout) from None
+        self.progress(f"handshake with {config.endpoint} done; starting the application",
+                      debug)
+
+    def close(self):
+        if self._datapath is not None:
+            self._datapath.stop()
+            self._datapath = None
+        if self._tun_fd is not None:
+            os.close(self._tun_fd)
+            self._tun_fd = None
+        super().close()
+
+
+class _KernelTunnel(_Tunnel):
+    """The kernel backend: a kernel WireGuard link made in this network
+    namespace (as root, or by the sudo root helper) and moved into the
+    application's, its handshakes watched over a netlink socket from inside."""
+
+    name = "kernel"
+
+    def __init__(self, mtu=_DEFAULT_MTU):
+        import secrets
+
+        super().__init__(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu)
+        self._watcher = None
+
+    def connect(self, config, keypair, *, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+                debug=False):
+        import socket
+        import time
+
+        spec = _kernel_link_spec(
+            keypair.private, config.public_key,
+            endpoint=_endpoint_literal(config.endpoint_host, config.endpoint_port),
+            allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
+        use_sudo = os.geteuid() != 0
+        ifname = self.namespace.interface.name
+
+        def move_link(pid):
+            _provide_kernel_link(pid, ifname, spec, use_sudo=use_sudo)
+            self.progress(f"kernel WireGuard link {ifname} created "
+                          f"{'by the sudo root helper' if use_sudo else 'as root'}", debug)
+
+        fds = self.namespace.receive_interface(move_link)
         if len(fds) != 1:
             raise TunnelError("the application's namespace sent no netlink socket")
-        with socket.socket(fileno=fds[0]) as watcher:
-            namespace.configure(config.addresses, config.allowed_ips,
-                                _render_resolv_conf(config) if config.nameservers else None)
-            namespace.expect("configured")
-            deadline = time.monotonic() + connect_timeout
-            while not _kernel_handshake_seen(watcher, ifname):
-                if time.monotonic() > deadline:
-                    raise _no_answer(config, connect_timeout)
-                time.sleep(0.05)
-        return _start_and_wait(namespace, command, env_extra)
+        self._watcher = socket.socket(fileno=fds[0])
+        self.namespace.configure(config.addresses, config.allowed_ips,
+                                 _resolv_conf_or_none(config))
+        deadline = time.monotonic() + connect_timeout
+        while not _kernel_handshake_seen(self._watcher, ifname):
+            if time.monotonic() > deadline:
+                raise _no_answer(config, connect_timeout)
+            time.sleep(0.05)
+
+    def close(self):
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        super().close()
+
+
+_TUNNELS = {tunnel.name: tunnel for tunnel in (_UserspaceTunnel, _KernelTunnel)}
 
 
 # Orchestration ###############################################################
@@ -4086,60 +4069,16 @@ def _write_config_files(config, keypair):
     print("sinfonia-tier3: wrote wg.conf and resolv.conf", file=sys.stderr)
 
 
-def _run(
-    tier1_url,
-    uuid,
-    command,
-    *,
-    results=1,
-    timeout=_DEFAULT_TIMEOUT,
-    config_debug=False,
-    debug=False,
-    qrcode=None,
-    as_json=False,
-    zeroconf=False,
-    mtu=_DEFAULT_MTU,
-    connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
-    tunnel="auto",
-):
-    """Deploy `uuid` and do what was asked with it; the exit status.
-
-    Raises SinfoniaError for every failure of the tool itself.
-    """
-    if zeroconf:
-        raise UnavailableError(
-            "--zeroconf: discovery of a local Tier 2 is not built yet"
-        )
+def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
+                     debug=False, as_json=False, config_debug=False, qrcode=None):
+    """Deploy `uuid` and show the deployment without starting anything: as
+    JSON (--json), as wg.conf and resolv.conf (--config-debug), as a QR code
+    whose IncludedApplications are `command` (--qrcode); the exit status."""
     if qrcode is not None:
         if qrcode not in ("compact", "alt"):
             raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
         _check_android_packages(command)
         _segno()  # before deploying: the deployment would be wasted
-    if not (config_debug or qrcode or as_json):
-        choice = _choose_tunnel(tunnel, debug=debug)
-        # The namespace child sets itself up while Tier 1 answers.
-        if choice == "kernel":
-            namespace, run = _kernel_namespace(mtu), _run_kernel_application
-        else:
-            namespace, run = _Namespace(_TunInside(), mtu=mtu), _run_application
-        with namespace:
-            keypair = _load_or_create_keypair(uuid)
-            deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                           timeout=timeout, debug=debug)[0]
-            arguments = {
-                "env_extra": _application_environment(deployment, tier1_url), "mtu": mtu,
-                "connect_timeout": connect_timeout, "debug": debug}
-            try:
-                return run(deployment.tunnel_config, keypair, command,
-                           namespace=namespace, **arguments)
-            except _InterfaceFailedError as e:
-                if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
-                    raise
-                print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
-                      "kernel's WireGuard through sudo", file=sys.stderr)
-        with _kernel_namespace(mtu) as namespace:
-            return _run_kernel_application(deployment.tunnel_config, keypair, command,
-                                           namespace=namespace, **arguments)
     keypair = _load_or_create_keypair(uuid)
     deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
                                     timeout=timeout, debug=debug)
@@ -4151,6 +4090,104 @@ def _run(
     if qrcode:
         _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
     return 0
+
+
+def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
+                 debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+                 tunnel="auto"):
+    """Deploy `uuid` and run `command` behind the tunnel to it; the
+    application's exit status. Under `--tunnel auto`, a userspace tunnel that
+    fails in the namespace itself gives way to the kernel's through sudo."""
+    choice = _choose_tunnel(tunnel, debug=debug)
+    backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
+    try:
+        keypair = _load_or_create_keypair(uuid)
+        deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                       timeout=timeout, debug=debug)[0]
+        config = deployment.tunnel_config
+        try:
+            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
+        except _InterfaceFailedError as e:
+            if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
+                raise
+            print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
+                  "kernel's WireGuard through sudo", file=sys.stderr)
+            backend.close()
+            backend = _KernelTunnel(mtu=mtu)
+            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
+        return backend.run(command, _application_environment(deployment, tier1_url))
+    finally:
+        backend.close()
+
+
+def _why_no_kernel_wireguard(proc="/proc", sys_module="/sys/module"):
+    """Why this kernel makes no WireGuard links, or None when it does: try
+    one (root only). A kernel
+    that loads no modules (no /proc/modules) and has no WireGuard built in (no
+    /sys/module/wireguard) is known to have none without loading pyroute2."""
+    if not os.path.exists(os.path.join(proc, "modules")) and \
+            not os.path.exists(os.path.join(sys_module, "wireguard")):
+        return "the kernel has no WireGuard (none built in, and no module support)"
+    import secrets
+
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    name = "st3probe" + secrets.token_hex(3)
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="wireguard")
+        except NetlinkError as e:
+            return f"the kernel has no WireGuard ({os.strerror(e.code)})"
+        ipr.link("del", ifname=name)
+    return None
+
+
+def _userspace_blocked():
+    """Why the userspace backend cannot work for this user, or None: no user
+    namespaces, or no /dev/net/tun it may open."""
+    for path, blocked in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+                          ("/proc/sys/user/max_user_namespaces", "0"),
+                          ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == blocked:
+                    return f"user namespaces are disabled ({path} is {blocked})"
+        except OSError:
+            pass
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return "/dev/net/tun is not readable and writable for this user"
+    return None
+
+
+def _choose_tunnel(requested, *, debug=False):
+    """The backend for `--tunnel` `requested` ("auto", "userspace", "kernel"):
+    under auto, kernel when already root and the kernel has WireGuard, else
+    userspace when /dev/net/tun can be opened, else kernel through sudo.
+    The choice and why go to stderr with `debug`; turning to sudo is always
+    told, with what failed, since sudo may then ask or refuse."""
+    if requested != "auto":
+        return requested
+    if os.geteuid() == 0:
+        why_not = _why_no_kernel_wireguard()
+        if why_not is None:
+            choice, why = "kernel", "running as root and the kernel has WireGuard"
+        else:
+            choice, why = "userspace", f"running as root but {why_not}"
+    else:
+        why_not = _userspace_blocked()
+        if why_not is None:
+            choice, why = "userspace", "/dev/net/tun can be opened"
+        else:
+            choice, why = "kernel", f"{why_not}: kernel WireGuard through sudo"
+            if not debug:
+                print(f"sinfonia-tier3: the userspace tunnel cannot work ({why_not}); "
+                      "trying the kernel's WireGuard through sudo", file=sys.stderr)
+    if debug:
+        _debug(f"--tunnel auto: {choice} ({why})")
+    return choice
 
 
 def _application_environment(deployment, tier1_url):
@@ -4197,15 +4234,14 @@ def sinfonia_tier3(
     from `tier1_url` and run `application` (a command list) through the
     tunnel; returns the exit status, after printing the one line on failure."""
     try:
-        return _run(
-            str(tier1_url),
-            _application_uuid(str(application_uuid)),
-            list(application),
-            config_debug=config_debug,
-            debug=debug,
-            qrcode=qrcode,
-            zeroconf=zeroconf,
-        )
+        if zeroconf:
+            raise UnavailableError(
+                "--zeroconf: discovery of a local Tier 2 is not built yet")
+        uuid, command = _application_uuid(str(application_uuid)), list(application)
+        if config_debug or qrcode is not None:
+            return _show_deployment(str(tier1_url), uuid, command, debug=debug,
+                                    config_debug=config_debug, qrcode=qrcode)
+        return _run_session(str(tier1_url), uuid, command, debug=debug)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         return e.exit_status
@@ -4216,7 +4252,10 @@ def sinfonia_tier3(
 _EXIT_STATUS_HELP = """\
 exit status:
   0        success (with a COMMAND: the application's own status)
-  128+N    the application was killed by signal N
+  128+N    the application was killed by signal N; also the tool's own
+           status when a signal ends it first: 130 for Ctrl-C before the
+           application starts (SIGINT), 141 when the reader of --json or
+           --qrcode goes away (SIGPIPE)
   2        usage error
   125      failure of sinfonia-tier3 itself (Tier 1 unreachable, timed out,
            refused or answered badly; key cache unusable; tunnel failed)
@@ -4229,7 +4268,7 @@ stderr; stdout belongs to the application (or to --json / --qrcode).
 
 
 def _argument_parser():
-    """The command line of DESIGN §6; argparse exits 2 on bad arguments."""
+    """The command line; argparse exits 2 on bad arguments."""
     import argparse
 
     def tier1_url(text):
@@ -4266,7 +4305,8 @@ def _argument_parser():
     parser = argparse.ArgumentParser(
         prog="sinfonia-tier3",
         usage="%(prog)s [options] TIER1_URL APPLICATION [--] [COMMAND [ARGS...]]",
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        # python -OO drops docstrings: then --help goes without this line
+        description=__doc__ and __doc__.split("\n\n")[0].replace("\n", " "),
         epilog=_EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -4346,21 +4386,16 @@ def main(argv=None):
     command = options.command
     if command[:1] == ["--"]:
         command = command[1:]
+    common = {"results": options.results, "timeout": options.timeout,
+              "debug": options.debug}
     try:
-        return _run(
-            options.tier1_url,
-            options.application,
-            command,
-            results=options.results,
-            timeout=options.timeout,
-            config_debug=options.config_debug,
-            debug=options.debug,
-            qrcode=options.qrcode,
-            as_json=options.json,
-            mtu=options.mtu,
-            connect_timeout=options.connect_timeout,
-            tunnel=options.tunnel,
-        )
+        if options.json or options.config_debug or options.qrcode:
+            return _show_deployment(
+                options.tier1_url, options.application, command, as_json=options.json,
+                config_debug=options.config_debug, qrcode=options.qrcode, **common)
+        return _run_session(
+            options.tier1_url, options.application, command, mtu=options.mtu,
+            connect_timeout=options.connect_timeout, tunnel=options.tunnel, **common)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         if options.json:
@@ -4369,13 +4404,17 @@ def main(argv=None):
             print(json.dumps({"error": {"kind": e.kind, "message": str(e)}}))
         return e.exit_status
     except KeyboardInterrupt:
+        import signal
+
         print("sinfonia-tier3: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT  # as if the signal had ended it, like a shell says
     except BrokenPipeError:
         # The reader of --json or --qrcode went away (`| head`): end quietly,
         # with the status of a process killed by SIGPIPE.
+        import signal
+
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + 13
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def test_helper_creates_configures_and_moves_link(holders, pythonpath):
     assert dump.returncode == 0, dump.stderr
     device, peer = [line.split("\t") for line in dump.stdout.splitlines()]
     assert device[0] == _b64(spec.private_key)
-    # Up (as the namespace child brings it), it opens its UDP socket: in the
+    # Up (as the holder brings it), it opens its UDP socket: in the
     # namespace where it was created, not in the holder's.
     assert holder.run("ip", "link", "set", ifname, "up").returncode == 0
     listen_port = holder.run("wg", "show", ifname, "listen-port").stdout.strip()
@@ -658,9 +658,9 @@ keypair = st3._load_or_create_keypair(uuid)
 deployment = st3._deploy_verbosely(url, uuid, keypair, results=1, timeout=10,
                                    debug=False)[0]
 try:
-    status = st3._run_kernel_application(
-        deployment.tunnel_config, keypair, command,
-        env_extra=st3._application_environment(deployment, url), debug=True)
+    with st3._KernelTunnel() as tunnel:
+        tunnel.connect(deployment.tunnel_config, keypair, debug=True)
+        status = tunnel.run(command, st3._application_environment(deployment, url))
 except st3.SinfoniaError as e:
     print(f"sinfonia-tier3: {e}", file=sys.stderr)
     status = e.exit_status
@@ -772,7 +772,7 @@ PROBE_WITH_STAND_INS = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import sinfonia_tier3 as st3
-print(st3._kernel_wireguard_available(proc=sys.argv[2], sys_module=sys.argv[3]))
+print(st3._why_no_kernel_wireguard(proc=sys.argv[2], sys_module=sys.argv[3]))
 print("pyroute2" in sys.modules)
 """
 
@@ -912,7 +912,7 @@ def test_auto_as_a_user_without_user_namespaces_takes_kernel_through_sudo(
 def test_auto_turns_to_sudo_when_the_userspace_tunnel_fails_at_run_time(cloudlet):
     """A /dev/net/tun that every check passes but that is no TUN device (here
     /dev/null bound over it, in a mount namespace of the test's own): the
-    userspace path fails in the namespace child, the tool says so, tries the
+    userspace path fails in the holder, the tool says so, tries the
     kernel path through sudo, and that one's refusal (no sudoers rule for the
     test user) is its one last line."""
     import sessions

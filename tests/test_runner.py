@@ -5,7 +5,7 @@ descriptor that the runner hands out is read directly.
 
 Each run goes through a small driver program, started as a separate process
 (as root, or as the test user through setpriv), that uses the runner the way
-`_run_application` does.
+the tunnels (`_UserspaceTunnel`, `_KernelTunnel`) do.
 """
 
 import errno
@@ -32,23 +32,22 @@ sys.path.insert(0, sys.argv[1])
 import sinfonia_tier3 as st3
 spec = json.loads(sys.argv[2])
 sys.executable = spec.get("executable", sys.executable)  # as in an embedding program
-interface = st3._TunInside()
+interface, move_link = st3._TunInside(), None
 if "moved_link" in spec:
     interface = st3._LinkMovedIn(spec["moved_link"]["name"])
+    def move_link(pid):
+        os.system(spec["moved_link"]["move"].replace("PID", str(pid)))
 status = 125
 try:
     with st3._Namespace(interface, mtu=spec.get("mtu", 1420)) as namespace:
-        if "moved_link" in spec:
-            namespace.expect("awaiting_link")
-            os.system(spec["moved_link"]["move"].replace("PID", str(namespace.pid)))
-            namespace.send({"link_moved": spec["moved_link"]["name"]})
-        fds = namespace.expect("interface")[1]
+        fds = namespace.receive_interface(move_link)
         tun_fd = fds[0] if fds else None
         namespace.configure(spec["addresses"], spec["routes"], spec.get("resolv_conf"))
-        namespace.expect("configured")
         print(json.dumps({"holder": namespace.pid}), file=sys.stderr, flush=True)
-        namespace.start(spec["command"], dict(os.environ, **spec.get("env", {})))
-        if spec.get("capture"):  # the first IPv4 packet (IPv6 has link-local chatter)
+        if not spec.get("capture"):
+            status = namespace.run(spec["command"], spec.get("env", {}))
+        else:  # the first IPv4 packet (IPv6 has link-local chatter), while it runs
+            namespace.start(spec["command"], dict(os.environ, **spec.get("env", {})))
             for _ in range(100):
                 if not select.select([tun_fd], [], [], 10)[0]:
                     break
@@ -57,7 +56,7 @@ try:
                     with open(spec["capture"], "w") as f:
                         f.write(packet.hex())
                     break
-        status = namespace.wait()
+            status = namespace.wait()
 except st3.SinfoniaError as e:
     print(f"sinfonia-tier3: {e}", file=sys.stderr)
     status = e.exit_status
