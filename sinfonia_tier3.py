@@ -3825,7 +3825,12 @@ def _genl_request(sock, family, command, attrs, flags=0):
 
 def _kernel_handshake_seen(sock, ifname):
     """Whether kernel WireGuard link `ifname` (in `sock`'s namespace) has had a
-    handshake with its peer."""
+    handshake with its peer.
+
+    Generic netlink by hand, not pyroute2's WireGuard: the tool itself has not
+    loaded pyroute2 (only the holder has), and loading it here costs 100-170 ms
+    before the first look and 12 MiB for the whole session with pyroute2 0.9
+    (65 ms with Debian's 0.7.2), for two requests of a few attributes."""
     (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
                               _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
     family_id = struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
