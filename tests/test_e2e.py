@@ -211,6 +211,16 @@ def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell, cur
 # Every way users run it ######################################################
 
 
+def _link_modules(directory, *modules):
+    """Symlinks in `directory` to the packages (or extension files) of
+    `modules`, as this interpreter has them."""
+    for module in modules:
+        source = module.__file__
+        if os.path.basename(source) == "__init__.py":
+            source = os.path.dirname(source)
+        os.symlink(source, os.path.join(directory, os.path.basename(source)))
+
+
 def _nacl_only_path(scratch):
     """A directory with pynacl (and cffi's backend) but no pyroute2, so that
     a zipapp's own pyroute2 is the only one."""
@@ -219,9 +229,7 @@ def _nacl_only_path(scratch):
 
     path = os.path.join(scratch, "nacl-only")
     os.mkdir(path)
-    for module in (nacl, _cffi_backend):
-        source = os.path.dirname(module.__file__) if module is nacl else module.__file__
-        os.symlink(source, os.path.join(path, os.path.basename(source)))
+    _link_modules(path, nacl, _cffi_backend)
     return path
 
 
@@ -240,14 +248,16 @@ def _installed_script(scratch):
     environment = os.path.join(scratch, "venv")
     venv.create(environment, with_pip=False)
     python = os.path.join(environment, "bin", "python")
-    # pynacl and pyroute2 from where this interpreter has them, not its base's.
+    # pynacl (with cffi's backend) and pyroute2 from where this interpreter
+    # has them, not its base's; only them: a .pth to this interpreter's whole
+    # site-packages would show pip this project as installed there already.
+    import _cffi_backend
     import nacl
     import pyroute2
 
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(site, "dependencies.pth"), "w") as f:
-        f.writelines(f"{os.path.dirname(os.path.dirname(m.__file__))}\n" for m in (nacl, pyroute2))
+    _link_modules(site, nacl, _cffi_backend, pyroute2)
     (wheel,) = os.listdir(dist)
     subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
                     "--no-deps", "--no-index", os.path.join(dist, wheel)],
