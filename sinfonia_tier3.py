@@ -40,6 +40,8 @@ _MAX_RESPONSE_BYTES = 1 << 20  # a list of three deployments is about 2 KiB
 _MAX_DETAIL_CHARS = 200  # how much of a server's error text reaches the user
 _PERSISTENT_KEEPALIVE = 30  # seconds, as upstream configures its peer
 _RESOLV_NDOTS = 5  # cluster-local names have up to four dots
+_DEFAULT_MTU = 1420  # 1500 less 80 for IPv6, UDP and WireGuard headers (wg-quick's)
+_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
 
 
 class SinfoniaError(Exception):
@@ -1298,7 +1300,7 @@ class _Sender:
     a short queue and `request_handshake()` asks for one.
     """
 
-    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
+    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=_DEFAULT_MTU,
                  clock=None, endpoint=None, headroom=0):
         import time
 
@@ -2295,7 +2297,7 @@ class Datapath:
 
     def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
                  allowed_ips=(), preshared_key=None, persistent_keepalive=0,
-                 listen=None, vnet_hdr=False, mtu=1420, clock=None):
+                 listen=None, vnet_hdr=False, mtu=_DEFAULT_MTU, clock=None):
         import mmap
         import time
 
@@ -2558,8 +2560,6 @@ _RESOLV_CONF = "/etc/resolv.conf"
 # inside the namespace so that names go to the cloudlet's DNS.
 _RESOLVER_SOCKET_DIRS = ("/run/systemd/resolve", "/run/nscd")
 _SHELL_PROMPT = "sinfonia$ "
-_DEFAULT_MTU = 1420
-_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
 _DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for the first handshake
 _SETUP_TIMEOUT = 30.0
 _MAX_MESSAGE = 1 << 20
