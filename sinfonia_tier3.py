@@ -938,11 +938,16 @@ _GSO_BYTES = 65000  # and at most this many bytes
 
 _MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
 _INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
-_TRANSPORT_HEADER = 16
+_TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver index, counter
+_TRANSPORT_HEADER_SIZE = _TRANSPORT_HEADER.size
 _TAG = 16
-_KEEPALIVE_SIZE = _TRANSPORT_HEADER + _TAG
+_KEEPALIVE_SIZE = _TRANSPORT_HEADER_SIZE + _TAG
 _TAI64_BASE = (1 << 62) + 10
 _NO_KEY = b"\0" * 32
+_U32_BE = struct.Struct(">I")
+_U64_PAIR_BE = struct.Struct(">QQ")
+_U32_LE = struct.Struct("<I")
+_U64_LE = struct.Struct("<Q")
 
 
 def _hash(*parts):
@@ -1200,13 +1205,6 @@ class _AllowedIPs:
         return 0
 
 
-_U32_BE = struct.Struct(">I")
-_U64_PAIR_BE = struct.Struct(">QQ")
-_U32_LE = struct.Struct("<I")
-_U64_LE = struct.Struct("<Q")
-_TRANSPORT_HEAD = struct.Struct("<IIQ")  # type, receiver index, counter
-
-
 class _TransportCipher:
     """ChaCha20-Poly1305 for transport data: `seal(slot, length, key, counter)`
     encrypts in place (the tag follows), `open(slot, offset, size, key,
@@ -1315,21 +1313,22 @@ class _Sender:
         self.queue = []
         self.next_request = -1e9
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
-        capacity = _TRANSPORT_HEADER + ((mtu + 15) & ~15) + _TAG
+        capacity = _TRANSPORT_HEADER_SIZE + ((mtu + 15) & ~15) + _TAG
         self.capacity = capacity
         # As many packets as fit one GSO send when they are all MTU-sized.
-        self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
+        self.batch = batch = min(_GSO_SEGMENTS,
+                                 _GSO_BYTES // (mtu + _TRANSPORT_HEADER_SIZE + _TAG))
         self.buffer = bytearray(capacity * batch)
         view = memoryview(self.buffer)
         self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
         self.read_views = [
-            [view[i * capacity + _TRANSPORT_HEADER - headroom:
-                  i * capacity + _TRANSPORT_HEADER + mtu]]
+            [view[i * capacity + _TRANSPORT_HEADER_SIZE - headroom:
+                  i * capacity + _TRANSPORT_HEADER_SIZE + mtu]]
             for i in range(batch)
         ]
-        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
+        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER_SIZE)
                         for i in range(batch)]
-        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_size = mtu + _TRANSPORT_HEADER_SIZE + _TAG  # the message of an MTU-sized packet
         self.full_views = [view[:self.full_size] for view in self.slot_views]
 
     def install(self, keypair):
@@ -1357,7 +1356,7 @@ class _Sender:
     def send_packet(self, packet):
         """Encrypt and send one IP packet given as bytes (slow path, tests)."""
         size = len(packet)
-        self.slot_views[0][_TRANSPORT_HEADER:_TRANSPORT_HEADER + size] = packet
+        self.slot_views[0][_TRANSPORT_HEADER_SIZE:_TRANSPORT_HEADER_SIZE + size] = packet
         self.seal_batch([size], 1)
 
     def seal_batch(self, sizes, count):
@@ -1375,7 +1374,7 @@ class _Sender:
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
         key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
         slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
-        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
+        pack_header, emit, endpoint = _TRANSPORT_HEADER.pack_into, self.emit, self.endpoint
         counter = keypair.send_counter
         views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
         for i in range(count):
@@ -1385,14 +1384,14 @@ class _Sender:
                 if padded > mtu:
                     padded = max(mtu, size)
                 if padded != size:
-                    start = i * capacity + _TRANSPORT_HEADER
+                    start = i * capacity + _TRANSPORT_HEADER_SIZE
                     buffer[start + size:start + padded] = bytes(padded - size)
             if size:
                 data = True
             pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
             seal(handles[i], padded, key, counter)
             counter += 1
-            message = padded + _TRANSPORT_HEADER + _TAG
+            message = padded + _TRANSPORT_HEADER_SIZE + _TAG
             sent += message
             if run and (message > segment or run == limit):
                 emit(views, segment, endpoint)
@@ -1415,7 +1414,7 @@ class _Sender:
 
     def copies(self, sizes, count):
         """The `count` packets read into the slots, as bytes (to send later)."""
-        start = _TRANSPORT_HEADER
+        start = _TRANSPORT_HEADER_SIZE
         return [bytes(self.slot_views[i][start:start + sizes[i]]) for i in range(count) if sizes[i]]
 
     def _hold(self, sizes, count, now):
@@ -1548,7 +1547,7 @@ class _Peer:
         from an allowed address is left at the start of `self.plain` and
         `deliver(length)` is called; everything else is dropped silently.
         """
-        inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
+        inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEADER.unpack_from
         open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
         packet_length, plain = self.allowed.packet_length, self.plain
         ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
@@ -1574,8 +1573,8 @@ class _Peer:
             place = counter & ring_mask
             if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
                 continue  # replayed, too old, or past the limit
-            length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
-                           key, counter, plain_handle)
+            length = open_(inbox_handle, start + _TRANSPORT_HEADER_SIZE,
+                           end - start - _TRANSPORT_HEADER_SIZE, key, counter, plain_handle)
             if length < 0:
                 continue
             ring[place] = counter
