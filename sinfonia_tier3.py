@@ -1294,8 +1294,8 @@ class _Sender:
     Packets are read straight into `slots` (one per packet, room for the
     transport header before and the tag after), sealed in place and handed to
     `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
-    which is the shape UDP GSO wants. Without a usable keypair packets wait in
-    a short queue and `request_handshake()` asks for one.
+    which is the shape UDP GSO wants. Without usable session keys packets wait
+    in a short queue and `request_handshake()` asks for them.
     """
 
     def __init__(self, cipher, counters, emit, request_handshake, *, mtu=_DEFAULT_MTU,
@@ -1309,7 +1309,7 @@ class _Sender:
         self.clock = clock or time.monotonic
         self.mtu = mtu
         self.endpoint = endpoint
-        self.keypair = None
+        self.session_keys = None
         self.queue = []
         self.next_request = -1e9
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
@@ -1331,16 +1331,16 @@ class _Sender:
         self.full_size = mtu + _TRANSPORT_HEADER_SIZE + _TAG  # the message of an MTU-sized packet
         self.full_views = [view[:self.full_size] for view in self.slot_views]
 
-    def install(self, keypair):
-        """Use `keypair` from now on (None: forget keys); flush what waited."""
-        self.keypair = keypair
-        if keypair is None:
+    def install(self, session_keys):
+        """Use `session_keys` from now on (None: forget keys); flush what waited."""
+        self.session_keys = session_keys
+        if session_keys is None:
             return
         queued, self.queue = self.queue, []
         if queued:
             for packet in queued:
                 self.send_packet(packet)
-        elif keypair.initiator:
+        elif session_keys.initiator:
             self.keepalive()  # the responder needs a first packet to confirm
 
     def set_endpoint(self, endpoint):
@@ -1350,7 +1350,7 @@ class _Sender:
         self.queue = []
 
     def keepalive(self):
-        """Send an empty transport message (if there is a keypair to seal it)."""
+        """Send an empty transport message (if there are session keys to seal it)."""
         self.seal_batch([0], 1)
 
     def send_packet(self, packet):
@@ -1361,21 +1361,21 @@ class _Sender:
 
     def seal_batch(self, sizes, count):
         """Encrypt and send the `count` packets read into the slots."""
-        keypair = self.keypair
+        session_keys = self.session_keys
         now = self.clock()
-        if (keypair is None or self.endpoint is None
-                or now - keypair.created >= _REJECT_AFTER_TIME
-                or keypair.send_counter + count >= _REJECT_AFTER_MESSAGES):
+        if (session_keys is None or self.endpoint is None
+                or now - session_keys.created >= _REJECT_AFTER_TIME
+                or session_keys.send_counter + count >= _REJECT_AFTER_MESSAGES):
             self._hold(sizes, count, now)
             return
-        if keypair.initiator and (now - keypair.created >= _REKEY_AFTER_TIME
-                                  or keypair.send_counter >= _REKEY_AFTER_MESSAGES):
+        if session_keys.initiator and (now - session_keys.created >= _REKEY_AFTER_TIME
+                                       or session_keys.send_counter >= _REKEY_AFTER_MESSAGES):
             self._ask_for_handshake(now)
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
-        key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        key, index, capacity = session_keys.send_key, session_keys.remote_index, self.capacity
         slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
         pack_header, emit, endpoint = _TRANSPORT_HEADER.pack_into, self.emit, self.endpoint
-        counter = keypair.send_counter
+        counter = session_keys.send_counter
         views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
         for i in range(count):
             size = padded = sizes[i]
@@ -1405,7 +1405,7 @@ class _Sender:
                 views, run = [], 0
         if run:
             emit(views, segment, endpoint)
-        keypair.send_counter = counter
+        session_keys.send_counter = counter
         counters = self.counters
         counters[_TX_BYTES] += sent
         counters[_LAST_SENT] = now
@@ -1421,7 +1421,7 @@ class _Sender:
         room = _QUEUED_PACKETS - len(self.queue)
         if room > 0:
             self.queue.extend(self.copies(sizes, count)[:room])
-        if count:  # data or a keepalive that no usable keypair can carry
+        if count:  # data or a keepalive that no usable session keys can carry
             self._ask_for_handshake(now)
 
     def _ask_for_handshake(self, now):
@@ -1431,13 +1431,13 @@ class _Sender:
 
 
 class _Peer:
-    """The WireGuard protocol for one peer: handshakes, cookies, keypairs, timers.
+    """The WireGuard protocol for one peer: handshakes, cookies, session keys, timers.
 
     Pure state, no I/O: `clock` is injectable and every output goes through
     the hooks, so tests drive two instances against each other in one process.
     Hooks (set by the owner): `transmit(datagram, address)` sends a handshake
     or cookie message; `sender` is the object encrypting outgoing data
-    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`,
+    (`install(session_keys)`, `set_endpoint(address)`, `keepalive()`,
     `drop_queue()`): a `_Sender`, or its proxy in another process.
     """
 
@@ -1474,10 +1474,10 @@ class _Peer:
         self.mac1_key_in = _hash(_WG_LABEL_MAC1, self.public_key)
         self.cookie_key_out = _hash(_WG_LABEL_COOKIE, self.peer_public_key)
         self.cookie_key_in = _hash(_WG_LABEL_COOKIE, self.public_key)
-        # handshake and keypairs
+        # handshake and session keys
         self.handshake = None
         self.current = self.previous = self.next = None
-        self.keypairs = {}  # local index -> _SessionKeys, for the receiving path
+        self.session_keys_by_index = {}  # local index -> _SessionKeys, for receiving
         self.last_timestamp = b""
         self.stamp_sent_ns = 0
         self.last_initiation_consumed = -1e9
@@ -1532,7 +1532,7 @@ class _Peer:
         message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
         message, mac1 = self._add_macs(message, now)
         self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, retries)
-        self.keypairs[index] = None  # reserved until the response or the next attempt
+        self.session_keys_by_index[index] = None  # reserved until the response or next attempt
         self.last_initiation_sent = now
         jitter = _REKEY_TIMEOUT_JITTER * self.random(1)[0] / 255
         self.retransmit_at = now + _REKEY_TIMEOUT + jitter
@@ -1547,12 +1547,12 @@ class _Peer:
         from an allowed address is left at the start of `self.plain` and
         `deliver(length)` is called; everything else is dropped silently.
         """
-        inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEADER.unpack_from
-        open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
-        packet_length, plain = self.allowed.packet_length, self.plain
+        inbox, inbox_handle, by_index = self.inbox, self.inbox_handle, self.session_keys_by_index
+        plain, plain_handle, open_ = self.plain, self.plain_handle, self.cipher.open
+        unpack, packet_length = _TRANSPORT_HEADER.unpack_from, self.allowed.packet_length
         ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
         received = data = 0
-        keypair = None
+        session_keys = None
         roaming = address != self.endpoint
         for start in range(0, size, segment):
             end = min(start + segment, size)
@@ -1562,25 +1562,27 @@ class _Peer:
             if kind != _MSG_TRANSPORT:
                 if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
                     self._receive_handshake(bytes(inbox[start:end]), address, now)
-                    keypair = None  # keypairs may have changed
+                    session_keys = None  # the message may have retired them
                 continue
-            if keypair is None or index != keypair.local_index:
-                keypair = keypairs.get(index)
-                if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
-                    keypair = None
+            if session_keys is None or index != session_keys.local_index:
+                session_keys = by_index.get(index)
+                if session_keys is None or now - session_keys.created >= _REJECT_AFTER_TIME:
+                    session_keys = None
                     continue
-                key, ring, unconfirmed = keypair.receive_key, keypair.replay_ring, keypair is self.next
+                key, ring = session_keys.receive_key, session_keys.replay_ring
+                unconfirmed = session_keys is self.next
             place = counter & ring_mask
-            if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
+            if (ring[place] == counter or session_keys.replay_top - counter >= window
+                    or counter >= too_many):
                 continue  # replayed, too old, or past the limit
             length = open_(inbox_handle, start + _TRANSPORT_HEADER_SIZE,
                            end - start - _TRANSPORT_HEADER_SIZE, key, counter, plain_handle)
             if length < 0:
                 continue
             ring[place] = counter
-            keypair.replay_top = max(keypair.replay_top, counter)
+            session_keys.replay_top = max(session_keys.replay_top, counter)
             received += end - start
-            # Endpoint and keypair change before the packet reaches the TUN:
+            # Endpoint and session keys change before the packet reaches the TUN:
             # an answer to it must find them in place.
             if roaming:
                 roaming = False
@@ -1621,7 +1623,7 @@ class _Peer:
             self._consume_cookie(message, now)
 
     def _consume_initiation(self, message, address, now):
-        """Responder: check an initiation, answer it, keep the keypair as `next`."""
+        """Responder: check an initiation, answer it, keep the session keys as `next`."""
         import hmac
 
         ephemeral = message[8:40]
@@ -1663,16 +1665,16 @@ class _Peer:
         response, mac1 = self._add_macs(response, now)
         receive_key, send_key = _kdf(chain, b"", 2)
         if self.next is not None:
-            self.keypairs.pop(self.next.local_index, None)
+            self.session_keys_by_index.pop(self.next.local_index, None)
         self.next = _SessionKeys(send_key, receive_key, index, remote_index, now, False)
-        self.keypairs[index] = self.next
+        self.session_keys_by_index[index] = self.next
         self.last_response_mac1 = (index, mac1)
         self.last_received = now
         self._roam(address)
         self._transmit(response, now)
 
     def _consume_response(self, message, address, now):
-        """Initiator: finish the handshake; the new keypair is used at once."""
+        """Initiator: finish the handshake; the new session keys are used at once."""
         sender_index, receiver_index = struct.unpack_from("<II", message, 4)
         handshake = self.handshake
         if handshake is None or receiver_index != handshake.local_index:
@@ -1691,27 +1693,28 @@ class _Peer:
         if _open(key, 0, message[44:60], hash_) != b"":
             return
         send_key, receive_key = _kdf(chain, b"", 2)
-        keypair = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index, now, True)
+        session_keys = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index,
+                                    now, True)
         self.handshake = None
         self.retransmit_at = None
-        # A responder keypair still waiting for its confirmation may be what
-        # the peer sends with (both sides initiated at once): as the kernel
-        # does, it stays for receiving as the previous one, and the current
-        # one goes.
+        # Responder session keys still waiting for their confirmation may be
+        # what the peer sends with (both sides initiated at once): as the
+        # kernel does, they stay for receiving as the previous ones, and the
+        # current ones go.
         retired = self.current if self.next is not None else self.previous
         if retired is not None:
-            self.keypairs.pop(retired.local_index, None)
+            self.session_keys_by_index.pop(retired.local_index, None)
         self.previous = self.next if self.next is not None else self.current
-        self.current, self.next = keypair, None
-        self.keypairs[keypair.local_index] = keypair
+        self.current, self.next = session_keys, None
+        self.session_keys_by_index[session_keys.local_index] = session_keys
         self.last_received = now
         self._roam(address)
         self._handshake_complete(now)
 
     def _confirm_next(self, now):
-        """Responder: the initiator used the new keypair, so it becomes current."""
+        """Responder: the initiator used the new session keys, so they become current."""
         if self.previous is not None:
-            self.keypairs.pop(self.previous.local_index, None)
+            self.session_keys_by_index.pop(self.previous.local_index, None)
         self.previous, self.current, self.next = self.current, self.next, None
         self._handshake_complete(now)
 
@@ -1799,7 +1802,7 @@ class _Peer:
             else:
                 self.initiate(now, retry=True)
         if self.last_handshake is not None and now - self.last_handshake >= 3 * _REJECT_AFTER_TIME:
-            self._forget_keypairs()
+            self._forget_session_keys()
         if self.current is not None:
             passive = (self.last_data_received > last_sent
                        and now - self.last_data_received >= _KEEPALIVE_TIMEOUT)
@@ -1834,18 +1837,20 @@ class _Peer:
     def _new_index(self):
         while True:
             index = _U32_LE.unpack(self.random(4))[0]
-            if index not in self.keypairs:
+            if index not in self.session_keys_by_index:
                 return index
 
     def _forget_handshake(self):
         if self.handshake is not None:
-            if self.keypairs.get(self.handshake.local_index, 0) is None:
-                del self.keypairs[self.handshake.local_index]
+            if self.session_keys_by_index.get(self.handshake.local_index, 0) is None:
+                del self.session_keys_by_index[self.handshake.local_index]
             self.handshake = None
 
-    def _forget_keypairs(self):
+    def _forget_session_keys(self):
         self.current = self.previous = self.next = None
-        self.keypairs = {index: None for index, kp in self.keypairs.items() if kp is None}
+        self.session_keys_by_index = {  # the indices reserved for a handshake stay
+            index: None for index, session_keys in self.session_keys_by_index.items()
+            if session_keys is None}
         self.last_handshake = None
         self.sender.install(None)
 
@@ -2066,11 +2071,14 @@ class _SenderLink:
         self.endpoint_area = endpoint_area
         self.counters = counters
 
-    def install(self, keypair):
-        if keypair is not None:
-            keypair = (keypair.send_key, keypair.local_index, keypair.remote_index,
-                       keypair.created, keypair.initiator)
-        self._send(("install", keypair))
+    def install(self, session_keys):
+        """Only the sending half goes: the receiving key stays in this process."""
+        sending_half = None
+        if session_keys is not None:
+            sending_half = (session_keys.send_key, session_keys.local_index,
+                            session_keys.remote_index, session_keys.created,
+                            session_keys.initiator)
+        self._send(("install", sending_half))
 
     def set_endpoint(self, endpoint):
         _store_endpoint(self.endpoint_area, endpoint)
@@ -2190,11 +2198,11 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
     receiving process is gone.
 
     Packets read from the TUN are sealed only after every message the control
-    process had sent by then is applied. The control process sends a new
-    keypair or endpoint before it writes the packet that brought it to the
-    TUN, so an answer to that packet (which exists only after the write) never
-    leaves under the keypair the peer has abandoned, or for its old address,
-    however the scheduler orders the two processes.
+    process had sent by then is applied. The control process sends new
+    session keys or a new endpoint before it writes the packet that brought
+    them to the TUN, so an answer to that packet (which exists only after the
+    write) never leaves under session keys the peer has abandoned, or for its
+    old address, however the scheduler orders the two processes.
     """
     import select
 
@@ -2262,12 +2270,12 @@ def _apply_control_messages(sender, link):
             return False
         message = pickle.loads(message)
         if message[0] == "install":
-            keypair = message[1]
-            if keypair is not None:
-                send_key, local_index, remote_index, created, initiator = keypair
-                keypair = _SessionKeys(send_key, None, local_index, remote_index,
-                                   created, initiator)
-            sender.install(keypair)
+            session_keys = None
+            if message[1] is not None:
+                send_key, local_index, remote_index, created, initiator = message[1]
+                session_keys = _SessionKeys(send_key, None, local_index, remote_index,
+                                            created, initiator)
+            sender.install(session_keys)
         elif message[0] == "endpoint":
             sender.set_endpoint(message[1])
         elif message[0] == "keepalive":
