@@ -1014,7 +1014,8 @@ class _Sodium:
     encrypt in place (`_TransportCipher`). `lib` is not a public pynacl API:
     where it is missing or incomplete (`lib` is None), or with
     `use_lib=False`, `nacl.bindings` does everything. Sizes are checked
-    before they reach C.
+    before they reach C. `aeads` is the function table, (encrypt, decrypt)
+    by nonce size, in the calling convention of whichever of the two it is.
     """
 
     _AEADS = ((12, "chacha20poly1305"), (24, "xchacha20poly1305"))  # by nonce size
@@ -1040,7 +1041,7 @@ class _Sodium:
         same calling conventions); AttributeError when one is missing."""
         self._scalarmult_base = functions.crypto_scalarmult_base
         self._scalarmult = functions.crypto_scalarmult
-        self._aeads = {
+        self.aeads = {
             size: (getattr(functions, f"crypto_aead_{name}_ietf_encrypt"),
                    getattr(functions, f"crypto_aead_{name}_ietf_decrypt"))
             for size, name in self._AEADS}
@@ -1069,9 +1070,9 @@ class _Sodium:
         return bytes(out)
 
     def seal(self, key, nonce, plaintext, ad):
-        key, nonce = _sized(key, 32), _sized(nonce, *self._aeads)
+        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
         plaintext, ad = bytes(plaintext), bytes(ad)
-        encrypt = self._aeads[len(nonce)][0]
+        encrypt = self.aeads[len(nonce)][0]
         if self.lib is None:
             return encrypt(plaintext, ad, nonce, key)
         out = self.ffi.new("unsigned char[]", len(plaintext) + _TAG)
@@ -1081,11 +1082,11 @@ class _Sodium:
 
     def open(self, key, nonce, ciphertext, ad):
         """The plaintext, or None when `ciphertext` does not authenticate."""
-        key, nonce = _sized(key, 32), _sized(nonce, *self._aeads)
+        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
         ciphertext, ad = bytes(ciphertext), bytes(ad)
         if len(ciphertext) < _TAG:
             return None
-        decrypt = self._aeads[len(nonce)][1]
+        decrypt = self.aeads[len(nonce)][1]
         if self.lib is None:
             from nacl.exceptions import CryptoError
 
@@ -1211,25 +1212,22 @@ class _TransportCipher:
     counter, out)` decrypts into slot `out` and returns the plaintext length
     or -1. Slots are what `slot(buffer, offset)` returned.
 
-    Fast path: libsodium through pynacl's cffi `lib` straight into the
-    buffers (not a public pynacl API, hence guarded). Fallback:
-    `nacl.bindings`, plus copies. Both are closures over their state, which
-    saves attribute look-ups per packet.
+    Built on the function table of a `_Sodium` (`use_lib` as there). Fast
+    path: libsodium through pynacl's cffi `lib` straight into the buffers.
+    Fallback: `nacl.bindings`, plus copies. Both are closures over their
+    state, which saves attribute look-ups per packet.
     """
 
-    def __init__(self, fast=True):
-        sodium = _sodium()
-        self.fast = fast and sodium.lib is not None
-        if self.fast:
-            self._cffi_closures(sodium.ffi, sodium.lib)
+    def __init__(self, use_lib=True):
+        sodium = _sodium() if use_lib else _Sodium(use_lib=False)
+        self.use_lib = sodium.lib is not None
+        encrypt, decrypt = sodium.aeads[12]
+        if self.use_lib:
+            self._cffi_closures(sodium.ffi, encrypt, decrypt)
         else:
-            import nacl.bindings
+            self._bindings_closures(encrypt, decrypt)
 
-            self._bindings_closures(nacl.bindings)
-
-    def _cffi_closures(self, ffi, lib):
-        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
-        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+    def _cffi_closures(self, ffi, encrypt, decrypt):
         null, nonce = ffi.NULL, bytearray(12)
         nonce_pointer, pack_nonce = ffi.from_buffer(nonce), _U64_LE.pack_into
 
@@ -1247,11 +1245,8 @@ class _TransportCipher:
         self.seal, self.open = seal, open_
         self.slot = lambda buffer, offset: ffi.from_buffer(memoryview(buffer)[offset:])
 
-    def _bindings_closures(self, bindings):
+    def _bindings_closures(self, encrypt, decrypt):
         from nacl.exceptions import CryptoError
-
-        encrypt = bindings.crypto_aead_chacha20poly1305_ietf_encrypt
-        decrypt = bindings.crypto_aead_chacha20poly1305_ietf_decrypt
 
         def seal(slot, length, key, counter):
             nonce = _nonce(counter)

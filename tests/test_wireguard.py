@@ -948,11 +948,11 @@ def test_fuzz_tun_writer_on_a_real_tun_device(real_tun, packets):
 
 
 def test_cffi_and_bindings_ciphers_agree():
-    fast, slow = st3._TransportCipher(), st3._TransportCipher(fast=False)
-    assert not slow.fast
+    via_lib, via_bindings = st3._TransportCipher(), st3._TransportCipher(use_lib=False)
+    assert via_lib.use_lib and not via_bindings.use_lib
     key, plaintext = os.urandom(32), os.urandom(1424)
     sealed = []
-    for cipher in (fast, slow):
+    for cipher in (via_lib, via_bindings):
         buffer = bytearray(plaintext + bytes(16))
         cipher.seal(cipher.slot(buffer, 0), len(plaintext), key, 7)
         sealed.append(bytes(buffer))
