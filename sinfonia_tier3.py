@@ -944,6 +944,7 @@ _TAG = 16
 _KEEPALIVE_SIZE = _TRANSPORT_HEADER_SIZE + _TAG
 _TAI64_BASE = (1 << 62) + 10
 _NO_KEY = b"\0" * 32
+_HANDSHAKE_NONCE = bytes(12)  # counter 0: each handshake key seals one message
 _U32_BE = struct.Struct(">I")
 _U64_PAIR_BE = struct.Struct(">QQ")
 _U32_LE = struct.Struct("<I")
@@ -979,15 +980,6 @@ def _kdf(key, data, count):
 
 def _nonce(counter):
     return b"\0\0\0\0" + counter.to_bytes(8, "little")
-
-
-def _seal(key, counter, plaintext, ad):
-    return _sodium().seal(key, _nonce(counter), plaintext, ad)
-
-
-def _open(key, counter, ciphertext, ad):
-    """The plaintext, or None when `ciphertext` does not authenticate."""
-    return _sodium().open(key, _nonce(counter), ciphertext, ad)
 
 
 def _dh(private, public):
@@ -1207,10 +1199,13 @@ class _AllowedIPs:
 
 
 class _TransportCipher:
-    """ChaCha20-Poly1305 for transport data: `seal(slot, length, key, counter)`
-    encrypts in place (the tag follows), `open(slot, offset, size, key,
-    counter, out)` decrypts into slot `out` and returns the plaintext length
-    or -1. Slots are what `slot(buffer, offset)` returned.
+    """ChaCha20-Poly1305 for transport data, in place. The arguments come in
+    `_Sodium`'s order (key, nonce, data), the nonce given as its counter:
+    `seal(key, counter, slot, length)` encrypts `length` bytes of `slot`
+    where they are (the tag follows), `open(key, counter, slot, offset, size,
+    out)` decrypts `size` bytes at `offset` into slot `out` and returns the
+    plaintext length, or None when they do not authenticate. Slots are what
+    `slot(buffer, offset)` returned.
 
     Built on the function table of a `_Sodium` (`use_lib` as there). Fast
     path: libsodium through pynacl's cffi `lib` straight into the buffers.
@@ -1231,15 +1226,15 @@ class _TransportCipher:
         null, nonce = ffi.NULL, bytearray(12)
         nonce_pointer, pack_nonce = ffi.from_buffer(nonce), _U64_LE.pack_into
 
-        def seal(slot, length, key, counter):
+        def seal(key, counter, slot, length):
             pack_nonce(nonce, 4, counter)
             encrypt(slot, null, slot, length, null, 0, null, nonce_pointer, key)
 
-        def open_(slot, offset, size, key, counter, out):
+        def open_(key, counter, slot, offset, size, out):
             pack_nonce(nonce, 4, counter)
             if size < _TAG or decrypt(out, null, null, slot + offset, size, null, 0,
                                       nonce_pointer, key):
-                return -1
+                return None
             return size - _TAG
 
         self.seal, self.open = seal, open_
@@ -1248,16 +1243,16 @@ class _TransportCipher:
     def _bindings_closures(self, encrypt, decrypt):
         from nacl.exceptions import CryptoError
 
-        def seal(slot, length, key, counter):
+        def seal(key, counter, slot, length):
             nonce = _nonce(counter)
             slot[:length + _TAG] = encrypt(bytes(slot[:length]), None, nonce, key)
 
-        def open_(slot, offset, size, key, counter, out):
+        def open_(key, counter, slot, offset, size, out):
             try:
                 out[:size - _TAG] = decrypt(bytes(slot[offset:offset + size]), None,
                                             _nonce(counter), key)
             except CryptoError:  # forged or corrupt
-                return -1
+                return None
             return size - _TAG
 
         self.seal, self.open = seal, open_
@@ -1384,7 +1379,7 @@ class _Sender:
             if size:
                 data = True
             pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
-            seal(handles[i], padded, key, counter)
+            seal(key, counter, handles[i], padded)
             counter += 1
             message = padded + _TRANSPORT_HEADER_SIZE + _TAG
             sent += message
@@ -1515,11 +1510,11 @@ class _Peer:
         chain = _kdf(self.initial_chain, ephemeral_public, 1)[0]
         hash_ = _hash(self.initiation_hash, ephemeral_public)
         chain, key = _kdf(chain, shared, 2)
-        static = _seal(key, 0, self.public_key, hash_)
+        static = _sodium().seal(key, _HANDSHAKE_NONCE, self.public_key, hash_)
         hash_ = _hash(hash_, static)
         chain, key = _kdf(chain, self.static_secret, 2)
         self.stamp_sent_ns = max(self.wallclock_ns(), self.stamp_sent_ns + 1)
-        timestamp = _seal(key, 0, _tai64n(self.stamp_sent_ns), hash_)
+        timestamp = _sodium().seal(key, _HANDSHAKE_NONCE, _tai64n(self.stamp_sent_ns), hash_)
         hash_ = _hash(hash_, timestamp)
         retries = self.handshake.retries + 1 if retry and self.handshake else 0
         self._forget_handshake()
@@ -1570,9 +1565,9 @@ class _Peer:
             if (ring[place] == counter or session_keys.replay_top - counter >= window
                     or counter >= too_many):
                 continue  # replayed, too old, or past the limit
-            length = open_(inbox_handle, start + _TRANSPORT_HEADER_SIZE,
-                           end - start - _TRANSPORT_HEADER_SIZE, key, counter, plain_handle)
-            if length < 0:
+            length = open_(key, counter, inbox_handle, start + _TRANSPORT_HEADER_SIZE,
+                           end - start - _TRANSPORT_HEADER_SIZE, plain_handle)
+            if length is None:
                 continue
             ring[place] = counter
             session_keys.replay_top = max(session_keys.replay_top, counter)
@@ -1628,12 +1623,12 @@ class _Peer:
         if shared is None:
             return
         chain, key = _kdf(chain, shared, 2)
-        static = _open(key, 0, message[40:88], hash_)
+        static = _sodium().open(key, _HANDSHAKE_NONCE, message[40:88], hash_)
         if static is None or not hmac.compare_digest(static, self.peer_public_key):
             return
         hash_ = _hash(hash_, message[40:88])
         chain, key = _kdf(chain, self.static_secret, 2)
-        stamp = _open(key, 0, message[88:116], hash_)
+        stamp = _sodium().open(key, _HANDSHAKE_NONCE, message[88:116], hash_)
         if stamp is None or stamp <= self.last_timestamp:
             return  # replayed or older than one already accepted
         if now - self.last_initiation_consumed < 1 / _INITIATIONS_PER_SECOND:
@@ -1653,7 +1648,7 @@ class _Peer:
         chain = _kdf(chain, second, 1)[0]
         chain, tau, key = _kdf(chain, self.preshared_key, 3)
         hash_ = _hash(hash_, tau)
-        empty = _seal(key, 0, b"", hash_)
+        empty = _sodium().seal(key, _HANDSHAKE_NONCE, b"", hash_)
         remote_index = _U32_LE.unpack_from(message, 4)[0]
         index = self._new_index()
         response = struct.pack("<III", _MSG_RESPONSE, index, remote_index) + ephemeral_public + empty
@@ -1685,7 +1680,7 @@ class _Peer:
         chain = _kdf(chain, second, 1)[0]
         chain, tau, key = _kdf(chain, self.preshared_key, 3)
         hash_ = _hash(hash_, tau)
-        if _open(key, 0, message[44:60], hash_) != b"":
+        if _sodium().open(key, _HANDSHAKE_NONCE, message[44:60], hash_) != b"":
             return
         send_key, receive_key = _kdf(chain, b"", 2)
         session_keys = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index,

@@ -954,15 +954,15 @@ def test_cffi_and_bindings_ciphers_agree():
     sealed = []
     for cipher in (via_lib, via_bindings):
         buffer = bytearray(plaintext + bytes(16))
-        cipher.seal(cipher.slot(buffer, 0), len(plaintext), key, 7)
+        cipher.seal(key, 7, cipher.slot(buffer, 0), len(plaintext))
         sealed.append(bytes(buffer))
         out = bytearray(2000)
-        assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
+        assert cipher.open(key, 7, cipher.slot(buffer, 0), 0, len(buffer),
                            cipher.slot(out, 0)) == len(plaintext)
         assert bytes(out[:len(plaintext)]) == plaintext
         buffer[100] ^= 1
-        assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
-                           cipher.slot(out, 0)) == -1
+        assert cipher.open(key, 7, cipher.slot(buffer, 0), 0, len(buffer),
+                           cipher.slot(out, 0)) is None
     assert sealed[0] == sealed[1]
 
 
