@@ -1158,6 +1158,96 @@ class _Handshake:
         self.retries = retries
 
 
+class _CookieChecker:
+    """The responder's side of mac1 and mac2, as wireguard-go's CookieChecker:
+    whether a handshake message sent to us may be processed.
+
+    mac1, keyed by our public key, must always be right. After more than
+    _UNDER_LOAD_HANDSHAKES such messages in a second we are under load for a
+    second, and then mac2 must be right too: it is keyed by the cookie we
+    give the sender's address (from a secret renewed every
+    COOKIE_REFRESH_TIME), which proves that the sender receives there. A
+    message without it gets a cookie reply instead; senders that proved
+    their address are still rate-limited.
+    """
+
+    def __init__(self, public_key, random, now):
+        self.mac1_key = _hash(_WG_LABEL_MAC1, public_key)
+        self.cookie_key = _hash(_WG_LABEL_COOKIE, public_key)
+        self.random = random
+        self.secret = random(32)
+        self.secret_born = now
+        self.load_window_start = -1e9
+        self.load_count = 0
+        self.under_load_until = -1e9
+        self.rate_buckets = {}  # source host -> (tokens, time), used under load
+
+    def check(self, message, address, now, transmit):
+        """Whether `message` from `address` may be processed; when it may not
+        for want of mac2, the cookie reply goes out by `transmit(reply, address)`."""
+        import hmac
+
+        if not hmac.compare_digest(message[-32:-16], _mac(self.mac1_key, message[:-32])):
+            return False
+        if now - self.load_window_start >= 1.0:
+            self.load_window_start, self.load_count = now, 0
+        self.load_count += 1
+        if self.load_count > _UNDER_LOAD_HANDSHAKES:
+            self.under_load_until = now + 1.0
+        if now >= self.under_load_until:
+            return True
+        if now - self.secret_born >= _COOKIE_REFRESH_TIME:
+            self.secret, self.secret_born = self.random(32), now
+        cookie = _mac(self.secret, repr(address[:2]).encode())
+        if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
+            return self._within_rate(address[0], now)
+        nonce = self.random(24)
+        sealed = _sodium().seal(self.cookie_key, nonce, cookie, message[-32:-16])
+        transmit(_U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed, address)
+        return False
+
+    def _within_rate(self, host, now):
+        """Under load, even sources that proved their address get at most
+        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
+        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
+        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
+        if len(self.rate_buckets) >= 4096:
+            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
+        if tokens < 1:
+            self.rate_buckets[host] = (tokens, now)
+            return False
+        self.rate_buckets[host] = (tokens - 1, now)
+        return True
+
+
+class _CookieGenerator:
+    """The sender's side of mac1 and mac2, as wireguard-go's CookieGenerator:
+    the MACs of the handshake messages we send, mac2 keyed by the cookie the
+    peer under load sent us (all zeros without one, or once it is stale)."""
+
+    def __init__(self, peer_public_key):
+        self.mac1_key = _hash(_WG_LABEL_MAC1, peer_public_key)
+        self.cookie_key = _hash(_WG_LABEL_COOKIE, peer_public_key)
+        self.cookie = None
+        self.cookie_received = -1e9
+
+    def add_macs(self, message, now):
+        """`message` with mac1 and mac2 appended, and the mac1 (which a cookie
+        reply to the message is bound to)."""
+        mac1 = _mac(self.mac1_key, message)
+        message += mac1
+        if self.cookie is not None and now - self.cookie_received < _COOKIE_REFRESH_TIME:
+            return message + _mac(self.cookie, message), mac1
+        return message + bytes(16), mac1
+
+    def consume_reply(self, reply, mac1, now):
+        """Keep the cookie in `reply`, the answer to our message with `mac1`,
+        for the mac2 of later messages; a reply not from our peer is ignored."""
+        cookie = _sodium().open(self.cookie_key, reply[8:32], reply[32:64], mac1)
+        if cookie is not None:
+            self.cookie, self.cookie_received = cookie, now
+
+
 class _AllowedIPs:
     """Source-address filter for decrypted packets (the peer's allowed IPs)."""
 
@@ -1421,7 +1511,9 @@ class _Sender:
 
 
 class _Peer:
-    """The WireGuard protocol for one peer: handshakes, cookies, session keys, timers.
+    """The WireGuard protocol for one peer: handshakes, session keys, timers;
+    mac1, mac2 and cookies through its `cookie_checker` (messages to us) and
+    `cookie_generator` (messages from us).
 
     Pure state, no I/O: `clock` is injectable and every output goes through
     the hooks, so tests drive two instances against each other in one process.
@@ -1460,10 +1552,6 @@ class _Peer:
         self.initial_chain = chain
         self.initiation_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.peer_public_key)
         self.responder_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.public_key)
-        self.mac1_key_out = _hash(_WG_LABEL_MAC1, self.peer_public_key)
-        self.mac1_key_in = _hash(_WG_LABEL_MAC1, self.public_key)
-        self.cookie_key_out = _hash(_WG_LABEL_COOKIE, self.peer_public_key)
-        self.cookie_key_in = _hash(_WG_LABEL_COOKIE, self.public_key)
         # handshake and session keys
         self.handshake = None
         self.current = self.previous = self.next = None
@@ -1474,15 +1562,9 @@ class _Peer:
         self.last_initiation_sent = -1e9
         self.retransmit_at = None
         self.last_response_mac1 = None  # (local index, mac1) of our last response
-        # cookies
-        self.cookie = None
-        self.cookie_received = -1e9
-        self.cookie_secret = random(32)
-        self.cookie_secret_born = self.clock()
-        self.load_window_start = -1e9
-        self.load_count = 0
-        self.under_load_until = -1e9
-        self.rate_buckets = {}  # source host -> (tokens, time), used under load
+        # mac1, mac2 and cookies
+        self.cookie_checker = _CookieChecker(self.public_key, random, self.clock())
+        self.cookie_generator = _CookieGenerator(self.peer_public_key)
         # timer inputs (what was sent is in `counters`: the sender writes it)
         self.last_handshake = None  # monotonic time of the last completed handshake
         self.last_received = -1e9
@@ -1520,7 +1602,7 @@ class _Peer:
         self._forget_handshake()
         index = self._new_index()
         message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
-        message, mac1 = self._add_macs(message, now)
+        message, mac1 = self.cookie_generator.add_macs(message, now)
         self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, retries)
         self.session_keys_by_index[index] = None  # reserved until the response or next attempt
         self.last_initiation_sent = now
@@ -1603,11 +1685,12 @@ class _Peer:
 
     def _receive_handshake(self, message, address, now):
         kind, size = message[0], len(message)
+        check = self.cookie_checker.check
         if kind == _MSG_INITIATION and size == _INITIATION_SIZE:
-            if self._macs_pass(message, address, now):
+            if check(message, address, now, self.transmit):
                 self._consume_initiation(message, address, now)
         elif kind == _MSG_RESPONSE and size == _RESPONSE_SIZE:
-            if self._macs_pass(message, address, now):
+            if check(message, address, now, self.transmit):
                 self._consume_response(message, address, now)
         elif kind == _MSG_COOKIE and size == _COOKIE_SIZE:
             self._consume_cookie(message, now)
@@ -1652,7 +1735,7 @@ class _Peer:
         remote_index = _U32_LE.unpack_from(message, 4)[0]
         index = self._new_index()
         response = struct.pack("<III", _MSG_RESPONSE, index, remote_index) + ephemeral_public + empty
-        response, mac1 = self._add_macs(response, now)
+        response, mac1 = self.cookie_generator.add_macs(response, now)
         receive_key, send_key = _kdf(chain, b"", 2)
         if self.next is not None:
             self.session_keys_by_index.pop(self.next.local_index, None)
@@ -1714,7 +1797,8 @@ class _Peer:
         self.sender.install(self.current)
 
     def _consume_cookie(self, message, now):
-        """Initiator (or responder): remember the cookie for mac2 of later messages."""
+        """Initiator (or responder): a cookie reply to our pending initiation or
+        our last response goes to the cookie generator."""
         index = _U32_LE.unpack_from(message, 4)[0]
         if self.handshake is not None and index == self.handshake.local_index:
             mac1 = self.handshake.mac1
@@ -1722,58 +1806,7 @@ class _Peer:
             mac1 = self.last_response_mac1[1]
         else:
             return
-        cookie = _sodium().open(self.cookie_key_out, message[8:32], message[32:64], mac1)
-        if cookie is None:  # not from our peer
-            return
-        self.cookie, self.cookie_received = cookie, now
-
-    # -- mac1, mac2 and cookies ---------------------------------------------
-
-    def _add_macs(self, message, now):
-        """`message` with mac1 and mac2 appended, and the mac1."""
-        mac1 = _mac(self.mac1_key_out, message)
-        message += mac1
-        if self.cookie is not None and now - self.cookie_received < _COOKIE_REFRESH_TIME:
-            return message + _mac(self.cookie, message), mac1
-        return message + bytes(16), mac1
-
-    def _macs_pass(self, message, address, now):
-        """Whether a handshake message may be processed: mac1 must be right, and
-        when under load mac2 too; otherwise under load a cookie reply goes back."""
-        import hmac
-
-        if not hmac.compare_digest(message[-32:-16], _mac(self.mac1_key_in, message[:-32])):
-            return False
-        if now - self.load_window_start >= 1.0:
-            self.load_window_start, self.load_count = now, 0
-        self.load_count += 1
-        if self.load_count > _UNDER_LOAD_HANDSHAKES:
-            self.under_load_until = now + 1.0
-        if now >= self.under_load_until:
-            return True
-        if now - self.cookie_secret_born >= _COOKIE_REFRESH_TIME:
-            self.cookie_secret, self.cookie_secret_born = self.random(32), now
-        cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
-        if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
-            return self._within_rate(address[0], now)
-        nonce = self.random(24)
-        sealed = _sodium().seal(self.cookie_key_in, nonce, cookie, message[-32:-16])
-        reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
-        self.transmit(reply, address)
-        return False
-
-    def _within_rate(self, host, now):
-        """Under load, even sources that proved their address get at most
-        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
-        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
-        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
-        if len(self.rate_buckets) >= 4096:
-            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
-        if tokens < 1:
-            self.rate_buckets[host] = (tokens, now)
-            return False
-        self.rate_buckets[host] = (tokens - 1, now)
-        return True
+        self.cookie_generator.consume_reply(message, mac1, now)
 
     # -- timers ---------------------------------------------------------------
 

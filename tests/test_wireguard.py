@@ -343,7 +343,7 @@ def test_flood_of_initiations_gets_cookies_and_an_echoing_client_gets_through():
     # The client honours the cookie of its last initiation: mac2 from now on.
     last_cookie = [a for a in answers if a[2][0] == 3][-1]
     pair.deliver([last_cookie])
-    assert pair.a.peer.cookie is not None
+    assert pair.a.peer.cookie_generator.cookie is not None
     pair.advance(0.5)  # still under load
     pair.a.peer.initiate(retry=True)
     retry = pair.take()
@@ -356,7 +356,7 @@ def test_flood_of_initiations_gets_cookies_and_an_echoing_client_gets_through():
 
 def test_without_cookie_under_load_no_response():
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 1.0
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 1.0
     pair.a.peer.initiate()
     pair.deliver(pair.take())
     assert _kinds(pair.take()) == [3]
@@ -365,7 +365,7 @@ def test_without_cookie_under_load_no_response():
 
 def test_cookie_from_another_address_does_not_pass():
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 1.0
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 1.0
     pair.a.peer.initiate()
     pair.deliver(pair.take())
     pair.deliver(pair.take())  # A takes the cookie for A_ADDRESS
@@ -376,17 +376,18 @@ def test_cookie_from_another_address_does_not_pass():
 
 def test_under_load_each_source_is_rate_limited_even_with_a_cookie():
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 10
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 10
     pair.a.peer.initiate()
     pair.deliver(pair.take())
     pair.deliver(pair.take())  # the cookie
     pair.a.peer.initiate(retry=True)
     message = pair.take()[0][2]
-    passed = [pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now) for _ in range(10)]
+    check = pair.b.peer.cookie_checker.check
+    passed = [check(message, A_ADDRESS, pair.clock.now, pair.b.peer.transmit) for _ in range(10)]
     assert passed == [True] * st3._HANDSHAKE_BURST + [False] * (10 - st3._HANDSHAKE_BURST)
     assert pair.take() == []  # refused without a cookie reply
     pair.advance(1.0)  # the bucket refills
-    assert pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now)
+    assert check(message, A_ADDRESS, pair.clock.now, pair.b.peer.transmit)
 
 
 # Timers ########################################################################
@@ -594,7 +595,7 @@ def _state(peer):
     }
     return (
         session_keys, peer.current, peer.previous, peer.next, peer.handshake,
-        peer.last_timestamp, peer.endpoint, peer.cookie, peer.last_received,
+        peer.last_timestamp, peer.endpoint, peer.cookie_generator.cookie, peer.last_received,
         peer.last_data_received, tuple(peer.counters), peer.last_handshake,
     )
 
@@ -603,7 +604,7 @@ def _established():
     """A pair that has done a handshake and exchanged data, and samples of
     every message type that went over the wire."""
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 0.5
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 0.5
     pair.a.peer.initiate()
     initiation = pair.take()
     pair.deliver(initiation)
