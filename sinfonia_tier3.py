@@ -982,19 +982,17 @@ def _nonce(counter):
     return b"\0\0\0\0" + counter.to_bytes(8, "little")
 
 
-def _dh(private, public):
-    """X25519, or None for a public key of low order (all-zero shared secret)."""
-    shared = _sodium().dh(private, public)
-    return None if shared == _NO_KEY else shared
+def _tai64n(nanoseconds):
+    seconds, nanos = divmod(nanoseconds, 1_000_000_000)
+    return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
 
 
-_SODIUM = []  # this process's _Sodium, made on first use
-
-
-def _sodium():
-    if not _SODIUM:
-        _SODIUM.append(_Sodium())
-    return _SODIUM[0]
+def _sized(data, *sizes):
+    """`data` as bytes, whose length must be one of `sizes`: C reads that many."""
+    data = bytes(data)
+    if len(data) not in sizes:
+        raise ValueError(f"{len(data)} bytes where libsodium needs {sizes}")
+    return data
 
 
 class _Sodium:
@@ -1094,17 +1092,19 @@ class _Sodium:
         return self.ffi.buffer(out, size)[:]
 
 
-def _sized(data, *sizes):
-    """`data` as bytes, whose length must be one of `sizes`: C reads that many."""
-    data = bytes(data)
-    if len(data) not in sizes:
-        raise ValueError(f"{len(data)} bytes where libsodium needs {sizes}")
-    return data
+_SODIUM = []  # this process's _Sodium, made on first use
 
 
-def _tai64n(nanoseconds):
-    seconds, nanos = divmod(nanoseconds, 1_000_000_000)
-    return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
+def _sodium():
+    if not _SODIUM:
+        _SODIUM.append(_Sodium())
+    return _SODIUM[0]
+
+
+def _dh(private, public):
+    """X25519, or None for a public key of low order (all-zero shared secret)."""
+    shared = _sodium().dh(private, public)
+    return None if shared == _NO_KEY else shared
 
 
 class _SessionKeys:
