@@ -40,6 +40,8 @@ _MAX_RESPONSE_BYTES = 1 << 20  # a list of three deployments is about 2 KiB
 _MAX_DETAIL_CHARS = 200  # how much of a server's error text reaches the user
 _PERSISTENT_KEEPALIVE = 30  # seconds, as upstream configures its peer
 _RESOLV_NDOTS = 5  # cluster-local names have up to four dots
+_DEFAULT_MTU = 1420  # 1500 less 80 for IPv6, UDP and WireGuard headers (wg-quick's)
+_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
 
 
 class SinfoniaError(Exception):
@@ -936,11 +938,17 @@ _GSO_BYTES = 65000  # and at most this many bytes
 
 _MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
 _INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
-_TRANSPORT_HEADER = 16
+_TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver index, counter
+_TRANSPORT_HEADER_SIZE = _TRANSPORT_HEADER.size
 _TAG = 16
-_KEEPALIVE_SIZE = _TRANSPORT_HEADER + _TAG
+_KEEPALIVE_SIZE = _TRANSPORT_HEADER_SIZE + _TAG
 _TAI64_BASE = (1 << 62) + 10
 _NO_KEY = b"\0" * 32
+_HANDSHAKE_NONCE = bytes(12)  # counter 0: each handshake key seals one message
+_U32_BE = struct.Struct(">I")
+_U64_PAIR_BE = struct.Struct(">QQ")
+_U32_LE = struct.Struct("<I")
+_U64_LE = struct.Struct("<Q")
 
 
 def _hash(*parts):
@@ -974,28 +982,17 @@ def _nonce(counter):
     return b"\0\0\0\0" + counter.to_bytes(8, "little")
 
 
-def _seal(key, counter, plaintext, ad):
-    return _sodium().seal(key, _nonce(counter), plaintext, ad)
+def _tai64n(nanoseconds):
+    seconds, nanos = divmod(nanoseconds, 1_000_000_000)
+    return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
 
 
-def _open(key, counter, ciphertext, ad):
-    """The plaintext, or None when `ciphertext` does not authenticate."""
-    return _sodium().open(key, _nonce(counter), ciphertext, ad)
-
-
-def _dh(private, public):
-    """X25519, or None for a public key of low order (all-zero shared secret)."""
-    shared = _sodium().dh(private, public)
-    return None if shared == _NO_KEY else shared
-
-
-_SODIUM = []  # this process's _Sodium, made on first use
-
-
-def _sodium():
-    if not _SODIUM:
-        _SODIUM.append(_Sodium())
-    return _SODIUM[0]
+def _sized(data, *sizes):
+    """`data` as bytes, whose length must be one of `sizes`: C reads that many."""
+    data = bytes(data)
+    if len(data) not in sizes:
+        raise ValueError(f"{len(data)} bytes where libsodium needs {sizes}")
+    return data
 
 
 class _Sodium:
@@ -1007,7 +1004,8 @@ class _Sodium:
     encrypt in place (`_TransportCipher`). `lib` is not a public pynacl API:
     where it is missing or incomplete (`lib` is None), or with
     `use_lib=False`, `nacl.bindings` does everything. Sizes are checked
-    before they reach C.
+    before they reach C. `aeads` is the function table, (encrypt, decrypt)
+    by nonce size, in the calling convention of whichever of the two it is.
     """
 
     _AEADS = ((12, "chacha20poly1305"), (24, "xchacha20poly1305"))  # by nonce size
@@ -1033,7 +1031,7 @@ class _Sodium:
         same calling conventions); AttributeError when one is missing."""
         self._scalarmult_base = functions.crypto_scalarmult_base
         self._scalarmult = functions.crypto_scalarmult
-        self._aeads = {
+        self.aeads = {
             size: (getattr(functions, f"crypto_aead_{name}_ietf_encrypt"),
                    getattr(functions, f"crypto_aead_{name}_ietf_decrypt"))
             for size, name in self._AEADS}
@@ -1062,9 +1060,9 @@ class _Sodium:
         return bytes(out)
 
     def seal(self, key, nonce, plaintext, ad):
-        key, nonce = _sized(key, 32), _sized(nonce, *self._aeads)
+        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
         plaintext, ad = bytes(plaintext), bytes(ad)
-        encrypt = self._aeads[len(nonce)][0]
+        encrypt = self.aeads[len(nonce)][0]
         if self.lib is None:
             return encrypt(plaintext, ad, nonce, key)
         out = self.ffi.new("unsigned char[]", len(plaintext) + _TAG)
@@ -1074,11 +1072,11 @@ class _Sodium:
 
     def open(self, key, nonce, ciphertext, ad):
         """The plaintext, or None when `ciphertext` does not authenticate."""
-        key, nonce = _sized(key, 32), _sized(nonce, *self._aeads)
+        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
         ciphertext, ad = bytes(ciphertext), bytes(ad)
         if len(ciphertext) < _TAG:
             return None
-        decrypt = self._aeads[len(nonce)][1]
+        decrypt = self.aeads[len(nonce)][1]
         if self.lib is None:
             from nacl.exceptions import CryptoError
 
@@ -1094,17 +1092,19 @@ class _Sodium:
         return self.ffi.buffer(out, size)[:]
 
 
-def _sized(data, *sizes):
-    """`data` as bytes, whose length must be one of `sizes`: C reads that many."""
-    data = bytes(data)
-    if len(data) not in sizes:
-        raise ValueError(f"{len(data)} bytes where libsodium needs {sizes}")
-    return data
+_SODIUM = []  # this process's _Sodium, made on first use
 
 
-def _tai64n(nanoseconds):
-    seconds, nanos = divmod(nanoseconds, 1_000_000_000)
-    return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
+def _sodium():
+    if not _SODIUM:
+        _SODIUM.append(_Sodium())
+    return _SODIUM[0]
+
+
+def _dh(private, public):
+    """X25519, or None for a public key of low order (all-zero shared secret)."""
+    shared = _sodium().dh(private, public)
+    return None if shared == _NO_KEY else shared
 
 
 class _SessionKeys:
@@ -1158,6 +1158,96 @@ class _Handshake:
         self.retries = retries
 
 
+class _CookieChecker:
+    """The responder's side of mac1 and mac2, as wireguard-go's CookieChecker:
+    whether a handshake message sent to us may be processed.
+
+    mac1, keyed by our public key, must always be right. After more than
+    _UNDER_LOAD_HANDSHAKES such messages in a second we are under load for a
+    second, and then mac2 must be right too: it is keyed by the cookie we
+    give the sender's address (from a secret renewed every
+    COOKIE_REFRESH_TIME), which proves that the sender receives there. A
+    message without it gets a cookie reply instead; senders that proved
+    their address are still rate-limited.
+    """
+
+    def __init__(self, public_key, random, now):
+        self.mac1_key = _hash(_WG_LABEL_MAC1, public_key)
+        self.cookie_key = _hash(_WG_LABEL_COOKIE, public_key)
+        self.random = random
+        self.secret = random(32)
+        self.secret_born = now
+        self.load_window_start = -1e9
+        self.load_count = 0
+        self.under_load_until = -1e9
+        self.rate_buckets = {}  # source host -> (tokens, time), used under load
+
+    def check(self, message, address, now, transmit):
+        """Whether `message` from `address` may be processed; when it may not
+        for want of mac2, the cookie reply goes out by `transmit(reply, address)`."""
+        import hmac
+
+        if not hmac.compare_digest(message[-32:-16], _mac(self.mac1_key, message[:-32])):
+            return False
+        if now - self.load_window_start >= 1.0:
+            self.load_window_start, self.load_count = now, 0
+        self.load_count += 1
+        if self.load_count > _UNDER_LOAD_HANDSHAKES:
+            self.under_load_until = now + 1.0
+        if now >= self.under_load_until:
+            return True
+        if now - self.secret_born >= _COOKIE_REFRESH_TIME:
+            self.secret, self.secret_born = self.random(32), now
+        cookie = _mac(self.secret, repr(address[:2]).encode())
+        if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
+            return self._within_rate(address[0], now)
+        nonce = self.random(24)
+        sealed = _sodium().seal(self.cookie_key, nonce, cookie, message[-32:-16])
+        transmit(_U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed, address)
+        return False
+
+    def _within_rate(self, host, now):
+        """Under load, even sources that proved their address get at most
+        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
+        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
+        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
+        if len(self.rate_buckets) >= 4096:
+            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
+        if tokens < 1:
+            self.rate_buckets[host] = (tokens, now)
+            return False
+        self.rate_buckets[host] = (tokens - 1, now)
+        return True
+
+
+class _CookieGenerator:
+    """The sender's side of mac1 and mac2, as wireguard-go's CookieGenerator:
+    the MACs of the handshake messages we send, mac2 keyed by the cookie the
+    peer under load sent us (all zeros without one, or once it is stale)."""
+
+    def __init__(self, peer_public_key):
+        self.mac1_key = _hash(_WG_LABEL_MAC1, peer_public_key)
+        self.cookie_key = _hash(_WG_LABEL_COOKIE, peer_public_key)
+        self.cookie = None
+        self.cookie_received = -1e9
+
+    def add_macs(self, message, now):
+        """`message` with mac1 and mac2 appended, and the mac1 (which a cookie
+        reply to the message is bound to)."""
+        mac1 = _mac(self.mac1_key, message)
+        message += mac1
+        if self.cookie is not None and now - self.cookie_received < _COOKIE_REFRESH_TIME:
+            return message + _mac(self.cookie, message), mac1
+        return message + bytes(16), mac1
+
+    def consume_reply(self, reply, mac1, now):
+        """Keep the cookie in `reply`, the answer to our message with `mac1`,
+        for the mac2 of later messages; a reply not from our peer is ignored."""
+        cookie = _sodium().open(self.cookie_key, reply[8:32], reply[32:64], mac1)
+        if cookie is not None:
+            self.cookie, self.cookie_received = cookie, now
+
+
 class _AllowedIPs:
     """Source-address filter for decrypted packets (the peer's allowed IPs)."""
 
@@ -1198,71 +1288,61 @@ class _AllowedIPs:
         return 0
 
 
-_U32_BE = struct.Struct(">I")
-_U64_PAIR_BE = struct.Struct(">QQ")
-_U32_LE = struct.Struct("<I")
-_U64_LE = struct.Struct("<Q")
-_TRANSPORT_HEAD = struct.Struct("<IIQ")  # type, receiver index, counter
-
-
 class _TransportCipher:
-    """ChaCha20-Poly1305 for transport data: `seal(slot, length, key, counter)`
-    encrypts in place (the tag follows), `open(slot, offset, size, key,
-    counter, out)` decrypts into slot `out` and returns the plaintext length
-    or -1. Slots are what `slot(buffer, offset)` returned.
+    """ChaCha20-Poly1305 for transport data, in place. The arguments come in
+    `_Sodium`'s order (key, nonce, data), the nonce given as its counter:
+    `seal(key, counter, slot, length)` encrypts `length` bytes of `slot`
+    where they are (the tag follows), `open(key, counter, slot, offset, size,
+    out)` decrypts `size` bytes at `offset` into slot `out` and returns the
+    plaintext length, or None when they do not authenticate. Slots are what
+    `slot(buffer, offset)` returned.
 
-    Fast path: libsodium through pynacl's cffi `lib` straight into the
-    buffers (not a public pynacl API, hence guarded). Fallback:
-    `nacl.bindings`, plus copies. Both are closures over their state, which
-    saves attribute look-ups per packet.
+    Built on the function table of a `_Sodium` (`use_lib` as there). Fast
+    path: libsodium through pynacl's cffi `lib` straight into the buffers.
+    Fallback: `nacl.bindings`, plus copies. Both are closures over their
+    state, which saves attribute look-ups per packet.
     """
 
-    def __init__(self, fast=True):
-        sodium = _sodium()
-        self.fast = fast and sodium.lib is not None
-        if self.fast:
-            self._cffi_closures(sodium.ffi, sodium.lib)
+    def __init__(self, use_lib=True):
+        sodium = _sodium() if use_lib else _Sodium(use_lib=False)
+        self.use_lib = sodium.lib is not None
+        encrypt, decrypt = sodium.aeads[12]
+        if self.use_lib:
+            self._cffi_closures(sodium.ffi, encrypt, decrypt)
         else:
-            import nacl.bindings
+            self._bindings_closures(encrypt, decrypt)
 
-            self._bindings_closures(nacl.bindings)
-
-    def _cffi_closures(self, ffi, lib):
-        encrypt = lib.crypto_aead_chacha20poly1305_ietf_encrypt
-        decrypt = lib.crypto_aead_chacha20poly1305_ietf_decrypt
+    def _cffi_closures(self, ffi, encrypt, decrypt):
         null, nonce = ffi.NULL, bytearray(12)
         nonce_pointer, pack_nonce = ffi.from_buffer(nonce), _U64_LE.pack_into
 
-        def seal(slot, length, key, counter):
+        def seal(key, counter, slot, length):
             pack_nonce(nonce, 4, counter)
             encrypt(slot, null, slot, length, null, 0, null, nonce_pointer, key)
 
-        def open_(slot, offset, size, key, counter, out):
+        def open_(key, counter, slot, offset, size, out):
             pack_nonce(nonce, 4, counter)
             if size < _TAG or decrypt(out, null, null, slot + offset, size, null, 0,
                                       nonce_pointer, key):
-                return -1
+                return None
             return size - _TAG
 
         self.seal, self.open = seal, open_
         self.slot = lambda buffer, offset: ffi.from_buffer(memoryview(buffer)[offset:])
 
-    def _bindings_closures(self, bindings):
+    def _bindings_closures(self, encrypt, decrypt):
         from nacl.exceptions import CryptoError
 
-        encrypt = bindings.crypto_aead_chacha20poly1305_ietf_encrypt
-        decrypt = bindings.crypto_aead_chacha20poly1305_ietf_decrypt
-
-        def seal(slot, length, key, counter):
+        def seal(key, counter, slot, length):
             nonce = _nonce(counter)
             slot[:length + _TAG] = encrypt(bytes(slot[:length]), None, nonce, key)
 
-        def open_(slot, offset, size, key, counter, out):
+        def open_(key, counter, slot, offset, size, out):
             try:
                 out[:size - _TAG] = decrypt(bytes(slot[offset:offset + size]), None,
                                             _nonce(counter), key)
             except CryptoError:  # forged or corrupt
-                return -1
+                return None
             return size - _TAG
 
         self.seal, self.open = seal, open_
@@ -1294,11 +1374,11 @@ class _Sender:
     Packets are read straight into `slots` (one per packet, room for the
     transport header before and the tag after), sealed in place and handed to
     `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
-    which is the shape UDP GSO wants. Without a usable keypair packets wait in
-    a short queue and `request_handshake()` asks for one.
+    which is the shape UDP GSO wants. Without usable session keys packets wait
+    in a short queue and `request_handshake()` asks for them.
     """
 
-    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=1420,
+    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=_DEFAULT_MTU,
                  clock=None, endpoint=None, headroom=0):
         import time
 
@@ -1309,37 +1389,38 @@ class _Sender:
         self.clock = clock or time.monotonic
         self.mtu = mtu
         self.endpoint = endpoint
-        self.keypair = None
+        self.session_keys = None
         self.queue = []
         self.next_request = -1e9
         self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
-        capacity = _TRANSPORT_HEADER + ((mtu + 15) & ~15) + _TAG
+        capacity = _TRANSPORT_HEADER_SIZE + ((mtu + 15) & ~15) + _TAG
         self.capacity = capacity
         # As many packets as fit one GSO send when they are all MTU-sized.
-        self.batch = batch = min(_GSO_SEGMENTS, _GSO_BYTES // (mtu + _TRANSPORT_HEADER + _TAG))
+        self.batch = batch = min(_GSO_SEGMENTS,
+                                 _GSO_BYTES // (mtu + _TRANSPORT_HEADER_SIZE + _TAG))
         self.buffer = bytearray(capacity * batch)
         view = memoryview(self.buffer)
         self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
         self.read_views = [
-            [view[i * capacity + _TRANSPORT_HEADER - headroom:
-                  i * capacity + _TRANSPORT_HEADER + mtu]]
+            [view[i * capacity + _TRANSPORT_HEADER_SIZE - headroom:
+                  i * capacity + _TRANSPORT_HEADER_SIZE + mtu]]
             for i in range(batch)
         ]
-        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER)
+        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER_SIZE)
                         for i in range(batch)]
-        self.full_size = mtu + _TRANSPORT_HEADER + _TAG  # the message of an MTU-sized packet
+        self.full_size = mtu + _TRANSPORT_HEADER_SIZE + _TAG  # the message of an MTU-sized packet
         self.full_views = [view[:self.full_size] for view in self.slot_views]
 
-    def install(self, keypair):
-        """Use `keypair` from now on (None: forget keys); flush what waited."""
-        self.keypair = keypair
-        if keypair is None:
+    def install(self, session_keys):
+        """Use `session_keys` from now on (None: forget keys); flush what waited."""
+        self.session_keys = session_keys
+        if session_keys is None:
             return
         queued, self.queue = self.queue, []
         if queued:
             for packet in queued:
                 self.send_packet(packet)
-        elif keypair.initiator:
+        elif session_keys.initiator:
             self.keepalive()  # the responder needs a first packet to confirm
 
     def set_endpoint(self, endpoint):
@@ -1349,32 +1430,32 @@ class _Sender:
         self.queue = []
 
     def keepalive(self):
-        """Send an empty transport message (if there is a keypair to seal it)."""
+        """Send an empty transport message (if there are session keys to seal it)."""
         self.seal_batch([0], 1)
 
     def send_packet(self, packet):
         """Encrypt and send one IP packet given as bytes (slow path, tests)."""
         size = len(packet)
-        self.slot_views[0][_TRANSPORT_HEADER:_TRANSPORT_HEADER + size] = packet
+        self.slot_views[0][_TRANSPORT_HEADER_SIZE:_TRANSPORT_HEADER_SIZE + size] = packet
         self.seal_batch([size], 1)
 
     def seal_batch(self, sizes, count):
         """Encrypt and send the `count` packets read into the slots."""
-        keypair = self.keypair
+        session_keys = self.session_keys
         now = self.clock()
-        if (keypair is None or self.endpoint is None
-                or now - keypair.created >= _REJECT_AFTER_TIME
-                or keypair.send_counter + count >= _REJECT_AFTER_MESSAGES):
+        if (session_keys is None or self.endpoint is None
+                or now - session_keys.created >= _REJECT_AFTER_TIME
+                or session_keys.send_counter + count >= _REJECT_AFTER_MESSAGES):
             self._hold(sizes, count, now)
             return
-        if keypair.initiator and (now - keypair.created >= _REKEY_AFTER_TIME
-                                  or keypair.send_counter >= _REKEY_AFTER_MESSAGES):
+        if session_keys.initiator and (now - session_keys.created >= _REKEY_AFTER_TIME
+                                       or session_keys.send_counter >= _REKEY_AFTER_MESSAGES):
             self._ask_for_handshake(now)
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
-        key, index, capacity = keypair.send_key, keypair.remote_index, self.capacity
+        key, index, capacity = session_keys.send_key, session_keys.remote_index, self.capacity
         slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
-        pack_header, emit, endpoint = _TRANSPORT_HEAD.pack_into, self.emit, self.endpoint
-        counter = keypair.send_counter
+        pack_header, emit, endpoint = _TRANSPORT_HEADER.pack_into, self.emit, self.endpoint
+        counter = session_keys.send_counter
         views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
         for i in range(count):
             size = padded = sizes[i]
@@ -1383,14 +1464,14 @@ class _Sender:
                 if padded > mtu:
                     padded = max(mtu, size)
                 if padded != size:
-                    start = i * capacity + _TRANSPORT_HEADER
+                    start = i * capacity + _TRANSPORT_HEADER_SIZE
                     buffer[start + size:start + padded] = bytes(padded - size)
             if size:
                 data = True
             pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
-            seal(handles[i], padded, key, counter)
+            seal(key, counter, handles[i], padded)
             counter += 1
-            message = padded + _TRANSPORT_HEADER + _TAG
+            message = padded + _TRANSPORT_HEADER_SIZE + _TAG
             sent += message
             if run and (message > segment or run == limit):
                 emit(views, segment, endpoint)
@@ -1404,7 +1485,7 @@ class _Sender:
                 views, run = [], 0
         if run:
             emit(views, segment, endpoint)
-        keypair.send_counter = counter
+        session_keys.send_counter = counter
         counters = self.counters
         counters[_TX_BYTES] += sent
         counters[_LAST_SENT] = now
@@ -1413,14 +1494,14 @@ class _Sender:
 
     def copies(self, sizes, count):
         """The `count` packets read into the slots, as bytes (to send later)."""
-        start = _TRANSPORT_HEADER
+        start = _TRANSPORT_HEADER_SIZE
         return [bytes(self.slot_views[i][start:start + sizes[i]]) for i in range(count) if sizes[i]]
 
     def _hold(self, sizes, count, now):
         room = _QUEUED_PACKETS - len(self.queue)
         if room > 0:
             self.queue.extend(self.copies(sizes, count)[:room])
-        if count:  # data or a keepalive that no usable keypair can carry
+        if count:  # data or a keepalive that no usable session keys can carry
             self._ask_for_handshake(now)
 
     def _ask_for_handshake(self, now):
@@ -1430,13 +1511,15 @@ class _Sender:
 
 
 class _Peer:
-    """The WireGuard protocol for one peer: handshakes, cookies, keypairs, timers.
+    """The WireGuard protocol for one peer: handshakes, session keys, timers;
+    mac1, mac2 and cookies through its `cookie_checker` (messages to us) and
+    `cookie_generator` (messages from us).
 
     Pure state, no I/O: `clock` is injectable and every output goes through
     the hooks, so tests drive two instances against each other in one process.
     Hooks (set by the owner): `transmit(datagram, address)` sends a handshake
     or cookie message; `sender` is the object encrypting outgoing data
-    (`install(keypair)`, `set_endpoint(address)`, `keepalive()`,
+    (`install(session_keys)`, `set_endpoint(address)`, `keepalive()`,
     `drop_queue()`): a `_Sender`, or its proxy in another process.
     """
 
@@ -1469,29 +1552,19 @@ class _Peer:
         self.initial_chain = chain
         self.initiation_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.peer_public_key)
         self.responder_hash = _hash(_hash(chain, _WG_IDENTIFIER), self.public_key)
-        self.mac1_key_out = _hash(_WG_LABEL_MAC1, self.peer_public_key)
-        self.mac1_key_in = _hash(_WG_LABEL_MAC1, self.public_key)
-        self.cookie_key_out = _hash(_WG_LABEL_COOKIE, self.peer_public_key)
-        self.cookie_key_in = _hash(_WG_LABEL_COOKIE, self.public_key)
-        # handshake and keypairs
+        # handshake and session keys
         self.handshake = None
         self.current = self.previous = self.next = None
-        self.keypairs = {}  # local index -> _SessionKeys, for the receiving path
+        self.session_keys_by_index = {}  # local index -> _SessionKeys, for receiving
         self.last_timestamp = b""
         self.stamp_sent_ns = 0
         self.last_initiation_consumed = -1e9
         self.last_initiation_sent = -1e9
         self.retransmit_at = None
         self.last_response_mac1 = None  # (local index, mac1) of our last response
-        # cookies
-        self.cookie = None
-        self.cookie_received = -1e9
-        self.cookie_secret = random(32)
-        self.cookie_secret_born = self.clock()
-        self.load_window_start = -1e9
-        self.load_count = 0
-        self.under_load_until = -1e9
-        self.rate_buckets = {}  # source host -> (tokens, time), used under load
+        # mac1, mac2 and cookies
+        self.cookie_checker = _CookieChecker(self.public_key, random, self.clock())
+        self.cookie_generator = _CookieGenerator(self.peer_public_key)
         # timer inputs (what was sent is in `counters`: the sender writes it)
         self.last_handshake = None  # monotonic time of the last completed handshake
         self.last_received = -1e9
@@ -1519,19 +1592,19 @@ class _Peer:
         chain = _kdf(self.initial_chain, ephemeral_public, 1)[0]
         hash_ = _hash(self.initiation_hash, ephemeral_public)
         chain, key = _kdf(chain, shared, 2)
-        static = _seal(key, 0, self.public_key, hash_)
+        static = _sodium().seal(key, _HANDSHAKE_NONCE, self.public_key, hash_)
         hash_ = _hash(hash_, static)
         chain, key = _kdf(chain, self.static_secret, 2)
         self.stamp_sent_ns = max(self.wallclock_ns(), self.stamp_sent_ns + 1)
-        timestamp = _seal(key, 0, _tai64n(self.stamp_sent_ns), hash_)
+        timestamp = _sodium().seal(key, _HANDSHAKE_NONCE, _tai64n(self.stamp_sent_ns), hash_)
         hash_ = _hash(hash_, timestamp)
         retries = self.handshake.retries + 1 if retry and self.handshake else 0
         self._forget_handshake()
         index = self._new_index()
         message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
-        message, mac1 = self._add_macs(message, now)
+        message, mac1 = self.cookie_generator.add_macs(message, now)
         self.handshake = _Handshake(index, ephemeral, chain, hash_, mac1, retries)
-        self.keypairs[index] = None  # reserved until the response or the next attempt
+        self.session_keys_by_index[index] = None  # reserved until the response or next attempt
         self.last_initiation_sent = now
         jitter = _REKEY_TIMEOUT_JITTER * self.random(1)[0] / 255
         self.retransmit_at = now + _REKEY_TIMEOUT + jitter
@@ -1546,12 +1619,12 @@ class _Peer:
         from an allowed address is left at the start of `self.plain` and
         `deliver(length)` is called; everything else is dropped silently.
         """
-        inbox, keypairs, unpack = self.inbox, self.keypairs, _TRANSPORT_HEAD.unpack_from
-        open_, inbox_handle, plain_handle = self.cipher.open, self.inbox_handle, self.plain_handle
-        packet_length, plain = self.allowed.packet_length, self.plain
+        inbox, inbox_handle, by_index = self.inbox, self.inbox_handle, self.session_keys_by_index
+        plain, plain_handle, open_ = self.plain, self.plain_handle, self.cipher.open
+        unpack, packet_length = _TRANSPORT_HEADER.unpack_from, self.allowed.packet_length
         ring_mask, window, too_many = _REPLAY_WINDOW - 1, _REPLAY_WINDOW, _REJECT_AFTER_MESSAGES
         received = data = 0
-        keypair = None
+        session_keys = None
         roaming = address != self.endpoint
         for start in range(0, size, segment):
             end = min(start + segment, size)
@@ -1561,25 +1634,27 @@ class _Peer:
             if kind != _MSG_TRANSPORT:
                 if kind in (_MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE):
                     self._receive_handshake(bytes(inbox[start:end]), address, now)
-                    keypair = None  # keypairs may have changed
+                    session_keys = None  # the message may have retired them
                 continue
-            if keypair is None or index != keypair.local_index:
-                keypair = keypairs.get(index)
-                if keypair is None or now - keypair.created >= _REJECT_AFTER_TIME:
-                    keypair = None
+            if session_keys is None or index != session_keys.local_index:
+                session_keys = by_index.get(index)
+                if session_keys is None or now - session_keys.created >= _REJECT_AFTER_TIME:
+                    session_keys = None
                     continue
-                key, ring, unconfirmed = keypair.receive_key, keypair.replay_ring, keypair is self.next
+                key, ring = session_keys.receive_key, session_keys.replay_ring
+                unconfirmed = session_keys is self.next
             place = counter & ring_mask
-            if ring[place] == counter or keypair.replay_top - counter >= window or counter >= too_many:
+            if (ring[place] == counter or session_keys.replay_top - counter >= window
+                    or counter >= too_many):
                 continue  # replayed, too old, or past the limit
-            length = open_(inbox_handle, start + _TRANSPORT_HEADER, end - start - _TRANSPORT_HEADER,
-                           key, counter, plain_handle)
-            if length < 0:
+            length = open_(key, counter, inbox_handle, start + _TRANSPORT_HEADER_SIZE,
+                           end - start - _TRANSPORT_HEADER_SIZE, plain_handle)
+            if length is None:
                 continue
             ring[place] = counter
-            keypair.replay_top = max(keypair.replay_top, counter)
+            session_keys.replay_top = max(session_keys.replay_top, counter)
             received += end - start
-            # Endpoint and keypair change before the packet reaches the TUN:
+            # Endpoint and session keys change before the packet reaches the TUN:
             # an answer to it must find them in place.
             if roaming:
                 roaming = False
@@ -1610,17 +1685,18 @@ class _Peer:
 
     def _receive_handshake(self, message, address, now):
         kind, size = message[0], len(message)
+        check = self.cookie_checker.check
         if kind == _MSG_INITIATION and size == _INITIATION_SIZE:
-            if self._macs_pass(message, address, now):
+            if check(message, address, now, self.transmit):
                 self._consume_initiation(message, address, now)
         elif kind == _MSG_RESPONSE and size == _RESPONSE_SIZE:
-            if self._macs_pass(message, address, now):
+            if check(message, address, now, self.transmit):
                 self._consume_response(message, address, now)
         elif kind == _MSG_COOKIE and size == _COOKIE_SIZE:
             self._consume_cookie(message, now)
 
     def _consume_initiation(self, message, address, now):
-        """Responder: check an initiation, answer it, keep the keypair as `next`."""
+        """Responder: check an initiation, answer it, keep the session keys as `next`."""
         import hmac
 
         ephemeral = message[8:40]
@@ -1630,12 +1706,12 @@ class _Peer:
         if shared is None:
             return
         chain, key = _kdf(chain, shared, 2)
-        static = _open(key, 0, message[40:88], hash_)
+        static = _sodium().open(key, _HANDSHAKE_NONCE, message[40:88], hash_)
         if static is None or not hmac.compare_digest(static, self.peer_public_key):
             return
         hash_ = _hash(hash_, message[40:88])
         chain, key = _kdf(chain, self.static_secret, 2)
-        stamp = _open(key, 0, message[88:116], hash_)
+        stamp = _sodium().open(key, _HANDSHAKE_NONCE, message[88:116], hash_)
         if stamp is None or stamp <= self.last_timestamp:
             return  # replayed or older than one already accepted
         if now - self.last_initiation_consumed < 1 / _INITIATIONS_PER_SECOND:
@@ -1655,23 +1731,23 @@ class _Peer:
         chain = _kdf(chain, second, 1)[0]
         chain, tau, key = _kdf(chain, self.preshared_key, 3)
         hash_ = _hash(hash_, tau)
-        empty = _seal(key, 0, b"", hash_)
+        empty = _sodium().seal(key, _HANDSHAKE_NONCE, b"", hash_)
         remote_index = _U32_LE.unpack_from(message, 4)[0]
         index = self._new_index()
         response = struct.pack("<III", _MSG_RESPONSE, index, remote_index) + ephemeral_public + empty
-        response, mac1 = self._add_macs(response, now)
+        response, mac1 = self.cookie_generator.add_macs(response, now)
         receive_key, send_key = _kdf(chain, b"", 2)
         if self.next is not None:
-            self.keypairs.pop(self.next.local_index, None)
+            self.session_keys_by_index.pop(self.next.local_index, None)
         self.next = _SessionKeys(send_key, receive_key, index, remote_index, now, False)
-        self.keypairs[index] = self.next
+        self.session_keys_by_index[index] = self.next
         self.last_response_mac1 = (index, mac1)
         self.last_received = now
         self._roam(address)
         self._transmit(response, now)
 
     def _consume_response(self, message, address, now):
-        """Initiator: finish the handshake; the new keypair is used at once."""
+        """Initiator: finish the handshake; the new session keys are used at once."""
         sender_index, receiver_index = struct.unpack_from("<II", message, 4)
         handshake = self.handshake
         if handshake is None or receiver_index != handshake.local_index:
@@ -1687,30 +1763,31 @@ class _Peer:
         chain = _kdf(chain, second, 1)[0]
         chain, tau, key = _kdf(chain, self.preshared_key, 3)
         hash_ = _hash(hash_, tau)
-        if _open(key, 0, message[44:60], hash_) != b"":
+        if _sodium().open(key, _HANDSHAKE_NONCE, message[44:60], hash_) != b"":
             return
         send_key, receive_key = _kdf(chain, b"", 2)
-        keypair = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index, now, True)
+        session_keys = _SessionKeys(send_key, receive_key, handshake.local_index, sender_index,
+                                    now, True)
         self.handshake = None
         self.retransmit_at = None
-        # A responder keypair still waiting for its confirmation may be what
-        # the peer sends with (both sides initiated at once): as the kernel
-        # does, it stays for receiving as the previous one, and the current
-        # one goes.
+        # Responder session keys still waiting for their confirmation may be
+        # what the peer sends with (both sides initiated at once): as the
+        # kernel does, they stay for receiving as the previous ones, and the
+        # current ones go.
         retired = self.current if self.next is not None else self.previous
         if retired is not None:
-            self.keypairs.pop(retired.local_index, None)
+            self.session_keys_by_index.pop(retired.local_index, None)
         self.previous = self.next if self.next is not None else self.current
-        self.current, self.next = keypair, None
-        self.keypairs[keypair.local_index] = keypair
+        self.current, self.next = session_keys, None
+        self.session_keys_by_index[session_keys.local_index] = session_keys
         self.last_received = now
         self._roam(address)
         self._handshake_complete(now)
 
     def _confirm_next(self, now):
-        """Responder: the initiator used the new keypair, so it becomes current."""
+        """Responder: the initiator used the new session keys, so they become current."""
         if self.previous is not None:
-            self.keypairs.pop(self.previous.local_index, None)
+            self.session_keys_by_index.pop(self.previous.local_index, None)
         self.previous, self.current, self.next = self.current, self.next, None
         self._handshake_complete(now)
 
@@ -1720,7 +1797,8 @@ class _Peer:
         self.sender.install(self.current)
 
     def _consume_cookie(self, message, now):
-        """Initiator (or responder): remember the cookie for mac2 of later messages."""
+        """Initiator (or responder): a cookie reply to our pending initiation or
+        our last response goes to the cookie generator."""
         index = _U32_LE.unpack_from(message, 4)[0]
         if self.handshake is not None and index == self.handshake.local_index:
             mac1 = self.handshake.mac1
@@ -1728,58 +1806,7 @@ class _Peer:
             mac1 = self.last_response_mac1[1]
         else:
             return
-        cookie = _sodium().open(self.cookie_key_out, message[8:32], message[32:64], mac1)
-        if cookie is None:  # not from our peer
-            return
-        self.cookie, self.cookie_received = cookie, now
-
-    # -- mac1, mac2 and cookies ---------------------------------------------
-
-    def _add_macs(self, message, now):
-        """`message` with mac1 and mac2 appended, and the mac1."""
-        mac1 = _mac(self.mac1_key_out, message)
-        message += mac1
-        if self.cookie is not None and now - self.cookie_received < _COOKIE_REFRESH_TIME:
-            return message + _mac(self.cookie, message), mac1
-        return message + bytes(16), mac1
-
-    def _macs_pass(self, message, address, now):
-        """Whether a handshake message may be processed: mac1 must be right, and
-        when under load mac2 too; otherwise under load a cookie reply goes back."""
-        import hmac
-
-        if not hmac.compare_digest(message[-32:-16], _mac(self.mac1_key_in, message[:-32])):
-            return False
-        if now - self.load_window_start >= 1.0:
-            self.load_window_start, self.load_count = now, 0
-        self.load_count += 1
-        if self.load_count > _UNDER_LOAD_HANDSHAKES:
-            self.under_load_until = now + 1.0
-        if now >= self.under_load_until:
-            return True
-        if now - self.cookie_secret_born >= _COOKIE_REFRESH_TIME:
-            self.cookie_secret, self.cookie_secret_born = self.random(32), now
-        cookie = _mac(self.cookie_secret, repr(address[:2]).encode())
-        if hmac.compare_digest(message[-16:], _mac(cookie, message[:-16])):
-            return self._within_rate(address[0], now)
-        nonce = self.random(24)
-        sealed = _sodium().seal(self.cookie_key_in, nonce, cookie, message[-32:-16])
-        reply = _U32_LE.pack(_MSG_COOKIE) + message[4:8] + nonce + sealed
-        self.transmit(reply, address)
-        return False
-
-    def _within_rate(self, host, now):
-        """Under load, even sources that proved their address get at most
-        _HANDSHAKES_PER_SOURCE handshake messages a second (a token bucket)."""
-        tokens, last = self.rate_buckets.get(host, (_HANDSHAKE_BURST, now))
-        tokens = min(_HANDSHAKE_BURST, tokens + (now - last) * _HANDSHAKES_PER_SOURCE)
-        if len(self.rate_buckets) >= 4096:
-            self.rate_buckets.clear()  # bounded memory; a flood only resets buckets
-        if tokens < 1:
-            self.rate_buckets[host] = (tokens, now)
-            return False
-        self.rate_buckets[host] = (tokens - 1, now)
-        return True
+        self.cookie_generator.consume_reply(message, mac1, now)
 
     # -- timers ---------------------------------------------------------------
 
@@ -1798,7 +1825,7 @@ class _Peer:
             else:
                 self.initiate(now, retry=True)
         if self.last_handshake is not None and now - self.last_handshake >= 3 * _REJECT_AFTER_TIME:
-            self._forget_keypairs()
+            self._forget_session_keys()
         if self.current is not None:
             passive = (self.last_data_received > last_sent
                        and now - self.last_data_received >= _KEEPALIVE_TIMEOUT)
@@ -1833,18 +1860,20 @@ class _Peer:
     def _new_index(self):
         while True:
             index = _U32_LE.unpack(self.random(4))[0]
-            if index not in self.keypairs:
+            if index not in self.session_keys_by_index:
                 return index
 
     def _forget_handshake(self):
         if self.handshake is not None:
-            if self.keypairs.get(self.handshake.local_index, 0) is None:
-                del self.keypairs[self.handshake.local_index]
+            if self.session_keys_by_index.get(self.handshake.local_index, 0) is None:
+                del self.session_keys_by_index[self.handshake.local_index]
             self.handshake = None
 
-    def _forget_keypairs(self):
+    def _forget_session_keys(self):
         self.current = self.previous = self.next = None
-        self.keypairs = {index: None for index, kp in self.keypairs.items() if kp is None}
+        self.session_keys_by_index = {  # the indices reserved for a handshake stay
+            index: None for index, session_keys in self.session_keys_by_index.items()
+            if session_keys is None}
         self.last_handshake = None
         self.sender.install(None)
 
@@ -2065,11 +2094,14 @@ class _SenderLink:
         self.endpoint_area = endpoint_area
         self.counters = counters
 
-    def install(self, keypair):
-        if keypair is not None:
-            keypair = (keypair.send_key, keypair.local_index, keypair.remote_index,
-                       keypair.created, keypair.initiator)
-        self._send(("install", keypair))
+    def install(self, session_keys):
+        """Only the sending half goes: the receiving key stays in this process."""
+        sending_half = None
+        if session_keys is not None:
+            sending_half = (session_keys.send_key, session_keys.local_index,
+                            session_keys.remote_index, session_keys.created,
+                            session_keys.initiator)
+        self._send(("install", sending_half))
 
     def set_endpoint(self, endpoint):
         _store_endpoint(self.endpoint_area, endpoint)
@@ -2189,11 +2221,11 @@ def _send_loop(sender, tun_fd, link, parent_pid, vnet_hdr):
     receiving process is gone.
 
     Packets read from the TUN are sealed only after every message the control
-    process had sent by then is applied. The control process sends a new
-    keypair or endpoint before it writes the packet that brought it to the
-    TUN, so an answer to that packet (which exists only after the write) never
-    leaves under the keypair the peer has abandoned, or for its old address,
-    however the scheduler orders the two processes.
+    process had sent by then is applied. The control process sends new
+    session keys or a new endpoint before it writes the packet that brought
+    them to the TUN, so an answer to that packet (which exists only after the
+    write) never leaves under session keys the peer has abandoned, or for its
+    old address, however the scheduler orders the two processes.
     """
     import select
 
@@ -2261,12 +2293,12 @@ def _apply_control_messages(sender, link):
             return False
         message = pickle.loads(message)
         if message[0] == "install":
-            keypair = message[1]
-            if keypair is not None:
-                send_key, local_index, remote_index, created, initiator = keypair
-                keypair = _SessionKeys(send_key, None, local_index, remote_index,
-                                   created, initiator)
-            sender.install(keypair)
+            session_keys = None
+            if message[1] is not None:
+                send_key, local_index, remote_index, created, initiator = message[1]
+                session_keys = _SessionKeys(send_key, None, local_index, remote_index,
+                                            created, initiator)
+            sender.install(session_keys)
         elif message[0] == "endpoint":
             sender.set_endpoint(message[1])
         elif message[0] == "keepalive":
@@ -2295,7 +2327,7 @@ class Datapath:
 
     def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
                  allowed_ips=(), preshared_key=None, persistent_keepalive=0,
-                 listen=None, vnet_hdr=False, mtu=1420, clock=None):
+                 listen=None, vnet_hdr=False, mtu=_DEFAULT_MTU, clock=None):
         import mmap
         import time
 
@@ -2558,8 +2590,6 @@ _RESOLV_CONF = "/etc/resolv.conf"
 # inside the namespace so that names go to the cloudlet's DNS.
 _RESOLVER_SOCKET_DIRS = ("/run/systemd/resolve", "/run/nscd")
 _SHELL_PROMPT = "sinfonia$ "
-_DEFAULT_MTU = 1420
-_MIN_MTU = 1280  # IPv6's minimum; the kernel drops IPv6 from smaller links
 _DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for the first handshake
 _SETUP_TIMEOUT = 30.0
 _MAX_MESSAGE = 1 << 20

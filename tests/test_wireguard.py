@@ -178,11 +178,11 @@ def test_handshake_and_transport_both_ways():
     assert stats_a[st3._RX_BYTES] == len(messages[1][2])
 
 
-def test_crossing_initiations_keep_the_keypair_the_peer_still_sends_with():
-    """Both ends initiate at once. B answers A's initiation (its keypair K1
-    waits for confirmation), then completes its own handshake (K2) before
+def test_crossing_initiations_keep_the_session_keys_the_peer_still_sends_with():
+    """Both ends initiate at once. B answers A's initiation (its session keys
+    K1 wait for confirmation), then completes its own handshake (K2) before
     any of A's data on K1 has arrived: what A still sends on K1 must get
-    through (the kernel keeps K1 as the previous keypair)."""
+    through (the kernel keeps K1 as the previous session keys)."""
     pair = Pair()
     pair.a.peer.initiate()
     pair.deliver(pair.take())  # A's initiation reaches B
@@ -295,11 +295,11 @@ def test_replayed_initiation_is_refused():
     pair.deliver(initiation)
     response = pair.take()
     assert _kinds(response) == [2]
-    keypair = pair.b.peer.next
+    session_keys = pair.b.peer.next
     pair.advance(1)
     pair.deliver(initiation)  # an attacker replays it later
     assert pair.take() == []
-    assert pair.b.peer.next is keypair
+    assert pair.b.peer.next is session_keys
 
 
 def test_older_initiation_is_refused():
@@ -343,7 +343,7 @@ def test_flood_of_initiations_gets_cookies_and_an_echoing_client_gets_through():
     # The client honours the cookie of its last initiation: mac2 from now on.
     last_cookie = [a for a in answers if a[2][0] == 3][-1]
     pair.deliver([last_cookie])
-    assert pair.a.peer.cookie is not None
+    assert pair.a.peer.cookie_generator.cookie is not None
     pair.advance(0.5)  # still under load
     pair.a.peer.initiate(retry=True)
     retry = pair.take()
@@ -356,7 +356,7 @@ def test_flood_of_initiations_gets_cookies_and_an_echoing_client_gets_through():
 
 def test_without_cookie_under_load_no_response():
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 1.0
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 1.0
     pair.a.peer.initiate()
     pair.deliver(pair.take())
     assert _kinds(pair.take()) == [3]
@@ -365,7 +365,7 @@ def test_without_cookie_under_load_no_response():
 
 def test_cookie_from_another_address_does_not_pass():
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 1.0
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 1.0
     pair.a.peer.initiate()
     pair.deliver(pair.take())
     pair.deliver(pair.take())  # A takes the cookie for A_ADDRESS
@@ -376,17 +376,18 @@ def test_cookie_from_another_address_does_not_pass():
 
 def test_under_load_each_source_is_rate_limited_even_with_a_cookie():
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 10
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 10
     pair.a.peer.initiate()
     pair.deliver(pair.take())
     pair.deliver(pair.take())  # the cookie
     pair.a.peer.initiate(retry=True)
     message = pair.take()[0][2]
-    passed = [pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now) for _ in range(10)]
+    check = pair.b.peer.cookie_checker.check
+    passed = [check(message, A_ADDRESS, pair.clock.now, pair.b.peer.transmit) for _ in range(10)]
     assert passed == [True] * st3._HANDSHAKE_BURST + [False] * (10 - st3._HANDSHAKE_BURST)
     assert pair.take() == []  # refused without a cookie reply
     pair.advance(1.0)  # the bucket refills
-    assert pair.b.peer._macs_pass(message, A_ADDRESS, pair.clock.now)
+    assert check(message, A_ADDRESS, pair.clock.now, pair.b.peer.transmit)
 
 
 # Timers ########################################################################
@@ -425,18 +426,18 @@ def test_rekey_after_time_when_sending_and_reject_after_time():
     assert 4 in kinds and 1 in kinds  # still sent with the old key, and a rekey
     pair.pump()
     assert pair.a.peer.current is not old and pair.a.peer.previous is old
-    # After REJECT_AFTER_TIME a keypair no longer decrypts.
+    # After REJECT_AFTER_TIME session keys no longer decrypt.
     pair.b.delivered.clear()
     pair.advance(st3._REJECT_AFTER_TIME)
     pair.b.peer.current.created = pair.clock.now - st3._REJECT_AFTER_TIME
     pair.a.peer.current.created = pair.clock.now  # the sender's own copy
-    pair.a.sender.keypair.created = pair.clock.now
+    pair.a.sender.session_keys.created = pair.clock.now
     pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
     pair.deliver(pair.take())
     assert pair.b.delivered == []
 
 
-def test_previous_keypair_still_decrypts_after_rotation():
+def test_previous_session_keys_still_decrypt_after_rotation():
     pair = Pair()
     pair.handshake()
     pair.a.sender.send_packet(_ip_packet(A_IP, B_IP, b"old"))
@@ -445,7 +446,7 @@ def test_previous_keypair_still_decrypts_after_rotation():
     pair.a.peer.initiate()
     pair.pump()
     assert pair.b.peer.previous is not None
-    pair.deliver(in_flight)  # arrives late, under the previous keypair
+    pair.deliver(in_flight)  # arrives late, under the previous session keys
     assert pair.b.delivered[-1] == _ip_packet(A_IP, B_IP, b"old")
 
 
@@ -455,10 +456,10 @@ def test_responder_keeps_next_until_the_initiator_uses_it():
     current = pair.b.peer.current
     pair.advance(st3._REKEY_TIMEOUT + 1)
     pair.a.peer.initiate()
-    pair.deliver(pair.take())  # B answers; its new keypair waits as `next`
+    pair.deliver(pair.take())  # B answers; its new session keys wait as `next`
     assert pair.b.peer.current is current and pair.b.peer.next is not None
     pair.b.sender.send_packet(_ip_packet(B_IP, A_IP))
-    assert pair.b.sender.keypair is current  # B may not send with `next` yet
+    assert pair.b.sender.session_keys is current  # B may not send with `next` yet
     pair.pump()
     assert pair.b.peer.current is not current and pair.b.peer.previous is current
 
@@ -494,7 +495,7 @@ def test_persistent_keepalive():
     assert [(frm, m[0]) for frm, _, m in pair.take()] == [(A_ADDRESS, 4)]
 
 
-def test_keepalive_due_on_an_expired_keypair_asks_for_a_handshake():
+def test_keepalive_due_on_expired_session_keys_asks_for_a_handshake():
     pair = Pair()
     pair.handshake()
     pair.b.peer.persistent_keepalive = 25
@@ -523,8 +524,8 @@ def test_keys_zeroed_after_three_times_reject_after_time():
     pair.advance(3 * st3._REJECT_AFTER_TIME + 1)
     pair.tick()
     assert pair.a.peer.current is None and pair.b.peer.current is None
-    assert pair.a.sender.keypair is None
-    assert all(kp is None for kp in pair.b.peer.keypairs.values())
+    assert pair.a.sender.session_keys is None
+    assert all(keys is None for keys in pair.b.peer.session_keys_by_index.values())
 
 
 # Endpoints ########################################################################
@@ -543,16 +544,16 @@ def test_endpoint_follows_the_roaming_peer():
     assert pair.b.peer.endpoint == roamed
 
 
-def test_keypair_and_endpoint_change_before_the_packet_is_delivered():
+def test_session_keys_and_endpoint_change_before_the_packet_is_delivered():
     """The datapath's encrypting process may meet an answer to a packet as soon
-    as the packet is delivered: the news it brings (keypair confirmed, peer
+    as the packet is delivered: the news it brings (session keys confirmed, peer
     roamed) must reach the sender first."""
     pair = Pair()
     pair.handshake()
     pair.advance(st3._REKEY_TIMEOUT + 1)
-    pair.a.peer.initiate()  # a new handshake: B keeps its keypair as `next`
+    pair.a.peer.initiate()  # a new handshake: B keeps its session keys as `next`
     pair.deliver(pair.take())  # B answers
-    pair.deliver(pair.take())  # A takes the new keypair
+    pair.deliver(pair.take())  # A takes the new session keys
     assert _kinds(pair.take()) == [4]  # and its keepalive is lost
     assert pair.b.peer.next is not None
     pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
@@ -560,7 +561,7 @@ def test_keypair_and_endpoint_change_before_the_packet_is_delivered():
     seen = []
     (_, _, message), = pair.take()
     pair.b.peer.receive_datagram(message, roamed, pair.clock(), lambda length: seen.append(
-        (pair.b.sender.keypair is pair.b.peer.current, pair.b.sender.endpoint)))
+        (pair.b.sender.session_keys is pair.b.peer.current, pair.b.sender.endpoint)))
     assert pair.b.peer.next is None
     assert seen == [(True, roamed)]
 
@@ -588,13 +589,13 @@ def test_endpoint_names_and_families_resolve():
 def _state(peer):
     """Everything a message could change (the load meter aside: it counts
     handshake messages that carry a valid mac1, which is its job)."""
-    keypairs = {
-        index: None if kp is None else (kp.replay_top, kp.created, tuple(kp.replay_ring))
-        for index, kp in peer.keypairs.items()
+    session_keys = {
+        index: None if keys is None else (keys.replay_top, keys.created, tuple(keys.replay_ring))
+        for index, keys in peer.session_keys_by_index.items()
     }
     return (
-        keypairs, peer.current, peer.previous, peer.next, peer.handshake,
-        peer.last_timestamp, peer.endpoint, peer.cookie, peer.last_received,
+        session_keys, peer.current, peer.previous, peer.next, peer.handshake,
+        peer.last_timestamp, peer.endpoint, peer.cookie_generator.cookie, peer.last_received,
         peer.last_data_received, tuple(peer.counters), peer.last_handshake,
     )
 
@@ -603,7 +604,7 @@ def _established():
     """A pair that has done a handshake and exchanged data, and samples of
     every message type that went over the wire."""
     pair = Pair()
-    pair.b.peer.under_load_until = pair.clock.now + 0.5
+    pair.b.peer.cookie_checker.under_load_until = pair.clock.now + 0.5
     pair.a.peer.initiate()
     initiation = pair.take()
     pair.deliver(initiation)
@@ -948,21 +949,21 @@ def test_fuzz_tun_writer_on_a_real_tun_device(real_tun, packets):
 
 
 def test_cffi_and_bindings_ciphers_agree():
-    fast, slow = st3._TransportCipher(), st3._TransportCipher(fast=False)
-    assert not slow.fast
+    via_lib, via_bindings = st3._TransportCipher(), st3._TransportCipher(use_lib=False)
+    assert via_lib.use_lib and not via_bindings.use_lib
     key, plaintext = os.urandom(32), os.urandom(1424)
     sealed = []
-    for cipher in (fast, slow):
+    for cipher in (via_lib, via_bindings):
         buffer = bytearray(plaintext + bytes(16))
-        cipher.seal(cipher.slot(buffer, 0), len(plaintext), key, 7)
+        cipher.seal(key, 7, cipher.slot(buffer, 0), len(plaintext))
         sealed.append(bytes(buffer))
         out = bytearray(2000)
-        assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
+        assert cipher.open(key, 7, cipher.slot(buffer, 0), 0, len(buffer),
                            cipher.slot(out, 0)) == len(plaintext)
         assert bytes(out[:len(plaintext)]) == plaintext
         buffer[100] ^= 1
-        assert cipher.open(cipher.slot(buffer, 0), 0, len(buffer), key, 7,
-                           cipher.slot(out, 0)) == -1
+        assert cipher.open(key, 7, cipher.slot(buffer, 0), 0, len(buffer),
+                           cipher.slot(out, 0)) is None
     assert sealed[0] == sealed[1]
 
 
@@ -1093,9 +1094,9 @@ def _udp_ask_once(address, port, payload, timeout):
 def test_rerun_initiator_gets_the_answer_to_its_first_packet():
     """A client re-run with the same key (new process, new port, new
     handshake) whose first packet asks something: the answer must go out
-    under the new keypair, to the new endpoint. The responder's encrypting
+    under the new session keys, to the new endpoint. The responder's encrypting
     process is held stopped (SIGSTOP) until the answer waits in its TUN
-    behind the control process's news of that keypair: the order the
+    behind the control process's news of those session keys: the order the
     scheduler sometimes picks on a loaded machine, made certain here."""
     import signal
     import time
@@ -1113,7 +1114,7 @@ def test_rerun_initiator_gets_the_answer_to_its_first_packet():
             return netns.OurDatapath(ns_a, [f"{A_IP}/24"], a_private, b_public,
                                      allowed_ips=[f"{B_IP}/32"], endpoint=b.endpoint)
 
-        with client() as first:  # the first run: B's current keypair is its
+        with client() as first:  # the first run: B's current session keys are its
             first.start()
             echo = ns_b.fork(_udp_echo_once, B_IP, 7007)
             assert ns_a.fork(_udp_ask, B_IP, 7007, b"first run").result(20) == b"nur tsrif"
