@@ -27,8 +27,10 @@ __all__ = [
 
 import fcntl
 import os
+import stat
 import struct
 import sys
+import time
 from collections import namedtuple
 
 # Constants and errors ########################################################
@@ -123,6 +125,126 @@ def _printable(text, limit=_MAX_DETAIL_CHARS):
     return cleaned
 
 
+# libsodium through pynacl ####################################################
+
+_TAG = 16
+_NO_KEY = b"\0" * 32
+
+
+def _sized(data, *sizes):
+    """`data` as bytes, whose length must be one of `sizes`: C reads that many."""
+    data = bytes(data)
+    if len(data) not in sizes:
+        raise ValueError(f"{len(data)} bytes where libsodium needs {sizes}")
+    return data
+
+
+class _Sodium:
+    """The libsodium calls WireGuard needs: X25519 and the ChaCha20-Poly1305
+    AEADs, with a 12-byte nonce or (XChaCha20) a 24-byte one.
+
+    Through pynacl's cffi `lib`, which loads in 1 ms and 0.1 MiB where
+    `nacl.bindings` takes 11 ms and 2.3 MiB, and which lets the datapath
+    encrypt in place (`_TransportCipher`). `lib` is not a public pynacl API:
+    where it is missing or incomplete (`lib` is None), or with
+    `use_lib=False`, `nacl.bindings` does everything. Sizes are checked
+    before they reach C. `aeads` is the function table, (encrypt, decrypt)
+    by nonce size, in the calling convention of whichever of the two it is.
+    """
+
+    _AEADS = ((12, "chacha20poly1305"), (24, "xchacha20poly1305"))  # by nonce size
+
+    def __init__(self, use_lib=True):
+        self.ffi = self.lib = None
+        if use_lib:
+            try:
+                from nacl._sodium import ffi, lib
+
+                self._take_functions(lib)
+                if lib.sodium_init() >= 0:  # without it ChaCha20 runs 3x slower
+                    self.ffi, self.lib = ffi, lib
+            except (ImportError, AttributeError):
+                pass
+        if self.lib is None:
+            import nacl.bindings  # importing it runs sodium_init()
+
+            self._take_functions(nacl.bindings)
+
+    def _take_functions(self, functions):
+        """From `lib` or `nacl.bindings`, which use the same names (but not the
+        same calling conventions); AttributeError when one is missing."""
+        self._scalarmult_base = functions.crypto_scalarmult_base
+        self._scalarmult = functions.crypto_scalarmult
+        self.aeads = {
+            size: (getattr(functions, f"crypto_aead_{name}_ietf_encrypt"),
+                   getattr(functions, f"crypto_aead_{name}_ietf_decrypt"))
+            for size, name in self._AEADS}
+
+    def public_key(self, private):
+        private = _sized(private, 32)
+        if self.lib is None:
+            return self._scalarmult_base(private)
+        out = self.ffi.new("unsigned char[32]")
+        self._scalarmult_base(out, private)
+        return bytes(out)
+
+    def dh(self, private, public):
+        """X25519; the all-zero key for a public key of low order."""
+        private, public = _sized(private, 32), _sized(public, 32)
+        if self.lib is None:
+            from nacl.exceptions import CryptoError
+
+            try:
+                return self._scalarmult(private, public)
+            except CryptoError:  # libsodium refuses low-order points
+                return _NO_KEY
+        out = self.ffi.new("unsigned char[32]")
+        if self._scalarmult(out, private, public) != 0:
+            return _NO_KEY
+        return bytes(out)
+
+    def seal(self, key, nonce, plaintext, ad):
+        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
+        plaintext, ad = bytes(plaintext), bytes(ad)
+        encrypt = self.aeads[len(nonce)][0]
+        if self.lib is None:
+            return encrypt(plaintext, ad, nonce, key)
+        out = self.ffi.new("unsigned char[]", len(plaintext) + _TAG)
+        encrypt(out, self.ffi.NULL, plaintext, len(plaintext), ad, len(ad), self.ffi.NULL,
+                nonce, key)
+        return self.ffi.buffer(out)[:]
+
+    def open(self, key, nonce, ciphertext, ad):
+        """The plaintext, or None when `ciphertext` does not authenticate."""
+        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
+        ciphertext, ad = bytes(ciphertext), bytes(ad)
+        if len(ciphertext) < _TAG:
+            return None
+        decrypt = self.aeads[len(nonce)][1]
+        if self.lib is None:
+            from nacl.exceptions import CryptoError
+
+            try:
+                return decrypt(ciphertext, ad, nonce, key)
+            except CryptoError:
+                return None
+        size = len(ciphertext) - _TAG
+        out = self.ffi.new("unsigned char[]", max(size, 1))
+        if decrypt(out, self.ffi.NULL, self.ffi.NULL, ciphertext, len(ciphertext), ad,
+                   len(ad), nonce, key) != 0:
+            return None
+        return self.ffi.buffer(out, size)[:]
+
+
+_SODIUM = []  # this process's _Sodium, made on first use
+
+
+def _sodium():
+    if not _SODIUM:
+        _SODIUM.append(_Sodium())
+    return _SODIUM[0]
+
+
 # Keys and key cache ##########################################################
 
 
@@ -209,8 +331,6 @@ def _prepare_key_cache_dir(directory):
     Missing parents (such as `~/.cache`) are created 0700 too, as the XDG
     spec asks; parents that exist are left as they are.
     """
-    import stat
-
     try:
         _make_private_dir(directory)
         info = os.lstat(directory)
@@ -240,8 +360,6 @@ def _make_private_dir(path):
 def _read_key_file(path):
     """The text of the key file, or None if there is none; refuses
     symlinks, other owners and anything that is not a regular file."""
-    import stat
-
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -325,7 +443,6 @@ def _keep_unusable_key_file(path, text, reason):
     bytes are on disk under one name or both at every moment.
     """
     import itertools
-    import time
 
     try:
         with open(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK),
@@ -824,8 +941,6 @@ def _post_before(url, timeout, clock):
 
 def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=False):
     """Ask the Tier 1 to deploy `uuid` for `keypair`; the validated list."""
-    import time
-
     if isinstance(results, bool) or not isinstance(results, int) or results < 1:
         raise UsageError(f"results: expected a whole number >= 1, got {results!r}")
     if not timeout > 0:
@@ -874,7 +989,7 @@ def deploy(tier1_url, application, *, results=1, timeout=_DEFAULT_TIMEOUT):
     )
 
 
-# Tunnel configuration and renderers ##########################################
+# Rendered files: wg-quick and resolv.conf ####################################
 
 
 def _render_resolv_conf(config):
@@ -933,17 +1048,13 @@ _INITIATIONS_PER_SECOND = 50  # per peer, like wireguard-go
 _UNDER_LOAD_HANDSHAKES = 64  # handshake messages per second that mean "under load"
 _HANDSHAKES_PER_SOURCE, _HANDSHAKE_BURST = 20, 5  # under load, per source host
 _QUEUED_PACKETS = 256  # packets kept while waiting for a handshake
-_GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
-_GSO_BYTES = 65000  # and at most this many bytes
 
 _MSG_INITIATION, _MSG_RESPONSE, _MSG_COOKIE, _MSG_TRANSPORT = 1, 2, 3, 4
 _INITIATION_SIZE, _RESPONSE_SIZE, _COOKIE_SIZE = 148, 92, 64
 _TRANSPORT_HEADER = struct.Struct("<IIQ")  # type, receiver index, counter
 _TRANSPORT_HEADER_SIZE = _TRANSPORT_HEADER.size
-_TAG = 16
 _KEEPALIVE_SIZE = _TRANSPORT_HEADER_SIZE + _TAG
 _TAI64_BASE = (1 << 62) + 10
-_NO_KEY = b"\0" * 32
 _HANDSHAKE_NONCE = bytes(12)  # counter 0: each handshake key seals one message
 _U32_BE = struct.Struct(">I")
 _U64_PAIR_BE = struct.Struct(">QQ")
@@ -985,120 +1096,6 @@ def _nonce(counter):
 def _tai64n(nanoseconds):
     seconds, nanos = divmod(nanoseconds, 1_000_000_000)
     return struct.pack(">QI", _TAI64_BASE + seconds, nanos)
-
-
-def _sized(data, *sizes):
-    """`data` as bytes, whose length must be one of `sizes`: C reads that many."""
-    data = bytes(data)
-    if len(data) not in sizes:
-        raise ValueError(f"{len(data)} bytes where libsodium needs {sizes}")
-    return data
-
-
-class _Sodium:
-    """The libsodium calls WireGuard needs: X25519 and the ChaCha20-Poly1305
-    AEADs, with a 12-byte nonce or (XChaCha20) a 24-byte one.
-
-    Through pynacl's cffi `lib`, which loads in 1 ms and 0.1 MiB where
-    `nacl.bindings` takes 11 ms and 2.3 MiB, and which lets the datapath
-    encrypt in place (`_TransportCipher`). `lib` is not a public pynacl API:
-    where it is missing or incomplete (`lib` is None), or with
-    `use_lib=False`, `nacl.bindings` does everything. Sizes are checked
-    before they reach C. `aeads` is the function table, (encrypt, decrypt)
-    by nonce size, in the calling convention of whichever of the two it is.
-    """
-
-    _AEADS = ((12, "chacha20poly1305"), (24, "xchacha20poly1305"))  # by nonce size
-
-    def __init__(self, use_lib=True):
-        self.ffi = self.lib = None
-        if use_lib:
-            try:
-                from nacl._sodium import ffi, lib
-
-                self._take_functions(lib)
-                if lib.sodium_init() >= 0:  # without it ChaCha20 runs 3x slower
-                    self.ffi, self.lib = ffi, lib
-            except (ImportError, AttributeError):
-                pass
-        if self.lib is None:
-            import nacl.bindings  # importing it runs sodium_init()
-
-            self._take_functions(nacl.bindings)
-
-    def _take_functions(self, functions):
-        """From `lib` or `nacl.bindings`, which use the same names (but not the
-        same calling conventions); AttributeError when one is missing."""
-        self._scalarmult_base = functions.crypto_scalarmult_base
-        self._scalarmult = functions.crypto_scalarmult
-        self.aeads = {
-            size: (getattr(functions, f"crypto_aead_{name}_ietf_encrypt"),
-                   getattr(functions, f"crypto_aead_{name}_ietf_decrypt"))
-            for size, name in self._AEADS}
-
-    def public_key(self, private):
-        private = _sized(private, 32)
-        if self.lib is None:
-            return self._scalarmult_base(private)
-        out = self.ffi.new("unsigned char[32]")
-        self._scalarmult_base(out, private)
-        return bytes(out)
-
-    def dh(self, private, public):
-        """X25519; the all-zero key for a public key of low order."""
-        private, public = _sized(private, 32), _sized(public, 32)
-        if self.lib is None:
-            from nacl.exceptions import CryptoError
-
-            try:
-                return self._scalarmult(private, public)
-            except CryptoError:  # libsodium refuses low-order points
-                return _NO_KEY
-        out = self.ffi.new("unsigned char[32]")
-        if self._scalarmult(out, private, public) != 0:
-            return _NO_KEY
-        return bytes(out)
-
-    def seal(self, key, nonce, plaintext, ad):
-        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
-        plaintext, ad = bytes(plaintext), bytes(ad)
-        encrypt = self.aeads[len(nonce)][0]
-        if self.lib is None:
-            return encrypt(plaintext, ad, nonce, key)
-        out = self.ffi.new("unsigned char[]", len(plaintext) + _TAG)
-        encrypt(out, self.ffi.NULL, plaintext, len(plaintext), ad, len(ad), self.ffi.NULL,
-                nonce, key)
-        return self.ffi.buffer(out)[:]
-
-    def open(self, key, nonce, ciphertext, ad):
-        """The plaintext, or None when `ciphertext` does not authenticate."""
-        key, nonce = _sized(key, 32), _sized(nonce, *self.aeads)
-        ciphertext, ad = bytes(ciphertext), bytes(ad)
-        if len(ciphertext) < _TAG:
-            return None
-        decrypt = self.aeads[len(nonce)][1]
-        if self.lib is None:
-            from nacl.exceptions import CryptoError
-
-            try:
-                return decrypt(ciphertext, ad, nonce, key)
-            except CryptoError:
-                return None
-        size = len(ciphertext) - _TAG
-        out = self.ffi.new("unsigned char[]", max(size, 1))
-        if decrypt(out, self.ffi.NULL, self.ffi.NULL, ciphertext, len(ciphertext), ad,
-                   len(ad), nonce, key) != 0:
-            return None
-        return self.ffi.buffer(out, size)[:]
-
-
-_SODIUM = []  # this process's _Sodium, made on first use
-
-
-def _sodium():
-    if not _SODIUM:
-        _SODIUM.append(_Sodium())
-    return _SODIUM[0]
 
 
 def _dh(private, public):
@@ -1368,148 +1365,6 @@ def _shared_counters(area=None):
     return counters
 
 
-class _Sender:
-    """Encrypts outgoing IP packets: the only user of the send keys and counters.
-
-    Packets are read straight into `slots` (one per packet, room for the
-    transport header before and the tag after), sealed in place and handed to
-    `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
-    which is the shape UDP GSO wants. Without usable session keys packets wait
-    in a short queue and `request_handshake()` asks for them.
-    """
-
-    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=_DEFAULT_MTU,
-                 clock=None, endpoint=None, headroom=0):
-        import time
-
-        self.cipher = cipher
-        self.counters = counters
-        self.emit = emit
-        self.request_handshake = request_handshake
-        self.clock = clock or time.monotonic
-        self.mtu = mtu
-        self.endpoint = endpoint
-        self.session_keys = None
-        self.queue = []
-        self.next_request = -1e9
-        self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
-        capacity = _TRANSPORT_HEADER_SIZE + ((mtu + 15) & ~15) + _TAG
-        self.capacity = capacity
-        # As many packets as fit one GSO send when they are all MTU-sized.
-        self.batch = batch = min(_GSO_SEGMENTS,
-                                 _GSO_BYTES // (mtu + _TRANSPORT_HEADER_SIZE + _TAG))
-        self.buffer = bytearray(capacity * batch)
-        view = memoryview(self.buffer)
-        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
-        self.read_views = [
-            [view[i * capacity + _TRANSPORT_HEADER_SIZE - headroom:
-                  i * capacity + _TRANSPORT_HEADER_SIZE + mtu]]
-            for i in range(batch)
-        ]
-        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER_SIZE)
-                        for i in range(batch)]
-        self.full_size = mtu + _TRANSPORT_HEADER_SIZE + _TAG  # the message of an MTU-sized packet
-        self.full_views = [view[:self.full_size] for view in self.slot_views]
-
-    def install(self, session_keys):
-        """Use `session_keys` from now on (None: forget keys); flush what waited."""
-        self.session_keys = session_keys
-        if session_keys is None:
-            return
-        queued, self.queue = self.queue, []
-        if queued:
-            for packet in queued:
-                self.send_packet(packet)
-        elif session_keys.initiator:
-            self.keepalive()  # the responder needs a first packet to confirm
-
-    def set_endpoint(self, endpoint):
-        self.endpoint = endpoint
-
-    def drop_queue(self):
-        self.queue = []
-
-    def keepalive(self):
-        """Send an empty transport message (if there are session keys to seal it)."""
-        self.seal_batch([0], 1)
-
-    def send_packet(self, packet):
-        """Encrypt and send one IP packet given as bytes (slow path, tests)."""
-        size = len(packet)
-        self.slot_views[0][_TRANSPORT_HEADER_SIZE:_TRANSPORT_HEADER_SIZE + size] = packet
-        self.seal_batch([size], 1)
-
-    def seal_batch(self, sizes, count):
-        """Encrypt and send the `count` packets read into the slots."""
-        session_keys = self.session_keys
-        now = self.clock()
-        if (session_keys is None or self.endpoint is None
-                or now - session_keys.created >= _REJECT_AFTER_TIME
-                or session_keys.send_counter + count >= _REJECT_AFTER_MESSAGES):
-            self._hold(sizes, count, now)
-            return
-        if session_keys.initiator and (now - session_keys.created >= _REKEY_AFTER_TIME
-                                       or session_keys.send_counter >= _REKEY_AFTER_MESSAGES):
-            self._ask_for_handshake(now)
-        mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
-        key, index, capacity = session_keys.send_key, session_keys.remote_index, self.capacity
-        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
-        pack_header, emit, endpoint = _TRANSPORT_HEADER.pack_into, self.emit, self.endpoint
-        counter = session_keys.send_counter
-        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
-        for i in range(count):
-            size = padded = sizes[i]
-            if size & 15:
-                padded = (size + 15) & ~15
-                if padded > mtu:
-                    padded = max(mtu, size)
-                if padded != size:
-                    start = i * capacity + _TRANSPORT_HEADER_SIZE
-                    buffer[start + size:start + padded] = bytes(padded - size)
-            if size:
-                data = True
-            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
-            seal(key, counter, handles[i], padded)
-            counter += 1
-            message = padded + _TRANSPORT_HEADER_SIZE + _TAG
-            sent += message
-            if run and (message > segment or run == limit):
-                emit(views, segment, endpoint)
-                views, run = [], 0
-            if not run:
-                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
-            views.append(full_views[i] if message == full_size else slot_views[i][:message])
-            run += 1
-            if message < segment:  # a shorter message ends a GSO run
-                emit(views, segment, endpoint)
-                views, run = [], 0
-        if run:
-            emit(views, segment, endpoint)
-        session_keys.send_counter = counter
-        counters = self.counters
-        counters[_TX_BYTES] += sent
-        counters[_LAST_SENT] = now
-        if data:
-            counters[_LAST_DATA_SENT] = now
-
-    def copies(self, sizes, count):
-        """The `count` packets read into the slots, as bytes (to send later)."""
-        start = _TRANSPORT_HEADER_SIZE
-        return [bytes(self.slot_views[i][start:start + sizes[i]]) for i in range(count) if sizes[i]]
-
-    def _hold(self, sizes, count, now):
-        room = _QUEUED_PACKETS - len(self.queue)
-        if room > 0:
-            self.queue.extend(self.copies(sizes, count)[:room])
-        if count:  # data or a keepalive that no usable session keys can carry
-            self._ask_for_handshake(now)
-
-    def _ask_for_handshake(self, now):
-        if now >= self.next_request:
-            self.next_request = now + 1.0
-            self.request_handshake()
-
-
 class _Peer:
     """The WireGuard protocol for one peer: handshakes, session keys, timers;
     mac1, mac2 and cookies through its `cookie_checker` (messages to us) and
@@ -1527,8 +1382,6 @@ class _Peer:
                  allowed_ips=(), persistent_keepalive=0, endpoint=None,
                  clock=None, wallclock_ns=None, random=os.urandom, cipher=None,
                  counters=None):
-        import time
-
         if len(private_key) != 32 or len(peer_public_key) != 32:
             raise TunnelError("WireGuard keys must be 32 bytes")
         if preshared_key is not None and len(preshared_key) != 32:
@@ -1918,6 +1771,150 @@ _VNET_GSO_TCPV4, _VNET_GSO_TCPV6 = 1, 4
 _TCP_ACK, _TCP_PSH = 0x10, 0x08
 _U16_BE = struct.Struct(">H")
 _COALESCE_LIMIT = 65535 - 1500  # bytes in one GSO packet written to the TUN
+_GSO_SEGMENTS = 64  # UDP GSO: at most this many datagrams per send (Linux >= 5.0)
+_GSO_BYTES = 65000  # and at most this many bytes
+
+
+class _Sender:
+    """Encrypts outgoing IP packets: the only user of the send keys and counters.
+
+    Packets are read straight into `slots` (one per packet, room for the
+    transport header before and the tag after), sealed in place and handed to
+    `emit(views, segment_size, endpoint)` in runs of equal-sized messages,
+    which is the shape UDP GSO wants. Without usable session keys packets wait
+    in a short queue and `request_handshake()` asks for them.
+    """
+
+    def __init__(self, cipher, counters, emit, request_handshake, *, mtu=_DEFAULT_MTU,
+                 clock=None, endpoint=None, headroom=0):
+        self.cipher = cipher
+        self.counters = counters
+        self.emit = emit
+        self.request_handshake = request_handshake
+        self.clock = clock or time.monotonic
+        self.mtu = mtu
+        self.endpoint = endpoint
+        self.session_keys = None
+        self.queue = []
+        self.next_request = -1e9
+        self.headroom = headroom  # bytes the reader puts before each packet (vnet header)
+        capacity = _TRANSPORT_HEADER_SIZE + ((mtu + 15) & ~15) + _TAG
+        self.capacity = capacity
+        # As many packets as fit one GSO send when they are all MTU-sized.
+        self.batch = batch = min(_GSO_SEGMENTS,
+                                 _GSO_BYTES // (mtu + _TRANSPORT_HEADER_SIZE + _TAG))
+        self.buffer = bytearray(capacity * batch)
+        view = memoryview(self.buffer)
+        self.slot_views = [view[i * capacity:(i + 1) * capacity] for i in range(batch)]
+        self.read_views = [
+            [view[i * capacity + _TRANSPORT_HEADER_SIZE - headroom:
+                  i * capacity + _TRANSPORT_HEADER_SIZE + mtu]]
+            for i in range(batch)
+        ]
+        self.handles = [cipher.slot(self.buffer, i * capacity + _TRANSPORT_HEADER_SIZE)
+                        for i in range(batch)]
+        self.full_size = mtu + _TRANSPORT_HEADER_SIZE + _TAG  # the message of an MTU-sized packet
+        self.full_views = [view[:self.full_size] for view in self.slot_views]
+
+    def install(self, session_keys):
+        """Use `session_keys` from now on (None: forget keys); flush what waited."""
+        self.session_keys = session_keys
+        if session_keys is None:
+            return
+        queued, self.queue = self.queue, []
+        if queued:
+            for packet in queued:
+                self.send_packet(packet)
+        elif session_keys.initiator:
+            self.keepalive()  # the responder needs a first packet to confirm
+
+    def set_endpoint(self, endpoint):
+        self.endpoint = endpoint
+
+    def drop_queue(self):
+        self.queue = []
+
+    def keepalive(self):
+        """Send an empty transport message (if there are session keys to seal it)."""
+        self.seal_batch([0], 1)
+
+    def send_packet(self, packet):
+        """Encrypt and send one IP packet given as bytes (slow path, tests)."""
+        size = len(packet)
+        self.slot_views[0][_TRANSPORT_HEADER_SIZE:_TRANSPORT_HEADER_SIZE + size] = packet
+        self.seal_batch([size], 1)
+
+    def seal_batch(self, sizes, count):
+        """Encrypt and send the `count` packets read into the slots."""
+        session_keys = self.session_keys
+        now = self.clock()
+        if (session_keys is None or self.endpoint is None
+                or now - session_keys.created >= _REJECT_AFTER_TIME
+                or session_keys.send_counter + count >= _REJECT_AFTER_MESSAGES):
+            self._hold(sizes, count, now)
+            return
+        if session_keys.initiator and (now - session_keys.created >= _REKEY_AFTER_TIME
+                                       or session_keys.send_counter >= _REKEY_AFTER_MESSAGES):
+            self._ask_for_handshake(now)
+        mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
+        key, index, capacity = session_keys.send_key, session_keys.remote_index, self.capacity
+        slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
+        pack_header, emit, endpoint = _TRANSPORT_HEADER.pack_into, self.emit, self.endpoint
+        counter = session_keys.send_counter
+        views, run, limit, segment, sent, data = [], 0, 0, 0, 0, False
+        for i in range(count):
+            size = padded = sizes[i]
+            if size & 15:
+                padded = (size + 15) & ~15
+                if padded > mtu:
+                    padded = max(mtu, size)
+                if padded != size:
+                    start = i * capacity + _TRANSPORT_HEADER_SIZE
+                    buffer[start + size:start + padded] = bytes(padded - size)
+            if size:
+                data = True
+            pack_header(buffer, i * capacity, _MSG_TRANSPORT, index, counter)
+            seal(key, counter, handles[i], padded)
+            counter += 1
+            message = padded + _TRANSPORT_HEADER_SIZE + _TAG
+            sent += message
+            if run and (message > segment or run == limit):
+                emit(views, segment, endpoint)
+                views, run = [], 0
+            if not run:
+                segment, limit = message, min(_GSO_SEGMENTS, _GSO_BYTES // message)
+            views.append(full_views[i] if message == full_size else slot_views[i][:message])
+            run += 1
+            if message < segment:  # a shorter message ends a GSO run
+                emit(views, segment, endpoint)
+                views, run = [], 0
+        if run:
+            emit(views, segment, endpoint)
+        session_keys.send_counter = counter
+        counters = self.counters
+        counters[_TX_BYTES] += sent
+        counters[_LAST_SENT] = now
+        if data:
+            counters[_LAST_DATA_SENT] = now
+
+    def copies(self, sizes, count):
+        """The `count` packets read into the slots, as bytes (to send later)."""
+        start = _TRANSPORT_HEADER_SIZE
+        return [bytes(self.slot_views[i][start:start + sizes[i]]) for i in range(count) if sizes[i]]
+
+    def _hold(self, sizes, count, now):
+        room = _QUEUED_PACKETS - len(self.queue)
+        if room > 0:
+            self.queue.extend(self.copies(sizes, count)[:room])
+        if count:  # data or a keepalive that no usable session keys can carry
+            self._ask_for_handshake(now)
+
+    def _ask_for_handshake(self, now):
+        if now >= self.next_request:
+            self.next_request = now + 1.0
+            self.request_handshake()
+
+
 
 
 class _TunWriter:
@@ -2329,7 +2326,6 @@ class Datapath:
                  allowed_ips=(), preshared_key=None, persistent_keepalive=0,
                  listen=None, vnet_hdr=False, mtu=_DEFAULT_MTU, clock=None):
         import mmap
-        import time
 
         self._clock = clock or time.monotonic
         self._tun_fd = tun_fd
@@ -2391,8 +2387,6 @@ class Datapath:
     def wait_for_handshake(self, timeout):
         """Return once a handshake has completed; TunnelError after `timeout` s,
         or sooner when the peer stayed silent for the whole REKEY_ATTEMPT_TIME."""
-        import time
-
         counters = self._counters
         deadline = time.monotonic() + timeout
         while not counters[_LAST_HANDSHAKE_WALL]:
@@ -2429,7 +2423,6 @@ class Datapath:
     def stop(self):
         """End the workers and close the socket; safe to call more than once."""
         import signal
-        import time
 
         self._running()  # reap what already ended
         for pid in self._workers:
@@ -3178,8 +3171,6 @@ class _Namespace:
     """
 
     def __init__(self, interface, *, mtu=_DEFAULT_MTU):
-        import time
-
         self._channel, holder_end = _Channel.pair()
         parent = os.getpid()
         pid = os.fork()
@@ -3650,8 +3641,6 @@ def _changeable_by_others(path):
     create it); a sticky directory such as /tmp is fine above an entry that
     exists, since only root may then rename or remove that root-owned entry.
     """
-    import stat
-
     for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
         current, below_exists = start, False
         while True:
@@ -3890,7 +3879,7 @@ def _endpoint_literal(host, port):
     return infos[0][4][0], port
 
 
-# Tunnels: the two backends ##################################################
+# Tunnels: the two backends ###################################################
 #
 # Each backend forks the application's namespace holder at construction, so
 # that its set-up overlaps the Tier 1 request; `connect()` then brings the
@@ -3928,8 +3917,6 @@ class _Tunnel:
 
     def progress(self, what, debug):
         if debug:
-            import time
-
             elapsed = (time.monotonic() - self.namespace.forked) * 1000
             _debug(f"{what} ({elapsed:.0f} ms after the holder was forked)")
 
@@ -4007,7 +3994,6 @@ class _KernelTunnel(_Tunnel):
     def connect(self, config, keypair, *, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
                 debug=False):
         import socket
-        import time
 
         spec = _kernel_link_spec(
             keypair.private, config.public_key,
@@ -4104,57 +4090,6 @@ def _write_config_files(config, keypair):
     print("sinfonia-tier3: wrote wg.conf and resolv.conf", file=sys.stderr)
 
 
-def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
-                     debug=False, as_json=False, config_debug=False, qrcode=None):
-    """Deploy `uuid` and show the deployment without starting anything: as
-    JSON (--json), as wg.conf and resolv.conf (--config-debug), as a QR code
-    whose IncludedApplications are `command` (--qrcode); the exit status."""
-    if qrcode is not None:
-        if qrcode not in ("compact", "alt"):
-            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
-        _check_android_packages(command)
-        _segno()  # before deploying: the deployment would be wasted
-    keypair = _load_or_create_keypair(uuid)
-    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                    timeout=timeout, debug=debug)
-    config = deployments[0].tunnel_config
-    if as_json:
-        print(_deployments_json(deployments, keypair), flush=True)
-    if config_debug:
-        _write_config_files(config, keypair)
-    if qrcode:
-        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
-    return 0
-
-
-def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
-                 debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
-                 tunnel="auto"):
-    """Deploy `uuid` and run `command` behind the tunnel to it; the
-    application's exit status. Under `--tunnel auto`, a userspace tunnel that
-    fails in the namespace itself gives way to the kernel's through sudo."""
-    choice = _choose_tunnel(tunnel, debug=debug)
-    backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
-    try:
-        keypair = _load_or_create_keypair(uuid)
-        deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                       timeout=timeout, debug=debug)[0]
-        config = deployment.tunnel_config
-        try:
-            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
-        except _InterfaceFailedError as e:
-            if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
-                raise
-            print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
-                  "kernel's WireGuard through sudo", file=sys.stderr)
-            backend.close()
-            backend = _KernelTunnel(mtu=mtu)
-            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
-        return backend.run(command, _application_environment(deployment, tier1_url))
-    finally:
-        backend.close()
-
-
 def _why_no_kernel_wireguard(proc="/proc", sys_module="/sys/module"):
     """Why this kernel makes no WireGuard links, or None when it does: try
     one (root only). A kernel
@@ -4223,6 +4158,57 @@ def _choose_tunnel(requested, *, debug=False):
     if debug:
         _debug(f"--tunnel auto: {choice} ({why})")
     return choice
+
+
+def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
+                     debug=False, as_json=False, config_debug=False, qrcode=None):
+    """Deploy `uuid` and show the deployment without starting anything: as
+    JSON (--json), as wg.conf and resolv.conf (--config-debug), as a QR code
+    whose IncludedApplications are `command` (--qrcode); the exit status."""
+    if qrcode is not None:
+        if qrcode not in ("compact", "alt"):
+            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _check_android_packages(command)
+        _segno()  # before deploying: the deployment would be wasted
+    keypair = _load_or_create_keypair(uuid)
+    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                    timeout=timeout, debug=debug)
+    config = deployments[0].tunnel_config
+    if as_json:
+        print(_deployments_json(deployments, keypair), flush=True)
+    if config_debug:
+        _write_config_files(config, keypair)
+    if qrcode:
+        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
+    return 0
+
+
+def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
+                 debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+                 tunnel="auto"):
+    """Deploy `uuid` and run `command` behind the tunnel to it; the
+    application's exit status. Under `--tunnel auto`, a userspace tunnel that
+    fails in the namespace itself gives way to the kernel's through sudo."""
+    choice = _choose_tunnel(tunnel, debug=debug)
+    backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
+    try:
+        keypair = _load_or_create_keypair(uuid)
+        deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                       timeout=timeout, debug=debug)[0]
+        config = deployment.tunnel_config
+        try:
+            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
+        except _InterfaceFailedError as e:
+            if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
+                raise
+            print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
+                  "kernel's WireGuard through sudo", file=sys.stderr)
+            backend.close()
+            backend = _KernelTunnel(mtu=mtu)
+            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
+        return backend.run(command, _application_environment(deployment, tier1_url))
+    finally:
+        backend.close()
 
 
 def _application_environment(deployment, tier1_url):
