@@ -493,11 +493,22 @@ def _load_or_create_keypair(uuid):
 # Tier 1 client and response validation #######################################
 
 
+class _Endpoint(namedtuple("_Endpoint", "host port")):
+    """Where a peer is: `host` a name or an IPv4 or IPv6 literal (no
+    brackets), `port` an int; as text `host:port`, `[v6]:port`."""
+
+    __slots__ = ()
+
+    def __str__(self):
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
 class TunnelConfig(namedtuple("TunnelConfig", [
     "public_key",  # bytes: the cloudlet's WireGuard key
     "allowed_ips",  # ipaddress networks routed into the tunnel
-    "endpoint_host",  # a name, an IPv4 or an IPv6 literal (no brackets)
-    "endpoint_port",  # int
+    "endpoint",  # _Endpoint (host, port); str() gives host:port
     "addresses",  # ipaddress interfaces: this client's tunnel addresses
     "nameservers",  # ipaddress addresses
     "search_domains",  # str
@@ -505,13 +516,6 @@ class TunnelConfig(namedtuple("TunnelConfig", [
     """The WireGuard side of a deployment, validated and parsed (immutable)."""
 
     __slots__ = ()
-
-    @property
-    def endpoint(self):
-        """`host:port`, with an IPv6 host in brackets."""
-        if ":" in self.endpoint_host:
-            return f"[{self.endpoint_host}]:{self.endpoint_port}"
-        return f"{self.endpoint_host}:{self.endpoint_port}"
 
 
 class Deployment(namedtuple("Deployment", [
@@ -537,7 +541,7 @@ class Deployment(namedtuple("Deployment", [
             "TunnelConfig": {
                 "publicKey": _key_text(config.public_key),
                 "allowedIPs": [str(n) for n in config.allowed_ips],
-                "endpoint": config.endpoint,
+                "endpoint": str(config.endpoint),
                 "address": [str(a) for a in config.addresses],
                 "dns": [str(a) for a in config.nameservers]
                 + list(config.search_domains),
@@ -724,8 +728,7 @@ class _Validator:
         return TunnelConfig(
             public_key=public_key,
             allowed_ips=tuple(allowed_ips),
-            endpoint_host=host,
-            endpoint_port=port,
+            endpoint=_Endpoint(host, port),
             addresses=tuple(addresses),
             nameservers=tuple(nameservers),
             search_domains=tuple(search_domains),
@@ -3951,7 +3954,7 @@ class _UserspaceTunnel(_Tunnel):
         def make_datapath():
             self._datapath = Datapath(
                 self._tun_fd, keypair.private, config.public_key,
-                endpoint=(config.endpoint_host, config.endpoint_port),
+                endpoint=config.endpoint,
                 allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE,
                 mtu=self._mtu)
 
@@ -3997,7 +4000,7 @@ class _KernelTunnel(_Tunnel):
 
         spec = _kernel_link_spec(
             keypair.private, config.public_key,
-            endpoint=_endpoint_literal(config.endpoint_host, config.endpoint_port),
+            endpoint=_endpoint_literal(*config.endpoint),
             allowed_ips=config.allowed_ips, persistent_keepalive=_PERSISTENT_KEEPALIVE)
         use_sudo = os.geteuid() != 0
         ifname = self.namespace.interface.name
