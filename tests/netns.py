@@ -546,17 +546,17 @@ class OurDatapath:
         vnet_hdr=False,
         **options,
     ):
-        import sinfonia_tier3
+        import sinfonia_tier3 as st3
 
         self.name = unique_name("st3tun")
-        self.tun_fd = sinfonia_tier3._open_tun(self.name, vnet_hdr=vnet_hdr)
+        self.tun_fd = st3._open_tun(self.name, vnet_hdr=vnet_hdr)
         self.datapath = None
         try:
             move_link(self.name, namespace)
             namespace.add_addresses(self.name, addresses, mtu=mtu)
             options.setdefault("listen", ("127.0.0.1", 0))
             self._listen_host = options["listen"][0]
-            self.datapath = sinfonia_tier3.Datapath(
+            self.datapath = st3.Datapath(
                 self.tun_fd, private_key, peer_public_key, vnet_hdr=vnet_hdr, **options
             )
         except BaseException:

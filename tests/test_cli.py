@@ -17,13 +17,13 @@ from cloudlet import HELLOWORLD
 from conftest import ROOT, run_cli
 from netns import require_programs
 
-import sinfonia_tier3 as st
+import sinfonia_tier3 as st3
 
 OUTPUT_MODES = ("--json", "--config-debug", "--qrcode")
 
 
 def cached_keypair(key_cache):
-    return st._parse_key_file((key_cache / HELLOWORLD).read_text())
+    return st3._parse_key_file((key_cache / HELLOWORLD).read_text())
 
 
 def assert_one_line_failure(result, status=125):
@@ -37,7 +37,7 @@ def assert_one_line_failure(result, status=125):
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout == f"sinfonia-tier3 {st.__version__}\n"
+    assert result.stdout == f"sinfonia-tier3 {st3.__version__}\n"
 
 
 def test_python_dash_m_works(tmp_path):
@@ -211,10 +211,10 @@ def test_config_debug_writes_both_files(cloudlet, key_cache, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     keypair = cached_keypair(key_cache)
-    (deployment,) = st.deploy(cloudlet.url, "helloworld")
+    (deployment,) = st3.deploy(cloudlet.url, "helloworld")
     wg_conf = tmp_path / "wg.conf"
     resolv_conf = tmp_path / "resolv.conf"
-    assert wg_conf.read_text() == st._render_wg_quick(deployment.tunnel_config, keypair)
+    assert wg_conf.read_text() == st3._render_wg_quick(deployment.tunnel_config, keypair)
     assert resolv_conf.read_text() == (
         "nameserver 10.43.0.10\n"
         "search app-00000000.svc.cluster.local svc.cluster.local cluster.local\n"
@@ -264,7 +264,7 @@ def test_config_debug_wg_conf_loads_into_wireguard_go(cloudlet, key_cache, tmp_p
     result = wg_showconf_after_setconf(tmp_path / "stripped.conf")
     assert result.returncode == 0, result.stderr
     keypair = cached_keypair(key_cache)
-    (deployment,) = st.deploy(cloudlet.url, "helloworld")
+    (deployment,) = st3.deploy(cloudlet.url, "helloworld")
     shown = result.stdout
     assert f"PrivateKey = {base64.b64encode(keypair.private).decode()}" in shown
     peer_key = base64.b64encode(deployment.tunnel_config.public_key).decode()
@@ -343,8 +343,8 @@ def test_qrcode_decodes_back_to_the_wg_quick_config(cloudlet, key_cache, style, 
         "--qrcode", style, cloudlet.url, "helloworld", "--", "org.example.app"
     )
     assert result.returncode == 0, result.stderr
-    (deployment,) = st.deploy(cloudlet.url, "helloworld")
-    expected = st._render_wg_quick(
+    (deployment,) = st3.deploy(cloudlet.url, "helloworld")
+    expected = st3._render_wg_quick(
         deployment.tunnel_config, cached_keypair(key_cache), ["org.example.app"]
     )
     assert "IncludedApplications = org.example.app\n" in expected
@@ -390,7 +390,7 @@ def test_upstream_entry_point_signature_and_config_debug(
     cloudlet, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    status = st.sinfonia_tier3(
+    status = st3.sinfonia_tier3(
         cloudlet.url, uuid.UUID(HELLOWORLD), ["true"], config_debug=True
     )
     assert status == 0
@@ -399,7 +399,7 @@ def test_upstream_entry_point_signature_and_config_debug(
 
 def test_upstream_entry_point_returns_125_with_one_line(cloudlet, capsys):
     cloudlet.backends = set()
-    assert st.sinfonia_tier3(cloudlet.url, HELLOWORLD, [], config_debug=True) == 125
+    assert st3.sinfonia_tier3(cloudlet.url, HELLOWORLD, [], config_debug=True) == 125
     assert (
         capsys.readouterr()
         .err.splitlines()[-1]
@@ -408,7 +408,7 @@ def test_upstream_entry_point_returns_125_with_one_line(cloudlet, capsys):
 
 
 def test_upstream_entry_point_zeroconf_is_not_pretended(cloudlet, capsys):
-    assert st.sinfonia_tier3(cloudlet.url, HELLOWORLD, [], zeroconf=True) == 125
+    assert st3.sinfonia_tier3(cloudlet.url, HELLOWORLD, [], zeroconf=True) == 125
     assert "--zeroconf" in capsys.readouterr().err
 
 
