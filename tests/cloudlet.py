@@ -45,6 +45,8 @@ import time
 import urllib.parse
 import uuid as uuidlib
 
+from checkout import REPO
+
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 SLOW_LIMIT = 120.0  # seconds: the longest any deliberately slow answer lasts
 
@@ -365,13 +367,9 @@ class Cloudlet:
 # own `sinfonia_tier3.Datapath`, or wireguard-go on request) joins that TUN to a
 # UDP port on 127.0.0.1, which the deploy answer names as the endpoint.
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _tool():
     """This checkout's sinfonia_tier3 module, whose pieces the cloudlet borrows."""
-    if _REPO_ROOT not in sys.path:
-        sys.path.insert(0, _REPO_ROOT)
     import sinfonia_tier3
 
     return sinfonia_tier3
@@ -617,7 +615,8 @@ class CloudletNamespace:
         self._control = parent
         self._lock = threading.Lock()
         boot = (
-            "import importlib.util, sys\n"
+            "import importlib.util, os, sys\n"
+            "sys.path.insert(0, os.path.dirname(sys.argv[1]))  # tests/, for checkout\n"
             "spec = importlib.util.spec_from_file_location('_cloudlet', sys.argv[1])\n"
             "module = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(module)\n"
@@ -919,7 +918,7 @@ def run_demo(implementation="sinfonia", timeout=120):
             flush=True,
         )
         with tempfile.TemporaryDirectory() as cache:
-            tool = os.path.join(_REPO_ROOT, "sinfonia_tier3.py")
+            tool = os.path.join(REPO, "sinfonia_tier3.py")
             try:
                 return subprocess.run(
                     [sys.executable, tool, api.url, "helloworld", "--", *command],

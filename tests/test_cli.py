@@ -13,8 +13,9 @@ import sys
 import uuid
 
 import pytest
+from checkout import REPO
 from cloudlet import HELLOWORLD
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from netns import require_programs
 
 import sinfonia_tier3 as st3
@@ -43,7 +44,7 @@ def test_version():
 def test_python_dash_m_works(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sinfonia_tier3", "--version"],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=30,
@@ -70,7 +71,7 @@ def test_installed_console_script():
 def test_version_and_help_import_nothing_heavy(option):
     probe = (
         "import sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
         "before = set(sys.modules)\n"
         "import sinfonia_tier3\n"
         "try:\n"
@@ -176,7 +177,7 @@ def test_json_failure_is_json_too(cloudlet, setup, kind):
 
 def test_reader_going_away_is_no_traceback(cloudlet, tmp_path):
     reader = subprocess.Popen(
-        [sys.executable, str(ROOT / "sinfonia_tier3.py"), "--json", "--results", "3",
+        [sys.executable, str(REPO / "sinfonia_tier3.py"), "--json", "--results", "3",
          cloudlet.url, "helloworld"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -365,7 +366,7 @@ def test_qrcode_without_segno_says_how_to_get_it(cloudlet, tmp_path):
         [
             sys.executable,
             "-S",
-            str(ROOT / "sinfonia_tier3.py"),
+            str(REPO / "sinfonia_tier3.py"),
             "--qrcode",
             "compact",
             cloudlet.url,
@@ -420,7 +421,7 @@ def test_vendored_copy_under_another_package_name(cloudlet, tmp_path):
     vendor.mkdir(parents=True)
     (tmp_path / "myapp" / "__init__.py").write_text("")
     (vendor / "__init__.py").write_text("")
-    shutil.copy(ROOT / "sinfonia_tier3.py", vendor / "sinfonia_tier3.py")
+    shutil.copy(REPO / "sinfonia_tier3.py", vendor / "sinfonia_tier3.py")
     probe = (
         "from myapp._vendor import sinfonia_tier3 as s\n"
         f"(d,) = s.deploy({cloudlet.url!r}, 'helloworld')\n"
@@ -441,7 +442,7 @@ def test_vendored_copy_under_another_package_name(cloudlet, tmp_path):
 def test_zipapp(cloudlet, tmp_path):
     source = tmp_path / "app"
     source.mkdir()
-    shutil.copy(ROOT / "sinfonia_tier3.py", source / "sinfonia_tier3.py")
+    shutil.copy(REPO / "sinfonia_tier3.py", source / "sinfonia_tier3.py")
     (source / "__main__.py").write_text(
         "import sys\nimport sinfonia_tier3\nsys.exit(sinfonia_tier3.main())\n"
     )

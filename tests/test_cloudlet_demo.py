@@ -20,6 +20,7 @@ import threading
 
 import cloudlet
 import pytest
+from checkout import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from netns import (
@@ -29,9 +30,6 @@ from netns import (
     missing_requirements,
     require_programs,
 )
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 
 def query(name, qtype=1, ident=0x1234, flags=0x0100, qclass=1):
@@ -444,7 +442,7 @@ def test_concurrent_clients_each_get_their_own_tunnel(tmp_path):
 def test_the_demo_command_prints_the_page():
     require_programs("curl")
     demo = subprocess.run(
-        [sys.executable, os.path.join(HERE, "cloudlet.py"), "demo"],
+        [sys.executable, cloudlet.__file__, "demo"],
         capture_output=True,
         text=True,
         timeout=150,
@@ -474,7 +472,7 @@ def test_the_demo_runs_without_root():
         argv = sessions.as_user([])
     with sessions.tun_open_to_all(), sessions.user_directory() as scratch:
         demo = subprocess.run(
-            [*argv, "env", f"HOME={scratch}", python, os.path.join(HERE, "cloudlet.py"),
+            [*argv, "env", f"HOME={scratch}", python, cloudlet.__file__,
              "demo"],
             capture_output=True, text=True, timeout=150, check=False, cwd=scratch,
         )
@@ -491,7 +489,7 @@ def test_serve_with_wireguard_gives_real_tunnels_until_interrupted():
     server = subprocess.Popen(
         [
             sys.executable,
-            os.path.join(HERE, "cloudlet.py"),
+            cloudlet.__file__,
             "serve",
             "--port",
             "0",

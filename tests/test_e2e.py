@@ -18,12 +18,12 @@ import zipapp
 import cloudlet
 import pytest
 import sessions
+from checkout import REPO
 from netns import require_programs
 
 pytestmark = pytest.mark.e2e
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "sinfonia_tier3.py")
+TOOL = str(REPO / "sinfonia_tier3.py")
 GREETING = re.compile(
     r"Hello from the sinfonia test cloudlet!\nYour tunnel address is (10\.44\.\d+\.\d+)\.\n")
 
@@ -232,7 +232,7 @@ def _installed_script(scratch):
     project = os.path.join(scratch, "project")
     os.mkdir(project)
     for name in ("sinfonia_tier3.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(os.path.join(REPO, name), project)
+        shutil.copy(REPO / name, project)
     dist = os.path.join(scratch, "dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--no-index", "--wheel-dir", dist, project],
@@ -256,7 +256,7 @@ def _installed_script(scratch):
 
 
 def _python_m(scratch):
-    return [sys.executable, "-m", "sinfonia_tier3"], {"PYTHONPATH": REPO}
+    return [sys.executable, "-m", "sinfonia_tier3"], {"PYTHONPATH": str(REPO)}
 
 
 def _vendored(scratch):

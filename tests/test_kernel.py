@@ -20,13 +20,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from checkout import REPO
 from netns import missing_programs, require_programs
 
 import sinfonia_tier3 as st3
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parent.parent
 MODULE_FILE = REPO / "sinfonia_tier3.py"
 IN_GUEST = bool(os.environ.get("SINFONIA_TIER3_IN_VM"))
 #: An unprivileged uid for processes the helper is asked about; it needs no

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from checkout import REPO
 
 import sinfonia_tier3 as st3
 
@@ -232,7 +232,7 @@ def run_on_read_only_cache(cache_home, *args):
     result = subprocess.run(
         ["unshare", *namespace, "sh", "-c",
          'mount --bind -o ro "$0" "$0" || exit 99; exec "$@"', str(cache_home),
-         sys.executable, str(ROOT / "sinfonia_tier3.py"), *args],
+         sys.executable, str(REPO / "sinfonia_tier3.py"), *args],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
     )
     if result.returncode == 99 or "unshare failed" in result.stderr:
@@ -354,7 +354,7 @@ def test_a_run_waits_while_another_moves_the_unusable_file_then_uses_its_key(key
             f"print(st3._key_text(st3._load_or_create_keypair({UUID!r}).public))")
     with open(path, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        run = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+        run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                                text=True)
         time.sleep(0.5)
         assert run.poll() is None  # it waits for the lock

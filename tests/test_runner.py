@@ -20,11 +20,10 @@ import tempfile
 
 import pytest
 import sessions
+from checkout import REPO
 from netns import Child, Namespace, require_programs, veth_pair
 
 import sinfonia_tier3 as st3
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DRIVER = r'''
 import json, os, select, sys

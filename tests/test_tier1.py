@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from checkout import REPO
 from cloudlet import HELLOWORLD, MISBEHAVIOURS, Cloudlet
-from conftest import ROOT
 from netns import require_programs
 
 import sinfonia_tier3 as st3
@@ -454,7 +454,7 @@ def test_deadline_covers_a_name_lookup_that_hangs(tmp_path):
     script = (
         f"mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && ip link set lo up "
         f"|| exit 99; {sys.executable} {tmp_path / 'sink.py'} >/dev/null 2>&1 & sink=$!; "
-        f"sleep 0.3; {sys.executable} {ROOT / 'sinfonia_tier3.py'} --json --timeout 2 "
+        f"sleep 0.3; {sys.executable} {REPO / 'sinfonia_tier3.py'} --json --timeout 2 "
         "http://tier1.sinfonia-test.example helloworld; status=$?; kill $sink; exit $status"
     )
     started = time.monotonic()

@@ -12,18 +12,13 @@ import os
 import random
 import socket
 import struct
-import sys
 from contextlib import ExitStack
-from pathlib import Path
-
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import netns
+import pytest
 import sessions
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sinfonia_tier3 as st3
 
