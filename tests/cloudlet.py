@@ -46,16 +46,10 @@ import urllib.parse
 import uuid as uuidlib
 
 from checkout import REPO
+from netns import generate_keypair
 
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 SLOW_LIMIT = 120.0  # seconds: the longest any deliberately slow answer lasts
-
-
-def public_key_of(private_key):
-    """X25519 public key (pynacl, as the client uses)."""
-    from nacl.bindings import crypto_scalarmult_base
-
-    return crypto_scalarmult_base(private_key)
 
 
 def unused_udp_port(host="127.0.0.1"):
@@ -70,8 +64,7 @@ class StaticWireGuard:
     server answers behind them."""
 
     def __init__(self, endpoint=None):
-        self.private_key = os.urandom(32)
-        self.public_key = public_key_of(self.private_key)
+        self.private_key, self.public_key = generate_keypair()
         self.endpoint = endpoint or f"127.0.0.1:{unused_udp_port()}"
         self._next_host = 2
         self._lock = threading.Lock()
@@ -821,8 +814,7 @@ class WireGuardServer:
         self.implementation = implementation
         self.host = host
         self.max_clients = max_clients
-        self._private_key = os.urandom(32)
-        self.public_key = public_key_of(self._private_key)
+        self._private_key, self.public_key = generate_keypair()
         self._lock = threading.Lock()
         self._peers = {}  # client public key -> (client address, responder)
         self._next_index = 2  # 10.44.0.2 is the first client's address

@@ -121,11 +121,14 @@ def unique_name(prefix):
 
 
 def generate_keypair():
-    """A fresh Curve25519 (private, public) pair, raw 32 bytes each."""
-    from nacl.public import PrivateKey
+    """A fresh X25519 (private, public) pair, raw 32 bytes each; the private
+    key clamped, as `wg genkey` makes it and the kernel reports it back."""
+    from nacl.bindings import crypto_scalarmult_base
 
-    private = PrivateKey.generate()
-    return bytes(private), bytes(private.public_key)
+    private = bytearray(os.urandom(32))
+    private[0] &= 248
+    private[31] = (private[31] & 127) | 64
+    return bytes(private), crypto_scalarmult_base(bytes(private))
 
 
 def _b64(key):

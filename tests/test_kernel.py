@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from checkout import REPO
-from netns import missing_programs, require_programs
+from netns import generate_keypair, missing_programs, require_programs
 
 import sinfonia_tier3 as st3
 
@@ -116,20 +116,11 @@ def test_tests_pass_inside_guest():
 # The root helper ###############################################################
 
 
-def _keypair():
-    """A clamped private key (as `wg genkey` makes and the kernel reports back)."""
-    from nacl.bindings import crypto_scalarmult_base
-    private = bytearray(os.urandom(32))
-    private[0] &= 248
-    private[31] = (private[31] & 127) | 64
-    return bytes(private), crypto_scalarmult_base(bytes(private))
-
-
 def _spec(**overrides):
     settings = {"endpoint": ("192.0.2.1", 51820), "listen_port": 0,
                 "allowed_ips": ["10.7.0.0/16", "fd07::/64"], "persistent_keepalive": 25,
                 **overrides}
-    return st3._kernel_link_spec(_keypair()[0], _keypair()[1], **settings)
+    return st3._kernel_link_spec(generate_keypair()[0], generate_keypair()[1], **settings)
 
 
 def _b64(key):
@@ -609,7 +600,7 @@ class _KernelPeer:
 def _kernel_interop(kernel_initiates):
     import ipaddress
 
-    from netns import Namespace, OurDatapath, exchange, generate_keypair
+    from netns import Namespace, OurDatapath, exchange
 
     if not hasattr(st3, "Datapath"):
         pytest.fail("sinfonia_tier3.Datapath does not exist yet")

@@ -47,13 +47,6 @@ class Wall:
         return self.ns
 
 
-def _keypair():
-    from nacl.public import PrivateKey
-
-    private = PrivateKey.generate()
-    return bytes(private), bytes(private.public_key)
-
-
 def _ip_packet(source, destination, payload=b"x" * 20, protocol=17):
     """A minimal IPv4 packet (the protocol code looks at version, length, source)."""
     total = 20 + len(payload)
@@ -99,8 +92,8 @@ class Pair:
 
     def __init__(self, **b_options):
         self.clock, self.wall, self.net = Clock(), Wall(), []
-        a_private, a_public = _keypair()
-        b_private, b_public = _keypair()
+        a_private, a_public = netns.generate_keypair()
+        b_private, b_public = netns.generate_keypair()
         self.a = End("a", a_private, b_public, A_ADDRESS, self.net, self.clock, self.wall,
                      endpoint=B_ADDRESS, allowed_ips=[f"{B_IP}/32"])
         self.b = End("b", b_private, a_public, B_ADDRESS, self.net, self.clock, self.wall,
@@ -1034,7 +1027,7 @@ def _udp_ask(address, port, payload):
 @pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain-tun", "vnet-hdr"])
 def test_datapath_between_namespaces(vnet_hdr):
     _require_namespaces()
-    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    (a_private, a_public), (b_private, b_public) = netns.generate_keypair(), netns.generate_keypair()
     with ExitStack() as stack:
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
         ns_b = stack.enter_context(netns.Namespace("st3wb"))
@@ -1096,7 +1089,7 @@ def test_rerun_initiator_gets_the_answer_to_its_first_packet():
     import time
 
     _require_namespaces()
-    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    (a_private, a_public), (b_private, b_public) = netns.generate_keypair(), netns.generate_keypair()
     with ExitStack() as stack:
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
         ns_b = stack.enter_context(netns.Namespace("st3wb"))
@@ -1132,7 +1125,7 @@ def test_wait_for_handshake_has_a_deadline():
     import time
 
     _require_namespaces()
-    (a_private, _), (_, b_public) = _keypair(), _keypair()
+    (a_private, _), (_, b_public) = netns.generate_keypair(), netns.generate_keypair()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))  # takes datagrams, never answers
         with netns.Namespace("st3wa") as ns_a, netns.OurDatapath(
