@@ -9,6 +9,7 @@ tests that add a user and a sudoers rule change only the guest.
 """
 
 import base64
+import functools
 import importlib.util
 import os
 import re
@@ -50,8 +51,10 @@ VM_CACHE = vm.cache_dir()
 PYROUTE2_DEBIAN_DIR = VM_CACHE / f"pyroute2-{PYROUTE2_DEBIAN}"
 
 
+@functools.cache
 def _kernel_wireguard_missing():
-    """Why kernel WireGuard links cannot be made here, or None if they can."""
+    """Why kernel WireGuard links cannot be made here, or None if they can.
+    It makes a link to find out: called when a test runs, never at collection."""
     if os.geteuid() != 0:
         return "not root"
     if missing_programs("ip"):
@@ -65,11 +68,17 @@ def _kernel_wireguard_missing():
     return None
 
 
-KERNEL_WG_MISSING = _kernel_wireguard_missing()
-needs_kernel_wg = pytest.mark.skipif(
-    KERNEL_WG_MISSING is not None,
-    reason=f"kernel WireGuard unavailable here ({KERNEL_WG_MISSING}); "
-           "test_tests_pass_inside_guest runs these in a VM")
+@pytest.fixture(scope="session")
+def kernel_wireguard():
+    """Skips the test where kernel WireGuard links cannot be made. Session-wide,
+    so that it comes before the module fixtures the test uses."""
+    missing = _kernel_wireguard_missing()
+    if missing is not None:
+        pytest.skip(f"kernel WireGuard unavailable here ({missing}); "
+                    "test_tests_pass_inside_guest runs these in a VM")
+
+
+needs_kernel_wg = pytest.mark.usefixtures("kernel_wireguard")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root helper needs root")
 #: Pure input validation: it runs on the host; the (slow, emulated) guest skips it.
 host_side = pytest.mark.skipif(IN_GUEST, reason="validation only; runs on the host")
@@ -89,10 +98,15 @@ def _ensure_pyroute2_debian():
                    check=True, timeout=300)
 
 
-@pytest.mark.skipif(IN_GUEST, reason="already inside the test VM")
-@pytest.mark.skipif(KERNEL_WG_MISSING is None,
-                    reason="this kernel has WireGuard: the tests run here directly")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="the kernel test VM needs root: the tests in it run as root, "
+                           "and qemu shows it the host's files with qemu's own rights")
 def test_tests_pass_inside_guest():
+    # This order: inside the guest, this test skips with the reason the run below allows.
+    if _kernel_wireguard_missing() is None:
+        pytest.skip("this kernel has WireGuard: the tests run here directly")
+    if IN_GUEST:
+        pytest.skip("already inside the test VM")
     why_not = vm.qemu_available()
     if why_not:
         pytest.fail(f"cannot boot the kernel test VM: {why_not}", pytrace=False)
@@ -754,7 +768,7 @@ def test_explicit_tunnel_is_taken_as_is(requested):
 
 @needs_root
 def test_auto_as_root_takes_kernel_exactly_when_the_kernel_has_wireguard(capsys):
-    expected = "kernel" if KERNEL_WG_MISSING is None else "userspace"
+    expected = "kernel" if _kernel_wireguard_missing() is None else "userspace"
     assert st3._choose_tunnel("auto", debug=True) == expected
     assert f"--tunnel auto: {expected} (" in capsys.readouterr().err
 
