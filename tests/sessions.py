@@ -61,6 +61,16 @@ def missing_root():
     return ""
 
 
+def tun_closed():
+    """Why this process may not open /dev/net/tun ('' when it may): the
+    userspace tunnel needs it (and without it `--tunnel auto` turns to sudo)."""
+    try:
+        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        return f"cannot open {TUN}: {e.strerror}"
+    return ""
+
+
 def user_ids():
     """(uid, gid) of the test user, created as a system user when missing."""
     try:
