@@ -525,6 +525,18 @@ def _enter_new_namespaces():
         raise RuntimeError(tool._explain_userns_failure(e)) from None
 
 
+def _check_tun_opens():
+    """Fail now, with what to do, where this user may not open /dev/net/tun
+    (mode 0600 on some distributions): every client's tunnel needs a TUN
+    device, and finding out at the first deployment is too late to say so."""
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot open /dev/net/tun: {e.strerror}: {_tool()._tun_advice()}"
+        ) from None
+
+
 def _open_tun_with_packet_info(name):
     """A TUN device whose packets carry the 4-byte packet information header.
 
@@ -557,6 +569,7 @@ def _namespace_child(control_fd, parent_pid):
     control = socket.socket(fileno=control_fd)
     try:
         _enter_new_namespaces()
+        _check_tun_opens()
         from pyroute2 import IPRoute
 
         ipr = IPRoute()

@@ -485,6 +485,29 @@ def test_the_demo_runs_without_root():
     )
 
 
+def test_the_demo_says_in_one_line_what_to_do_without_access_to_the_tun_device():
+    """As a user who may not open /dev/net/tun (mode 0600, as some
+    distributions ship it): root here gives the test user a private mount
+    namespace with such a device node."""
+    if os.geteuid() == 0:
+        require_programs("unshare", "mount")
+        script = ("mount -t tmpfs none /dev/net && mknod -m 0600 /dev/net/tun c 10 200"
+                  ' && exec "$@"')
+        argv = ["unshare", "--mount", "sh", "-c", script, "-",
+                *sessions.as_user([sessions.user_python(), cloudlet.__file__, "demo"])]
+    elif not sessions.tun_closed():
+        pytest.skip("needs root, or a /dev/net/tun this user may not open")
+    else:
+        argv = [sys.executable, cloudlet.__file__, "demo"]
+    demo = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert demo.returncode == 1
+    assert demo.stderr == (
+        "demo: cannot start the cloudlet: cloudlet namespace: cannot open /dev/net/tun: "
+        "Permission denied: let your user open it (`sudo chmod 0666 /dev/net/tun`, as most "
+        "distributions ship it), or run as root\n")
+    assert demo.stdout == ""
+
+
 @pytest.mark.e2e
 @needs_root
 def test_serve_with_wireguard_gives_real_tunnels_until_interrupted():
