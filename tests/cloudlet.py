@@ -47,6 +47,7 @@ import uuid as uuidlib
 
 from checkout import REPO
 from netns import generate_keypair
+from sessions import tun_closed
 
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 SLOW_LIMIT = 120.0  # seconds: the longest any deliberately slow answer lasts
@@ -529,12 +530,9 @@ def _check_tun_opens():
     """Fail now, with what to do, where this user may not open /dev/net/tun
     (mode 0600 on some distributions): every client's tunnel needs a TUN
     device, and finding out at the first deployment is too late to say so."""
-    try:
-        os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
-    except OSError as e:
-        raise RuntimeError(
-            f"cannot open /dev/net/tun: {e.strerror}: {_tool()._tun_advice()}"
-        ) from None
+    closed = tun_closed()
+    if closed:
+        raise RuntimeError(f"{closed}: {_tool()._tun_advice()}")
 
 
 def _open_tun_with_packet_info(name):
