@@ -706,6 +706,15 @@ def _wireguard_go_binary():
     return os.path.join(spec.submodule_search_locations[0], "wireguard-go")
 
 
+def wireguard_go_missing():
+    """Why the wireguard-go cloudlet cannot run here ('' when it can)."""
+    try:
+        _wireguard_go_binary()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
 class _WireGuardGoResponder:
     """wireguard-go serving one client over an existing TUN fd; needs no root."""
 

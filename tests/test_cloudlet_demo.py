@@ -227,14 +227,6 @@ needs_root = pytest.mark.skipif(
 )
 
 
-def wireguard4netns_missing():
-    try:
-        cloudlet._wireguard_go_binary()
-    except RuntimeError as e:
-        return str(e)
-    return ""
-
-
 @pytest.fixture
 def client_namespace():
     """A client network namespace whose resolv.conf (`ip netns exec` mounts it)
@@ -293,8 +285,8 @@ def greeting(config):
 def test_a_wireguard_go_client_reaches_helloworld_by_name(
     implementation, client_namespace
 ):
-    if implementation == "wireguard-go" and wireguard4netns_missing():
-        pytest.skip(wireguard4netns_missing())
+    if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     private, public = generate_keypair()
     with cloudlet.WireGuardServer(implementation) as server:
         config = server.tunnel_config_for(cloudlet.HELLOWORLD, public)
@@ -318,8 +310,8 @@ def test_a_rerun_client_is_answered_at_once(implementation, client_namespace):
     the DNS query for `helloworld`, and losing it costs the user the resolver's
     5 s timeout (a lost initiation: the peer's 5 s REKEY_TIMEOUT). Thirty
     re-runs, each allowed 3 s."""
-    if implementation == "wireguard-go" and wireguard4netns_missing():
-        pytest.skip(wireguard4netns_missing())
+    if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     private, public = generate_keypair()
     slow = []
     with cloudlet.WireGuardServer(implementation) as server:
@@ -388,8 +380,8 @@ def run_tool(url, *command, timeout=60, env=None):
 @needs_root
 @pytest.mark.parametrize("implementation", ["sinfonia", "wireguard-go"])
 def test_sinfonia_tier3_curls_helloworld_through_the_cloudlet(implementation):
-    if implementation == "wireguard-go" and wireguard4netns_missing():
-        pytest.skip(wireguard4netns_missing())
+    if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     with (
         cloudlet.WireGuardServer(implementation) as server,
         cloudlet.Cloudlet(wireguard=server) as api,

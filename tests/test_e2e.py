@@ -38,19 +38,11 @@ def curl():
     return ["curl", "-sS", "--max-time", "10", "http://helloworld/"]
 
 
-def wireguard_go_missing():
-    try:
-        cloudlet._wireguard_go_binary()
-    except RuntimeError as e:
-        return str(e)
-    return ""
-
-
 @pytest.fixture(scope="module", params=["sinfonia", "wireguard-go"])
 def cloudlet_url(request):
     """The deploy URL of a cloudlet whose WireGuard side is ours or wireguard-go."""
-    if request.param == "wireguard-go" and wireguard_go_missing():
-        pytest.skip(wireguard_go_missing())
+    if request.param == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     with cloudlet.WireGuardServer(request.param) as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
         yield api.url
