@@ -5,7 +5,7 @@ WireGuard tunnel to that backend, without root.
 Usage: sinfonia-tier3 [options] TIER1_URL APPLICATION [--] [COMMAND [ARGS...]]
 """
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.8.0.dev0"
 
 __all__ = [
     "BadResponseError",

@@ -45,15 +45,12 @@ import time
 import urllib.parse
 import uuid as uuidlib
 
+from checkout import REPO
+from netns import generate_keypair
+from sessions import tun_closed
+
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 SLOW_LIMIT = 120.0  # seconds: the longest any deliberately slow answer lasts
-
-
-def public_key_of(private_key):
-    """X25519 public key (pynacl, as the client uses)."""
-    from nacl.bindings import crypto_scalarmult_base
-
-    return crypto_scalarmult_base(private_key)
 
 
 def unused_udp_port(host="127.0.0.1"):
@@ -68,8 +65,7 @@ class StaticWireGuard:
     server answers behind them."""
 
     def __init__(self, endpoint=None):
-        self.private_key = os.urandom(32)
-        self.public_key = public_key_of(self.private_key)
+        self.private_key, self.public_key = generate_keypair()
         self.endpoint = endpoint or f"127.0.0.1:{unused_udp_port()}"
         self._next_host = 2
         self._lock = threading.Lock()
@@ -365,13 +361,9 @@ class Cloudlet:
 # own `sinfonia_tier3.Datapath`, or wireguard-go on request) joins that TUN to a
 # UDP port on 127.0.0.1, which the deploy answer names as the endpoint.
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _tool():
     """This checkout's sinfonia_tier3 module, whose pieces the cloudlet borrows."""
-    if _REPO_ROOT not in sys.path:
-        sys.path.insert(0, _REPO_ROOT)
     import sinfonia_tier3
 
     return sinfonia_tier3
@@ -534,6 +526,15 @@ def _enter_new_namespaces():
         raise RuntimeError(tool._explain_userns_failure(e)) from None
 
 
+def _check_tun_opens():
+    """Fail now, with what to do, where this user may not open /dev/net/tun
+    (mode 0600 on some distributions): every client's tunnel needs a TUN
+    device, and finding out at the first deployment is too late to say so."""
+    closed = tun_closed()
+    if closed:
+        raise RuntimeError(f"{closed}: {_tool()._tun_advice()}")
+
+
 def _open_tun_with_packet_info(name):
     """A TUN device whose packets carry the 4-byte packet information header.
 
@@ -566,6 +567,7 @@ def _namespace_child(control_fd, parent_pid):
     control = socket.socket(fileno=control_fd)
     try:
         _enter_new_namespaces()
+        _check_tun_opens()
         from pyroute2 import IPRoute
 
         ipr = IPRoute()
@@ -617,7 +619,8 @@ class CloudletNamespace:
         self._control = parent
         self._lock = threading.Lock()
         boot = (
-            "import importlib.util, sys\n"
+            "import importlib.util, os, sys\n"
+            "sys.path.insert(0, os.path.dirname(sys.argv[1]))  # tests/, for checkout\n"
             "spec = importlib.util.spec_from_file_location('_cloudlet', sys.argv[1])\n"
             "module = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(module)\n"
@@ -701,6 +704,15 @@ def _wireguard_go_binary():
             "(pip install --no-deps wireguard4netns)"
         )
     return os.path.join(spec.submodule_search_locations[0], "wireguard-go")
+
+
+def wireguard_go_missing():
+    """Why the wireguard-go cloudlet cannot run here ('' when it can)."""
+    try:
+        _wireguard_go_binary()
+    except RuntimeError as e:
+        return str(e)
+    return ""
 
 
 class _WireGuardGoResponder:
@@ -822,8 +834,7 @@ class WireGuardServer:
         self.implementation = implementation
         self.host = host
         self.max_clients = max_clients
-        self._private_key = os.urandom(32)
-        self.public_key = public_key_of(self._private_key)
+        self._private_key, self.public_key = generate_keypair()
         self._lock = threading.Lock()
         self._peers = {}  # client public key -> (client address, responder)
         self._next_index = 2  # 10.44.0.2 is the first client's address
@@ -919,7 +930,7 @@ def run_demo(implementation="sinfonia", timeout=120):
             flush=True,
         )
         with tempfile.TemporaryDirectory() as cache:
-            tool = os.path.join(_REPO_ROOT, "sinfonia_tier3.py")
+            tool = os.path.join(REPO, "sinfonia_tier3.py")
             try:
                 return subprocess.run(
                     [sys.executable, tool, api.url, "helloworld", "--", *command],

@@ -2,15 +2,11 @@
 and a runner for the command line as a user starts it."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # test this checkout's module, not an installed one
-
+from checkout import REPO  # which puts this checkout's module first on sys.path
 from cloudlet import Cloudlet
 
 
@@ -34,7 +30,7 @@ def run_cli(*args, cwd=None, timeout=60, env=None):
     """Run `python sinfonia_tier3.py ARGS` the way a user would; the
     CompletedProcess with text stdout and stderr."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "sinfonia_tier3.py"), *map(str, args)],
+        [sys.executable, str(REPO / "sinfonia_tier3.py"), *map(str, args)],
         check=False,
         cwd=cwd,
         env=env if env is not None else dict(os.environ),

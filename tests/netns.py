@@ -121,11 +121,14 @@ def unique_name(prefix):
 
 
 def generate_keypair():
-    """A fresh Curve25519 (private, public) pair, raw 32 bytes each."""
-    from nacl.public import PrivateKey
+    """A fresh X25519 (private, public) pair, raw 32 bytes each; the private
+    key clamped, as `wg genkey` makes it and the kernel reports it back."""
+    from nacl.bindings import crypto_scalarmult_base
 
-    private = PrivateKey.generate()
-    return bytes(private), bytes(private.public_key)
+    private = bytearray(os.urandom(32))
+    private[0] &= 248
+    private[31] = (private[31] & 127) | 64
+    return bytes(private), crypto_scalarmult_base(bytes(private))
 
 
 def _b64(key):
@@ -546,17 +549,17 @@ class OurDatapath:
         vnet_hdr=False,
         **options,
     ):
-        import sinfonia_tier3
+        import sinfonia_tier3 as st3
 
         self.name = unique_name("st3tun")
-        self.tun_fd = sinfonia_tier3._open_tun(self.name, vnet_hdr=vnet_hdr)
+        self.tun_fd = st3._open_tun(self.name, vnet_hdr=vnet_hdr)
         self.datapath = None
         try:
             move_link(self.name, namespace)
             namespace.add_addresses(self.name, addresses, mtu=mtu)
             options.setdefault("listen", ("127.0.0.1", 0))
             self._listen_host = options["listen"][0]
-            self.datapath = sinfonia_tier3.Datapath(
+            self.datapath = st3.Datapath(
                 self.tun_fd, private_key, peer_public_key, vnet_hdr=vnet_hdr, **options
             )
         except BaseException:

@@ -61,6 +61,16 @@ def missing_root():
     return ""
 
 
+def tun_closed():
+    """Why this process may not open /dev/net/tun ('' when it may): the
+    userspace tunnel needs it (and without it `--tunnel auto` turns to sudo)."""
+    try:
+        os.close(os.open(TUN, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        return f"cannot open {TUN}: {e.strerror}"
+    return ""
+
+
 def user_ids():
     """(uid, gid) of the test user, created as a system user when missing."""
     try:
@@ -102,6 +112,54 @@ def user_python():
         f"no Python that {USER} can run has pynacl and pyroute2: "
         "apt-get install python3-nacl python3-pyroute2"
     )
+
+
+class Runner:
+    """Runs `python PROGRAM... ARGS...` from `scratch`, as root or as the
+    test user (`as_user`), with a key cache of its own under `scratch`.
+
+    `start(*args)` gives a Popen (stdin /dev/null, text stdout and stderr
+    piped, unless told otherwise), `run(*args)` its (status, stdout, stderr)
+    once it ended (killed after `timeout`).
+    """
+
+    def __init__(self, program, as_user, scratch):
+        self.program = list(program)
+        self.as_user = as_user
+        self.scratch = scratch
+        self.python = user_python() if as_user else sys.executable
+        self.uid, self.gid = user_ids() if as_user else (0, 0)
+
+    def command(self, argv):
+        """`argv` run as this runner's user."""
+        return as_user(argv) if self.as_user else list(argv)
+
+    def argv(self, *args):
+        return self.command([self.python, *self.program, *args])
+
+    def env(self, cache="cache", **extra):
+        """The environment, with a key cache of its own (a new key per name)."""
+        env = dict(os.environ, XDG_CACHE_HOME=os.path.join(self.scratch, cache), **extra)
+        if self.as_user:
+            env["HOME"] = self.scratch
+        return env
+
+    def start(self, *args, cache="cache", **kwargs):
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(self.argv(*args), env=self.env(cache), cwd=self.scratch,
+                                text=True, **kwargs)
+
+    def run(self, *args, timeout=60, cache="cache"):
+        process = self.start(*args, cache=cache)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        return process.returncode, stdout, stderr
 
 
 @contextlib.contextmanager

@@ -16,10 +16,13 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 
 import cloudlet
 import pytest
+import sessions
+from checkout import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from netns import (
@@ -29,9 +32,6 @@ from netns import (
     missing_requirements,
     require_programs,
 )
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 
 def query(name, qtype=1, ident=0x1234, flags=0x0100, qclass=1):
@@ -227,14 +227,6 @@ needs_root = pytest.mark.skipif(
 )
 
 
-def wireguard4netns_missing():
-    try:
-        cloudlet._wireguard_go_binary()
-    except RuntimeError as e:
-        return str(e)
-    return ""
-
-
 @pytest.fixture
 def client_namespace():
     """A client network namespace whose resolv.conf (`ip netns exec` mounts it)
@@ -293,8 +285,8 @@ def greeting(config):
 def test_a_wireguard_go_client_reaches_helloworld_by_name(
     implementation, client_namespace
 ):
-    if implementation == "wireguard-go" and wireguard4netns_missing():
-        pytest.skip(wireguard4netns_missing())
+    if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     private, public = generate_keypair()
     with cloudlet.WireGuardServer(implementation) as server:
         config = server.tunnel_config_for(cloudlet.HELLOWORLD, public)
@@ -318,8 +310,8 @@ def test_a_rerun_client_is_answered_at_once(implementation, client_namespace):
     the DNS query for `helloworld`, and losing it costs the user the resolver's
     5 s timeout (a lost initiation: the peer's 5 s REKEY_TIMEOUT). Thirty
     re-runs, each allowed 3 s."""
-    if implementation == "wireguard-go" and wireguard4netns_missing():
-        pytest.skip(wireguard4netns_missing())
+    if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     private, public = generate_keypair()
     slow = []
     with cloudlet.WireGuardServer(implementation) as server:
@@ -388,8 +380,8 @@ def run_tool(url, *command, timeout=60, env=None):
 @needs_root
 @pytest.mark.parametrize("implementation", ["sinfonia", "wireguard-go"])
 def test_sinfonia_tier3_curls_helloworld_through_the_cloudlet(implementation):
-    if implementation == "wireguard-go" and wireguard4netns_missing():
-        pytest.skip(wireguard4netns_missing())
+    if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     with (
         cloudlet.WireGuardServer(implementation) as server,
         cloudlet.Cloudlet(wireguard=server) as api,
@@ -444,7 +436,7 @@ def test_concurrent_clients_each_get_their_own_tunnel(tmp_path):
 def test_the_demo_command_prints_the_page():
     require_programs("curl")
     demo = subprocess.run(
-        [sys.executable, os.path.join(HERE, "cloudlet.py"), "demo"],
+        [sys.executable, cloudlet.__file__, "demo"],
         capture_output=True,
         text=True,
         timeout=150,
@@ -462,19 +454,19 @@ def test_the_demo_command_prints_the_page():
 def test_the_demo_runs_without_root():
     """As an ordinary user (root here drops to the test user, and opens
     /dev/net/tun to it for the run, as most distributions ship it)."""
-    import sessions
-
     require_programs("curl")
     if os.geteuid() != 0:
+        if sessions.tun_closed():
+            pytest.skip(f"the demo needs /dev/net/tun: {sessions.tun_closed()}")
         argv, python = [], sys.executable
-    elif sessions.missing_root():
-        pytest.skip(sessions.missing_root())
+        tun, directory = contextlib.nullcontext(), tempfile.TemporaryDirectory()
     else:
         python = sessions.user_python()
         argv = sessions.as_user([])
-    with sessions.tun_open_to_all(), sessions.user_directory() as scratch:
+        tun, directory = sessions.tun_open_to_all(), sessions.user_directory()
+    with tun, directory as scratch:
         demo = subprocess.run(
-            [*argv, "env", f"HOME={scratch}", python, os.path.join(HERE, "cloudlet.py"),
+            [*argv, "env", f"HOME={scratch}", python, cloudlet.__file__,
              "demo"],
             capture_output=True, text=True, timeout=150, check=False, cwd=scratch,
         )
@@ -485,13 +477,36 @@ def test_the_demo_runs_without_root():
     )
 
 
+def test_the_demo_says_in_one_line_what_to_do_without_access_to_the_tun_device():
+    """As a user who may not open /dev/net/tun (mode 0600, as some
+    distributions ship it): root here gives the test user a private mount
+    namespace with such a device node."""
+    if os.geteuid() == 0:
+        require_programs("unshare", "mount")
+        script = ("mount -t tmpfs none /dev/net && mknod -m 0600 /dev/net/tun c 10 200"
+                  ' && exec "$@"')
+        argv = ["unshare", "--mount", "sh", "-c", script, "-",
+                *sessions.as_user([sessions.user_python(), cloudlet.__file__, "demo"])]
+    elif not sessions.tun_closed():
+        pytest.skip("needs root, or a /dev/net/tun this user may not open")
+    else:
+        argv = [sys.executable, cloudlet.__file__, "demo"]
+    demo = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert demo.returncode == 1
+    assert demo.stderr == (
+        "demo: cannot start the cloudlet: cloudlet namespace: cannot open /dev/net/tun: "
+        "Permission denied: let your user open it (`sudo chmod 0666 /dev/net/tun`, as most "
+        "distributions ship it), or run as root\n")
+    assert demo.stdout == ""
+
+
 @pytest.mark.e2e
 @needs_root
 def test_serve_with_wireguard_gives_real_tunnels_until_interrupted():
     server = subprocess.Popen(
         [
             sys.executable,
-            os.path.join(HERE, "cloudlet.py"),
+            cloudlet.__file__,
             "serve",
             "--port",
             "0",

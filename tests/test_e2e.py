@@ -18,12 +18,12 @@ import zipapp
 import cloudlet
 import pytest
 import sessions
+from checkout import REPO
 from netns import require_programs
 
 pytestmark = pytest.mark.e2e
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "sinfonia_tier3.py")
+TOOL = str(REPO / "sinfonia_tier3.py")
 GREETING = re.compile(
     r"Hello from the sinfonia test cloudlet!\nYour tunnel address is (10\.44\.\d+\.\d+)\.\n")
 
@@ -38,19 +38,11 @@ def curl():
     return ["curl", "-sS", "--max-time", "10", "http://helloworld/"]
 
 
-def wireguard_go_missing():
-    try:
-        cloudlet._wireguard_go_binary()
-    except RuntimeError as e:
-        return str(e)
-    return ""
-
-
 @pytest.fixture(scope="module", params=["sinfonia", "wireguard-go"])
 def cloudlet_url(request):
     """The deploy URL of a cloudlet whose WireGuard side is ours or wireguard-go."""
-    if request.param == "wireguard-go" and wireguard_go_missing():
-        pytest.skip(wireguard_go_missing())
+    if request.param == "wireguard-go" and cloudlet.wireguard_go_missing():
+        pytest.skip(cloudlet.wireguard_go_missing())
     with cloudlet.WireGuardServer(request.param) as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
         yield api.url
@@ -58,53 +50,16 @@ def cloudlet_url(request):
 
 @pytest.fixture(params=["root", "user"])
 def tool(request):
-    """Starts the tool as root or as the test user, each in its own key cache."""
+    """`python sinfonia_tier3.py ARGS` as root or as the test user, each run
+    in its own key cache (sessions.Runner)."""
     as_user = request.param == "user"
     with sessions.tun_open_to_all(), sessions.user_directory() as scratch:
-        yield Tool(as_user, scratch)
-
-
-class Tool:
-    """The command line, as root or as the test user, run from `scratch`."""
-
-    def __init__(self, as_user, scratch):
-        self.as_user = as_user
-        self.scratch = scratch
-        self.uid = sessions.user_ids()[0] if as_user else 0
-        self.python = sessions.user_python() if as_user else sys.executable
-
-    def argv(self, url, *args, options=()):
-        argv = [self.python, TOOL, *options, url, "helloworld", *args]
-        return sessions.as_user(argv) if self.as_user else argv
-
-    def env(self, cache="cache", **extra):
-        """The environment, with a key cache of its own (a new key per name)."""
-        env = dict(os.environ, XDG_CACHE_HOME=os.path.join(self.scratch, cache), **extra)
-        if self.as_user:
-            env["HOME"] = self.scratch
-        return env
-
-    def start(self, url, *args, cache="cache", options=(), **kwargs):
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(url, *args, options=options),
-                                env=self.env(cache), cwd=self.scratch,
-                                stdin=subprocess.DEVNULL, text=True, **kwargs)
-
-    def run(self, url, *args, timeout=60, cache="cache", options=()):
-        process = self.start(url, *args, cache=cache, options=options)
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        return process.returncode, stdout, stderr
+        yield sessions.Runner([TOOL], as_user, scratch)
 
 
 def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool, curl):
     code, stdout, stderr = tool.run(
-        cloudlet_url, "--", "sh", "-c",
+        cloudlet_url, "helloworld", "--", "sh", "-c",
         '"$@" && echo "$SINFONIA_ADDRESS $SINFONIA_UUID $SINFONIA_TIER1_URL '
         '$SINFONIA_DEPLOYMENT"', "-", *curl)
     assert code == 0, stderr
@@ -116,7 +71,7 @@ def test_the_page_comes_back_through_the_tunnel(cloudlet_url, tool, curl):
 
 
 def test_the_applications_exit_status_comes_back(cloudlet_url, tool):
-    code, _, stderr = tool.run(cloudlet_url, "sh", "-c", "exit 7")
+    code, _, stderr = tool.run(cloudlet_url, "helloworld", "sh", "-c", "exit 7")
     assert code == 7, stderr
 
 
@@ -124,14 +79,16 @@ def test_the_applications_exit_status_comes_back(cloudlet_url, tool):
 def test_signals_to_the_tool_reach_the_application(tool, signum):
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
-        process = tool.start(api.url, "--", tool.python, "-c", sessions.SIGNAL_TRAP)
+        process = tool.start(api.url, "helloworld", "--",
+                             tool.python, "-c", sessions.SIGNAL_TRAP)
         stdout, stderr = sessions.signal_when_ready(process, signum, timeout=30)
     assert stdout == f"got {int(signum)}\n", stderr
     assert process.returncode == 40 + signum
 
 
 def test_a_sigkilled_tool_leaves_nothing_behind(cloudlet_url, tool):
-    process = tool.start(cloudlet_url, "--", "sh", "-c", "sleep 300 & echo started; wait")
+    process = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c",
+                         "sleep 300 & echo started; wait")
     try:
         assert process.stdout.readline() == "started\n", process.stderr.read()
         pids = sessions.descendants(process.pid)
@@ -155,8 +112,8 @@ def test_a_dead_endpoint_fails_before_the_application_starts(tool):
     # The default WireGuard side of the test cloudlet: an endpoint nobody serves.
     marker = os.path.join(tool.scratch, "started")
     with cloudlet.Cloudlet() as api:
-        code, _, stderr = tool.run(api.url, "touch", marker,
-                                   options=["--connect-timeout", "1"])
+        code, _, stderr = tool.run("--connect-timeout", "1", api.url, "helloworld",
+                                   "touch", marker)
     assert code == 125
     assert re.fullmatch(
         r"sinfonia-tier3: the cloudlet did not answer at its endpoint 127\.0\.0\.1:\d+ "
@@ -168,7 +125,8 @@ def test_a_dead_endpoint_fails_before_the_application_starts(tool):
 def test_ten_sessions_at_once_each_through_its_own_tunnel(tool, curl):
     with cloudlet.WireGuardServer("sinfonia") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
-        processes = [tool.start(api.url, "--", *curl, cache=f"cache{i}") for i in range(10)]
+        processes = [tool.start(api.url, "helloworld", "--", *curl, cache=f"cache{i}")
+                     for i in range(10)]
         pids = []
         try:
             for process in processes:
@@ -196,7 +154,7 @@ def test_no_command_gives_an_interactive_shell_with_job_control(tool, shell, cur
         status, shown = sessions.run_in_terminal([
             "env", "-i", *(f"{name}={env[name]}" for name in
                            ("XDG_CACHE_HOME", "HOME", "SHELL", "PATH", "TERM") if name in env),
-            *tool.argv(api.url),
+            *tool.argv(api.url, "helloworld"),
         ], [
             ("sinfonia$ ", " ".join(curl) + "\n"),
             ("tunnel address is", "sleep 30\n"),
@@ -240,7 +198,7 @@ def _installed_script(scratch):
     project = os.path.join(scratch, "project")
     os.mkdir(project)
     for name in ("sinfonia_tier3.py", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(os.path.join(REPO, name), project)
+        shutil.copy(REPO / name, project)
     dist = os.path.join(scratch, "dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--no-index", "--wheel-dir", dist, project],
@@ -266,7 +224,7 @@ def _installed_script(scratch):
 
 
 def _python_m(scratch):
-    return [sys.executable, "-m", "sinfonia_tier3"], {"PYTHONPATH": REPO}
+    return [sys.executable, "-m", "sinfonia_tier3"], {"PYTHONPATH": str(REPO)}
 
 
 def _vendored(scratch):

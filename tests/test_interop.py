@@ -28,7 +28,7 @@ from netns import (
     veth_pair,
 )
 
-import sinfonia_tier3
+import sinfonia_tier3 as st3
 
 # Root and /dev/net/tun; without wireguard-go or wg, WireguardGo fails the test.
 _MISSING = missing_requirements()
@@ -53,7 +53,7 @@ def shorten_timers(monkeypatch, **seconds):
     """Set protocol constants, e.g. REKEY_TIMEOUT=1; a name the datapath
     does not have fails the test rather than silently testing nothing."""
     for name, value in seconds.items():
-        monkeypatch.setattr(sinfonia_tier3, f"_{name}", value, raising=True)
+        monkeypatch.setattr(st3, f"_{name}", value, raising=True)
 
 
 @pytest.fixture
@@ -256,7 +256,7 @@ def test_mismatched_preshared_key_gets_no_handshake(namespaces, keys):
             allowed_ips=networks(THEIRS_V4),
         ) as ours:
             ours.start()
-            with pytest.raises(sinfonia_tier3.TunnelError):
+            with pytest.raises(st3.TunnelError):
                 ours.datapath.wait_for_handshake(2)
             assert ours.datapath.stats()["last_handshake"] is None
             assert theirs.latest_handshake(our_public) == 0
@@ -325,7 +325,7 @@ def test_peer_that_never_answers(namespaces, keys, monkeypatch):
             ours_ns.ip("link", "set", ours.name, "down")
             started = time.monotonic()
             ours.start()
-            with pytest.raises(sinfonia_tier3.TunnelError) as failure:
+            with pytest.raises(st3.TunnelError) as failure:
                 ours.datapath.wait_for_handshake(attempt_time * 3)
             gave_up = time.monotonic() - started
             time.sleep(rekey_timeout * 2)  # time for a retry that must not come

@@ -9,6 +9,7 @@ tests that add a user and a sudoers rule change only the guest.
 """
 
 import base64
+import functools
 import importlib.util
 import os
 import re
@@ -20,13 +21,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from netns import missing_programs, require_programs
+from checkout import REPO
+from netns import generate_keypair, missing_programs, require_programs
 
 import sinfonia_tier3 as st3
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parent.parent
 MODULE_FILE = REPO / "sinfonia_tier3.py"
 IN_GUEST = bool(os.environ.get("SINFONIA_TIER3_IN_VM"))
 #: An unprivileged uid for processes the helper is asked about; it needs no
@@ -50,8 +51,10 @@ VM_CACHE = vm.cache_dir()
 PYROUTE2_DEBIAN_DIR = VM_CACHE / f"pyroute2-{PYROUTE2_DEBIAN}"
 
 
+@functools.cache
 def _kernel_wireguard_missing():
-    """Why kernel WireGuard links cannot be made here, or None if they can."""
+    """Why kernel WireGuard links cannot be made here, or None if they can.
+    It makes a link to find out: called when a test runs, never at collection."""
     if os.geteuid() != 0:
         return "not root"
     if missing_programs("ip"):
@@ -65,11 +68,17 @@ def _kernel_wireguard_missing():
     return None
 
 
-KERNEL_WG_MISSING = _kernel_wireguard_missing()
-needs_kernel_wg = pytest.mark.skipif(
-    KERNEL_WG_MISSING is not None,
-    reason=f"kernel WireGuard unavailable here ({KERNEL_WG_MISSING}); "
-           "test_tests_pass_inside_guest runs these in a VM")
+@pytest.fixture(scope="session")
+def kernel_wireguard():
+    """Skips the test where kernel WireGuard links cannot be made. Session-wide,
+    so that it comes before the module fixtures the test uses."""
+    missing = _kernel_wireguard_missing()
+    if missing is not None:
+        pytest.skip(f"kernel WireGuard unavailable here ({missing}); "
+                    "test_tests_pass_inside_guest runs these in a VM")
+
+
+needs_kernel_wg = pytest.mark.usefixtures("kernel_wireguard")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root helper needs root")
 #: Pure input validation: it runs on the host; the (slow, emulated) guest skips it.
 host_side = pytest.mark.skipif(IN_GUEST, reason="validation only; runs on the host")
@@ -89,10 +98,15 @@ def _ensure_pyroute2_debian():
                    check=True, timeout=300)
 
 
-@pytest.mark.skipif(IN_GUEST, reason="already inside the test VM")
-@pytest.mark.skipif(KERNEL_WG_MISSING is None,
-                    reason="this kernel has WireGuard: the tests run here directly")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="the kernel test VM needs root: the tests in it run as root, "
+                           "and qemu shows it the host's files with qemu's own rights")
 def test_tests_pass_inside_guest():
+    # This order: inside the guest, this test skips with the reason the run below allows.
+    if _kernel_wireguard_missing() is None:
+        pytest.skip("this kernel has WireGuard: the tests run here directly")
+    if IN_GUEST:
+        pytest.skip("already inside the test VM")
     why_not = vm.qemu_available()
     if why_not:
         pytest.fail(f"cannot boot the kernel test VM: {why_not}", pytrace=False)
@@ -116,20 +130,11 @@ def test_tests_pass_inside_guest():
 # The root helper ###############################################################
 
 
-def _keypair():
-    """A clamped private key (as `wg genkey` makes and the kernel reports back)."""
-    from nacl.bindings import crypto_scalarmult_base
-    private = bytearray(os.urandom(32))
-    private[0] &= 248
-    private[31] = (private[31] & 127) | 64
-    return bytes(private), crypto_scalarmult_base(bytes(private))
-
-
 def _spec(**overrides):
     settings = {"endpoint": ("192.0.2.1", 51820), "listen_port": 0,
                 "allowed_ips": ["10.7.0.0/16", "fd07::/64"], "persistent_keepalive": 25,
                 **overrides}
-    return st3._kernel_link_spec(_keypair()[0], _keypair()[1], **settings)
+    return st3._kernel_link_spec(generate_keypair()[0], generate_keypair()[1], **settings)
 
 
 def _b64(key):
@@ -609,7 +614,7 @@ class _KernelPeer:
 def _kernel_interop(kernel_initiates):
     import ipaddress
 
-    from netns import Namespace, OurDatapath, exchange, generate_keypair
+    from netns import Namespace, OurDatapath, exchange
 
     if not hasattr(st3, "Datapath"):
         pytest.fail("sinfonia_tier3.Datapath does not exist yet")
@@ -763,7 +768,7 @@ def test_explicit_tunnel_is_taken_as_is(requested):
 
 @needs_root
 def test_auto_as_root_takes_kernel_exactly_when_the_kernel_has_wireguard(capsys):
-    expected = "kernel" if KERNEL_WG_MISSING is None else "userspace"
+    expected = "kernel" if _kernel_wireguard_missing() is None else "userspace"
     assert st3._choose_tunnel("auto", debug=True) == expected
     assert f"--tunnel auto: {expected} (" in capsys.readouterr().err
 

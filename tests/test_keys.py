@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from checkout import REPO
 
-import sinfonia_tier3 as st
+import sinfonia_tier3 as st3
 
 UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -50,32 +50,32 @@ def write_upstream_file(path, private, public):
 
 
 def test_new_key_is_created_with_private_modes(key_cache):
-    keypair = st._load_or_create_keypair(UUID)
+    keypair = st3._load_or_create_keypair(UUID)
     path = key_cache / UUID
     assert stat.S_IMODE(os.stat(key_cache).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert path.read_text() == (
         f"private_key: {b64(keypair.private)}\npublic_key: {b64(keypair.public)}\n"
     )
-    assert st._public_key(keypair.private) == keypair.public
+    assert st3._public_key(keypair.private) == keypair.public
     assert keypair.private[0] & 7 == 0 and keypair.private[31] & 0xC0 == 0x40  # clamped
 
 
 def test_key_is_reused_on_the_next_run(key_cache):
-    first = st._load_or_create_keypair(UUID)
-    assert st._load_or_create_keypair(UUID) == first
+    first = st3._load_or_create_keypair(UUID)
+    assert st3._load_or_create_keypair(UUID) == first
 
 
 def test_keys_differ_per_application(key_cache):
     other = "11111111-2222-3333-4444-555555555555"
-    assert st._load_or_create_keypair(UUID) != st._load_or_create_keypair(other)
+    assert st3._load_or_create_keypair(UUID) != st3._load_or_create_keypair(other)
 
 
 def test_upstream_file_with_rfc7748_keys_is_reused_as_is(key_cache):
     path = key_cache / UUID
     write_upstream_file(path, RFC7748_PRIVATE, RFC7748_PUBLIC)
     before = path.read_bytes()
-    keypair = st._load_or_create_keypair(UUID)
+    keypair = st3._load_or_create_keypair(UUID)
     assert keypair.private == RFC7748_PRIVATE
     assert keypair.public == RFC7748_PUBLIC
     assert path.read_bytes() == before
@@ -88,7 +88,7 @@ def test_quoted_yaml_values_are_read(key_cache):
         f"public_key: '{b64(RFC7748_PUBLIC)}'\nprivate_key: \"{b64(RFC7748_PRIVATE)}\"\n"
     )
     path.chmod(0o600)
-    assert st._load_or_create_keypair(UUID).public == RFC7748_PUBLIC
+    assert st3._load_or_create_keypair(UUID).public == RFC7748_PUBLIC
 
 
 def kept_files(key_cache):
@@ -118,14 +118,14 @@ def kept_files(key_cache):
 def test_unusable_file_is_kept_aside_and_a_new_key_made(key_cache, capsys, content, reason):
     path = key_cache / UUID
     write_key_file(path, content)
-    keypair = st._load_or_create_keypair(UUID)
+    keypair = st3._load_or_create_keypair(UUID)
     [kept] = kept_files(key_cache)
     assert kept.read_bytes() == content
     [warning] = capsys.readouterr().err.splitlines()
     assert warning.startswith("sinfonia-tier3: warning: ") and reason in warning
     assert f"{path} is unusable" in warning and f"kept it as {kept} " in warning
-    assert st._public_key(keypair.private) == keypair.public
-    assert st._load_or_create_keypair(UUID) == keypair  # the new key is on disk
+    assert st3._public_key(keypair.private) == keypair.public
+    assert st3._load_or_create_keypair(UUID) == keypair  # the new key is on disk
     assert capsys.readouterr().err == ""
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert sorted(os.listdir(key_cache)) == [UUID, kept.name]
@@ -143,7 +143,7 @@ def test_a_second_unusable_file_never_clobbers_an_earlier_kept_one(key_cache):
         earlier[key_cache / f"{UUID}.unreadable-{stamp}"] = f"earlier {second}".encode()
     for kept, content in earlier.items():
         kept.write_bytes(content)
-    st._load_or_create_keypair(UUID)
+    st3._load_or_create_keypair(UUID)
     [new] = set(kept_files(key_cache)) - set(earlier)
     assert new.read_bytes() == b"truncated" and new.name.endswith("-2")
     assert all(kept.read_bytes() == content for kept, content in earlier.items())
@@ -154,8 +154,8 @@ def test_symlinked_key_file_is_refused(key_cache, tmp_path):
     write_upstream_file(target, RFC7748_PRIVATE, RFC7748_PUBLIC)
     key_cache.mkdir(parents=True)
     (key_cache / UUID).symlink_to(target)
-    with pytest.raises(st.KeyCacheError, match="symlink"):
-        st._load_or_create_keypair(UUID)
+    with pytest.raises(st3.KeyCacheError, match="symlink"):
+        st3._load_or_create_keypair(UUID)
 
 
 def test_symlinked_cache_directory_is_refused(key_cache, tmp_path):
@@ -163,8 +163,8 @@ def test_symlinked_cache_directory_is_refused(key_cache, tmp_path):
     real.mkdir(mode=0o700)
     key_cache.parent.mkdir(parents=True)
     key_cache.symlink_to(real)
-    with pytest.raises(st.KeyCacheError, match="symlink"):
-        st._load_or_create_keypair(UUID)
+    with pytest.raises(st3.KeyCacheError, match="symlink"):
+        st3._load_or_create_keypair(UUID)
 
 
 def test_key_file_owned_by_someone_else_is_refused(key_cache):
@@ -173,8 +173,8 @@ def test_key_file_owned_by_someone_else_is_refused(key_cache):
     path = key_cache / UUID
     write_upstream_file(path, RFC7748_PRIVATE, RFC7748_PUBLIC)
     os.chown(path, 65534, 65534)
-    with pytest.raises(st.KeyCacheError, match="owned by uid 65534"):
-        st._load_or_create_keypair(UUID)
+    with pytest.raises(st3.KeyCacheError, match="owned by uid 65534"):
+        st3._load_or_create_keypair(UUID)
 
 
 def test_cache_directory_owned_by_someone_else_is_refused(key_cache):
@@ -182,8 +182,8 @@ def test_cache_directory_owned_by_someone_else_is_refused(key_cache):
         pytest.skip("giving a directory to another user needs root")
     key_cache.mkdir(parents=True, mode=0o700)
     os.chown(key_cache, 65534, 65534)
-    with pytest.raises(st.KeyCacheError, match="owned by uid 65534"):
-        st._load_or_create_keypair(UUID)
+    with pytest.raises(st3.KeyCacheError, match="owned by uid 65534"):
+        st3._load_or_create_keypair(UUID)
 
 
 def test_loose_modes_are_tightened(key_cache, capsys):
@@ -191,7 +191,7 @@ def test_loose_modes_are_tightened(key_cache, capsys):
     write_upstream_file(path, RFC7748_PRIVATE, RFC7748_PUBLIC)
     os.chmod(path, 0o644)
     os.chmod(key_cache, 0o755)
-    assert st._load_or_create_keypair(UUID).public == RFC7748_PUBLIC
+    assert st3._load_or_create_keypair(UUID).public == RFC7748_PUBLIC
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(key_cache).st_mode) == 0o700
     assert "readable by others" in capsys.readouterr().err
@@ -201,8 +201,8 @@ def test_unwritable_cache_is_one_clear_error(key_cache, tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    with pytest.raises(st.KeyCacheError, match="key cache .*not-a-dir"):
-        st._load_or_create_keypair(UUID)
+    with pytest.raises(st3.KeyCacheError, match="key cache .*not-a-dir"):
+        st3._load_or_create_keypair(UUID)
 
 
 @pytest.mark.parametrize("umask", [0o077, 0o000, 0o022, 0o277], ids="umask-{:03o}".format)
@@ -213,7 +213,7 @@ def test_directories_made_are_0700_and_the_key_0600_whatever_the_umask(
     parent_mode = stat.S_IMODE(os.stat(tmp_path).st_mode)
     old = os.umask(umask)
     try:
-        st._load_or_create_keypair(UUID)
+        st3._load_or_create_keypair(UUID)
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(key_cache.parent).st_mode) == 0o700
@@ -232,7 +232,7 @@ def run_on_read_only_cache(cache_home, *args):
     result = subprocess.run(
         ["unshare", *namespace, "sh", "-c",
          'mount --bind -o ro "$0" "$0" || exit 99; exec "$@"', str(cache_home),
-         sys.executable, str(ROOT / "sinfonia_tier3.py"), *args],
+         sys.executable, str(REPO / "sinfonia_tier3.py"), *args],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
     )
     if result.returncode == 99 or "unshare failed" in result.stderr:
@@ -275,13 +275,13 @@ def test_read_only_cache_with_a_good_key_is_used(key_cache, cloudlet):
 
 
 def test_existing_key_file_is_never_overwritten(key_cache):
-    first = st._load_or_create_keypair(UUID)
+    first = st3._load_or_create_keypair(UUID)
     path = key_cache / UUID
     before = path.read_bytes()
-    assert not st._store_keypair(str(path), st._generate_keypair())
+    assert not st3._store_keypair(str(path), st3._generate_keypair())
     assert path.read_bytes() == before
     assert sorted(os.listdir(key_cache)) == [UUID]  # no temporary file left
-    assert st._load_or_create_keypair(UUID) == first
+    assert st3._load_or_create_keypair(UUID) == first
 
 
 def test_failed_write_of_the_new_key_keeps_the_unusable_one(key_cache, monkeypatch):
@@ -293,18 +293,18 @@ def test_failed_write_of_the_new_key_keeps_the_unusable_one(key_cache, monkeypat
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", no_space)  # a full disk cannot be had here
-        with pytest.raises(st.KeyCacheError, match="No space"):
-            st._load_or_create_keypair(UUID)
+        with pytest.raises(st3.KeyCacheError, match="No space"):
+            st3._load_or_create_keypair(UUID)
     [kept] = kept_files(key_cache)
     assert kept.read_bytes() == b"private_key: trunc"
     assert sorted(os.listdir(key_cache)) == [kept.name]  # no temporary file, no half key
-    keypair = st._load_or_create_keypair(UUID)
-    assert st._parse_key_file(path.read_text()) == keypair
+    keypair = st3._load_or_create_keypair(UUID)
+    assert st3._parse_key_file(path.read_text()) == keypair
 
 
 def _create_in_child(cache_home, queue):
     os.environ["XDG_CACHE_HOME"] = cache_home
-    queue.put(st._load_or_create_keypair(UUID).public)
+    queue.put(st3._load_or_create_keypair(UUID).public)
 
 
 def public_keys_of_runs_at_once(count):
@@ -327,7 +327,7 @@ def public_keys_of_runs_at_once(count):
 
 def test_concurrent_first_runs_agree_on_one_key(key_cache):
     publics = public_keys_of_runs_at_once(4)
-    assert publics == {st._load_or_create_keypair(UUID).public}
+    assert publics == {st3._load_or_create_keypair(UUID).public}
     assert sorted(os.listdir(key_cache)) == [UUID]
 
 
@@ -337,7 +337,7 @@ def test_concurrent_runs_on_an_unusable_file_keep_it_once_and_agree_on_one_key(
     path = key_cache / UUID
     write_key_file(path, b"private_key: trunc")
     publics = public_keys_of_runs_at_once(4)
-    assert publics == {st._load_or_create_keypair(UUID).public}
+    assert publics == {st3._load_or_create_keypair(UUID).public}
     [kept] = kept_files(key_cache)
     assert kept.read_bytes() == b"private_key: trunc"
     assert sorted(os.listdir(key_cache)) == [UUID, kept.name]
@@ -350,31 +350,31 @@ def test_a_run_waits_while_another_moves_the_unusable_file_then_uses_its_key(key
     neither move that key nor make one of its own."""
     path = key_cache / UUID
     write_key_file(path, b"private_key: trunc")
-    code = ("import sinfonia_tier3 as st; "
-            f"print(st._key_text(st._load_or_create_keypair({UUID!r}).public))")
+    code = ("import sinfonia_tier3 as st3; "
+            f"print(st3._key_text(st3._load_or_create_keypair({UUID!r}).public))")
     with open(path, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        run = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+        run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                                text=True)
         time.sleep(0.5)
         assert run.poll() is None  # it waits for the lock
         os.rename(path, key_cache / f"{UUID}.unreadable-by-the-other-run")
-        theirs = st._generate_keypair()
-        assert st._store_keypair(str(path), theirs)
+        theirs = st3._generate_keypair()
+        assert st3._store_keypair(str(path), theirs)
     assert run.communicate(timeout=30)[0] == f"{b64(theirs.public)}\n"
     assert sorted(os.listdir(key_cache)) == [UUID, f"{UUID}.unreadable-by-the-other-run"]
-    assert st._load_or_create_keypair(UUID) == theirs
+    assert st3._load_or_create_keypair(UUID) == theirs
 
 
 def test_xdg_default_is_home_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert st._key_cache_dir() == str(tmp_path / ".cache" / "sinfonia")
+    assert st3._key_cache_dir() == str(tmp_path / ".cache" / "sinfonia")
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored by the XDG rules
-    assert st._key_cache_dir() == str(tmp_path / ".cache" / "sinfonia")
+    assert st3._key_cache_dir() == str(tmp_path / ".cache" / "sinfonia")
 
 
 def test_private_key_is_not_in_repr():
-    keypair = st._KeyPair(RFC7748_PRIVATE, RFC7748_PUBLIC)
+    keypair = st3._KeyPair(RFC7748_PRIVATE, RFC7748_PUBLIC)
     assert RFC7748_PRIVATE.hex() not in repr(keypair)
     assert repr(RFC7748_PRIVATE) not in repr(keypair)

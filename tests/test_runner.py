@@ -20,11 +20,10 @@ import tempfile
 
 import pytest
 import sessions
+from checkout import REPO
 from netns import Child, Namespace, require_programs, veth_pair
 
 import sinfonia_tier3 as st3
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DRIVER = r'''
 import json, os, select, sys
@@ -89,45 +88,22 @@ def driver_file():
 
 @pytest.fixture(params=["root", "user"])
 def runner(request, driver_file):
-    """Runs the driver as root or as the test user; `runner.start(spec)` gives
-    a Popen, `runner.run(spec)` a finished CompletedProcess-like result."""
+    """Runs the driver as root or as the test user (sessions.Runner); its
+    argument is a `driver_spec`."""
     if sessions.missing_root():
         pytest.skip(sessions.missing_root())
     as_user = request.param == "user"
     # Root's application has no CAP_DAC_OVERRIDE: its scratch is root's own.
     scratch = sessions.user_directory() if as_user else tempfile.TemporaryDirectory()
     with sessions.tun_open_to_all(), scratch as path:
-        yield Runner(driver_file, as_user, path)
+        yield sessions.Runner([driver_file, str(REPO)], as_user, path)
 
 
-class Runner:
-    def __init__(self, driver_file, as_user, scratch):
-        self.as_user = as_user
-        self.scratch = scratch
-        self.python = sessions.user_python() if as_user else sys.executable
-        self.uid, self.gid = sessions.user_ids() if as_user else (0, 0)
-        self._driver = driver_file
-
-    def argv(self, spec):
-        full = {"addresses": ADDRESSES, "routes": ROUTES, "resolv_conf": RESOLV_CONF}
-        full.update(spec)
-        argv = [self.python, self._driver, REPO, json.dumps(full)]
-        return sessions.as_user(argv) if self.as_user else argv
-
-    def start(self, spec, **kwargs):
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(spec), cwd=self.scratch, text=True, **kwargs)
-
-    def run(self, spec, timeout=30):
-        process = self.start(spec)
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        return process.returncode, stdout, stderr
+def driver_spec(spec):
+    """The driver's argument: `spec` over the default addresses, routes and
+    resolv.conf."""
+    return json.dumps({"addresses": ADDRESSES, "routes": ROUTES, "resolv_conf": RESOLV_CONF,
+                       **spec})
 
 
 INSPECT = r'''
@@ -162,10 +138,10 @@ def test_the_application_runs_as_the_caller_in_its_own_namespaces(runner):
     with open(own_file, "w"):
         pass
     os.chown(own_file, runner.uid, runner.gid)
-    code, stdout, stderr = runner.run({
+    code, stdout, stderr = runner.run(driver_spec({
         "command": [runner.python, "-c", INSPECT], "mtu": 1400,
         "env": {"OWN_FILE": own_file, "SINFONIA_TEST": "yes"},
-    })
+    }))
     assert code == 0, stderr
     seen = json.loads(stdout)
     assert (seen["uid"], seen["gid"], seen["own_file_uid"]) == (runner.uid, runner.gid, runner.uid)
@@ -191,11 +167,11 @@ def test_the_application_runs_as_the_caller_in_its_own_namespaces(runner):
 
 def test_routes_follow_the_allowed_ips(runner):
     require_programs("ip")  # INSPECT's
-    code, stdout, stderr = runner.run({
+    code, stdout, stderr = runner.run(driver_spec({
         "command": [runner.python, "-c", INSPECT], "env": {"OWN_FILE": "/"},
         "addresses": ["10.44.0.9/32"], "routes": ["10.43.0.0/16", "10.44.0.0/16"],
         "resolv_conf": None,
-    })
+    }))
     assert code == 0, stderr
     seen = json.loads(stdout)
     assert sorted(r["dst"] for r in seen["routes4"]) == ["10.43.0.0/16", "10.44.0.0/16"]
@@ -213,8 +189,8 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
 
 def test_what_the_application_sends_comes_out_of_the_tun_descriptor(runner):
     capture = os.path.join(runner.scratch, "packet")
-    code, _, stderr = runner.run({"command": [runner.python, "-c", SEND_UDP],
-                                  "capture": capture})
+    code, _, stderr = runner.run(driver_spec({"command": [runner.python, "-c", SEND_UDP],
+                                              "capture": capture}))
     assert code == 0, stderr
     with open(capture) as f:
         packet = bytes.fromhex(f.read())
@@ -239,7 +215,7 @@ def test_exit_status_is_the_applications(runner, command, status, message):
             f.write(b"\x00\x01 not a program")
         os.chmod(path, mode)
         os.chown(path, runner.uid, runner.gid)
-    code, _, stderr = runner.run({"command": command})
+    code, _, stderr = runner.run(driver_spec({"command": command}))
     assert code == status, stderr
     if message:
         assert stderr.splitlines()[-1] == f"sinfonia-tier3: {message}"
@@ -247,7 +223,8 @@ def test_exit_status_is_the_applications(runner, command, status, message):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signals_to_the_tool_reach_the_application(runner, signum):
-    process = runner.start({"command": [runner.python, "-c", sessions.SIGNAL_TRAP]})
+    process = runner.start(
+        driver_spec({"command": [runner.python, "-c", sessions.SIGNAL_TRAP]}))
     stdout, stderr = sessions.signal_when_ready(process, signum, timeout=20)
     assert stdout == f"got {int(signum)}\n", stderr
     assert process.returncode == 40 + signum
@@ -255,7 +232,8 @@ def test_signals_to_the_tool_reach_the_application(runner, signum):
 
 def test_a_killed_tool_leaves_nothing_behind(runner):
     # The application starts a grandchild of its own, which must die too.
-    process = runner.start({"command": ["sh", "-c", "sleep 300 & echo started; wait"]})
+    process = runner.start(
+        driver_spec({"command": ["sh", "-c", "sleep 300 & echo started; wait"]}))
     try:
         holder = json.loads(process.stderr.readline())["holder"]
         assert process.stdout.readline() == "started\n"
@@ -282,7 +260,7 @@ def test_the_holder_waits_for_init_as_a_minimal_interpreter(runner, embedded):
     spec = {"command": ["sh", "-c", "echo started; read line; exit 9"]}
     if embedded:
         spec["executable"] = "/bin/false"
-    process = runner.start(spec, stdin=subprocess.PIPE)
+    process = runner.start(driver_spec(spec), stdin=subprocess.PIPE)
     try:
         holder = json.loads(process.stderr.readline())["holder"]
         assert process.stdout.readline() == "started\n"
@@ -320,8 +298,7 @@ def test_the_namespace_holds_only_descriptors_the_caller_passed_on(runner, drive
     spec = {"command": ["sh", "-c", "echo started; exec sleep 300"],
             "addresses": ADDRESSES, "routes": ROUTES}
     argv = [runner.python, "-c", wrapper, driver_file, REPO, json.dumps(spec)]
-    process = subprocess.Popen(sessions.as_user(argv) if runner.as_user else argv,
-                               cwd=runner.scratch, stdout=subprocess.PIPE,
+    process = subprocess.Popen(runner.command(argv), cwd=runner.scratch, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         holder = json.loads(process.stderr.readline())["holder"]
@@ -350,7 +327,7 @@ def test_the_last_words_of_a_side_that_closed_with_messages_unread_arrive():
 
 
 def test_an_error_inside_the_child_is_one_line(runner):
-    code, _, stderr = runner.run({"command": ["true"], "mtu": 60})
+    code, _, stderr = runner.run(driver_spec({"command": ["true"], "mtu": 60}))
     assert code == 125
     assert stderr == "sinfonia-tier3: cannot set MTU 60 on sinfonia0: Invalid argument\n"
 
@@ -366,7 +343,7 @@ sys.stdin.readline()
 
 def test_the_application_gets_the_terminal_and_ctrl_c(runner):
     status, shown = sessions.run_in_terminal(
-        runner.argv({"command": [runner.python, "-c", TERMINAL_CHECK]}),
+        runner.argv(driver_spec({"command": [runner.python, "-c", TERMINAL_CHECK]})),
         [("foreground", "\x03")],
     )
     assert "foreground" in shown
@@ -389,7 +366,7 @@ def test_ctrl_z_stops_the_tool_too_and_continuing_it_continues_the_application(r
         os.kill(pid, signal.SIGCONT)
 
     status, shown = sessions.run_in_terminal(
-        runner.argv({"command": [runner.python, "-c", SUSPENDABLE]}),
+        runner.argv(driver_spec({"command": [runner.python, "-c", SUSPENDABLE]})),
         [("foreground", "\x1a"), ("", continue_like_a_shell), ("", "first line\n"),
          ("foreground", "second line\n")],
     )

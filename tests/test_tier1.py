@@ -13,16 +13,16 @@ import urllib.error
 import urllib.request
 
 import pytest
+from checkout import REPO
 from cloudlet import HELLOWORLD, MISBEHAVIOURS, Cloudlet
-from conftest import ROOT
 from netns import require_programs
 
-import sinfonia_tier3 as st
+import sinfonia_tier3 as st3
 
 
 def test_deploy_returns_parsed_deployment(cloudlet, key_cache):
-    (deployment,) = st.deploy(cloudlet.url, "helloworld")
-    keypair = st._load_or_create_keypair(HELLOWORLD)
+    (deployment,) = st3.deploy(cloudlet.url, "helloworld")
+    keypair = st3._load_or_create_keypair(HELLOWORLD)
     assert deployment.uuid == HELLOWORLD
     assert deployment.application_key == keypair.public
     assert deployment.status == "Deployed"
@@ -41,23 +41,23 @@ def test_deploy_returns_parsed_deployment(cloudlet, key_cache):
 
 
 def test_same_key_and_uuid_get_the_same_deployment(cloudlet):
-    first = st.deploy(cloudlet.url, "helloworld")
-    assert st.deploy(cloudlet.url, HELLOWORLD) == first
+    first = st3.deploy(cloudlet.url, "helloworld")
+    assert st3.deploy(cloudlet.url, HELLOWORLD) == first
 
 
 def test_request_has_urlsafe_key_results_and_user_agent(cloudlet):
-    st.deploy(cloudlet.url + "/", "helloworld", results=3)
+    st3.deploy(cloudlet.url + "/", "helloworld", results=3)
     method, path, headers = cloudlet.requests[-1]
-    public = st._load_or_create_keypair(HELLOWORLD).public
+    public = st3._load_or_create_keypair(HELLOWORLD).public
     key = base64.urlsafe_b64encode(public).decode().rstrip("=")
     assert method == "POST"
     assert path == f"/api/v1/deploy/{HELLOWORLD}/{key}?results=3"
-    assert headers["User-Agent"] == f"sinfonia-tier3/{st.__version__}"
+    assert headers["User-Agent"] == f"sinfonia-tier3/{st3.__version__}"
 
 
 def test_tier1_url_with_a_path_prefix_keeps_it(cloudlet):
-    with pytest.raises(st.RefusedError, match="HTTP 404"):
-        st.deploy(cloudlet.url + "/prefix", "helloworld")
+    with pytest.raises(st3.RefusedError, match="HTTP 404"):
+        st3.deploy(cloudlet.url + "/prefix", "helloworld")
     assert cloudlet.requests[-1][1].startswith("/prefix/api/v1/deploy/")
 
 
@@ -66,14 +66,14 @@ def test_proxy_from_the_environment_is_used(cloudlet, monkeypatch):
     monkeypatch.setenv("http_proxy", cloudlet.url)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    (deployment,) = st.deploy("http://tier1.invalid", "helloworld")
+    (deployment,) = st3.deploy("http://tier1.invalid", "helloworld")
     assert deployment.uuid == HELLOWORLD
     assert cloudlet.requests[-1][1].startswith("http://tier1.invalid/api/v1/deploy/")
 
 
 def test_unknown_backend_shows_the_problem_detail(cloudlet):
-    with pytest.raises(st.RefusedError) as caught:
-        st.deploy(cloudlet.url, "11111111-2222-3333-4444-555555555555")
+    with pytest.raises(st3.RefusedError) as caught:
+        st3.deploy(cloudlet.url, "11111111-2222-3333-4444-555555555555")
     assert str(caught.value) == (
         "Tier 1 refused the deployment: HTTP 404 Not Found: "
         "no backend 11111111-2222-3333-4444-555555555555 on this cloudlet"
@@ -111,33 +111,33 @@ def test_cloudlet_accepts_standard_base64_and_releases_on_delete(cloudlet):
 # What the user is told for each kind of hostile server. The deadline given
 # is short so that the slow ones show it is kept.
 EXPECTED_FAILURES = {
-    "close": (st.BadResponseError, "closed the connection without answering"),
-    "garbage": (st.BadResponseError, "not HTTP"),
-    "redirect": (st.RefusedError, "HTTP 302, a redirect to https://elsewhere.invalid/"),
-    "html": (st.BadResponseError, "text/html instead of JSON"),
-    "text": (st.BadResponseError, "text/plain instead of JSON"),
-    "html-error": (st.RefusedError, "HTTP 502 Bad Gateway: (an HTML page)"),
+    "close": (st3.BadResponseError, "closed the connection without answering"),
+    "garbage": (st3.BadResponseError, "not HTTP"),
+    "redirect": (st3.RefusedError, "HTTP 302, a redirect to https://elsewhere.invalid/"),
+    "html": (st3.BadResponseError, "text/html instead of JSON"),
+    "text": (st3.BadResponseError, "text/plain instead of JSON"),
+    "html-error": (st3.RefusedError, "HTTP 502 Bad Gateway: (an HTML page)"),
     "text-error": (
-        st.RefusedError,
+        st3.RefusedError,
         "HTTP 503 Service Unavailable: upstream connect error",
     ),
     "problem": (
-        st.RefusedError,
+        st3.RefusedError,
         "HTTP 500 Internal Server Error: Something went wrong x",
     ),
-    "truncated": (st.BadResponseError, "JSON cut short"),
-    "short-body": (st.BadResponseError, "body cut short, 100 of"),
-    "wrong-type": (st.BadResponseError, "deployments: expected a list, got object"),
-    "empty-list": (st.BadResponseError, "deployments: empty list"),
-    "empty-body": (st.BadResponseError, "empty body"),
-    "not-utf8": (st.BadResponseError, "body is not UTF-8"),
-    "huge": (st.BadResponseError, "more than the 1048576 allowed"),
-    "huge-unannounced": (st.BadResponseError, "body larger than 1048576 bytes"),
-    "long-length": (st.BadResponseError, "more than the 1048576 allowed"),
+    "truncated": (st3.BadResponseError, "JSON cut short"),
+    "short-body": (st3.BadResponseError, "body cut short, 100 of"),
+    "wrong-type": (st3.BadResponseError, "deployments: expected a list, got object"),
+    "empty-list": (st3.BadResponseError, "deployments: empty list"),
+    "empty-body": (st3.BadResponseError, "empty body"),
+    "not-utf8": (st3.BadResponseError, "body is not UTF-8"),
+    "huge": (st3.BadResponseError, "more than the 1048576 allowed"),
+    "huge-unannounced": (st3.BadResponseError, "body larger than 1048576 bytes"),
+    "long-length": (st3.BadResponseError, "more than the 1048576 allowed"),
     # http.client reads to the end when int() refuses the length: a good answer
     "odd-length": (None, None),
-    "endless": (st.DeadlineError, "within 1.5 s"),
-    "slow-headers": (st.DeadlineError, "within 1.5 s"),
+    "endless": (st3.DeadlineError, "within 1.5 s"),
+    "slow-headers": (st3.DeadlineError, "within 1.5 s"),
 }
 
 
@@ -150,11 +150,11 @@ def test_hostile_server_gives_one_short_line(cloudlet, misbehaviour):
     error_class, message = EXPECTED_FAILURES[misbehaviour]
     cloudlet.misbehaviour = misbehaviour
     if error_class is None:
-        assert st.deploy(cloudlet.url, "helloworld", timeout=1.5)
+        assert st3.deploy(cloudlet.url, "helloworld", timeout=1.5)
         return
     started = time.monotonic()
-    with pytest.raises(st.SinfoniaError) as caught:
-        st.deploy(cloudlet.url, "helloworld", timeout=1.5)
+    with pytest.raises(st3.SinfoniaError) as caught:
+        st3.deploy(cloudlet.url, "helloworld", timeout=1.5)
     elapsed = time.monotonic() - started
     line = str(caught.value)
     assert type(caught.value) is error_class
@@ -166,11 +166,11 @@ def test_hostile_server_gives_one_short_line(cloudlet, misbehaviour):
 
 def test_problem_detail_is_cleaned_and_shortened(cloudlet):
     cloudlet.misbehaviour = "problem"
-    with pytest.raises(st.RefusedError) as caught:
-        st.deploy(cloudlet.url, "helloworld")
+    with pytest.raises(st3.RefusedError) as caught:
+        st3.deploy(cloudlet.url, "helloworld")
     detail = str(caught.value).split(": ", 2)[2]
     assert detail.startswith("Something went wrong xxx") and detail.endswith("…")
-    assert len(detail) == st._MAX_DETAIL_CHARS
+    assert len(detail) == st3._MAX_DETAIL_CHARS
     assert "\x1b" not in detail and "[31m" not in detail
 
 
@@ -178,8 +178,8 @@ def test_connection_refused_is_unreachable():
     with socket.socket() as probe:  # a loopback port with no listener
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(st.UnreachableError, match=f"127.0.0.1:{port}.*refused"):
-        st.deploy(f"http://127.0.0.1:{port}", "helloworld", timeout=5)
+    with pytest.raises(st3.UnreachableError, match=f"127.0.0.1:{port}.*refused"):
+        st3.deploy(f"http://127.0.0.1:{port}", "helloworld", timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +200,9 @@ def self_signed(tmp_path_factory):
 def test_https_with_an_untrusted_certificate_is_refused(self_signed):
     with (
         Cloudlet(tls=self_signed) as cloudlet,
-        pytest.raises(st.UnreachableError) as caught,
+        pytest.raises(st3.UnreachableError) as caught,
     ):
-        st.deploy(cloudlet.url, "helloworld", timeout=10)
+        st3.deploy(cloudlet.url, "helloworld", timeout=10)
     assert str(caught.value).startswith(f"TLS with {cloudlet.url[8:]} failed: ")
     assert "certificate" in str(caught.value)
 
@@ -213,33 +213,33 @@ def test_https_trusts_the_system_ca_store(self_signed, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", self_signed[0])
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     with Cloudlet(tls=self_signed) as cloudlet:
-        (deployment,) = st.deploy(cloudlet.url, "helloworld", timeout=10)
+        (deployment,) = st3.deploy(cloudlet.url, "helloworld", timeout=10)
     assert deployment.uuid == HELLOWORLD
 
 
 def test_tls_to_a_plain_http_server_fails_cleanly(cloudlet):
-    with pytest.raises(st.UnreachableError, match="TLS with 127.0.0.1:.* failed"):
-        st.deploy(cloudlet.url.replace("http:", "https:"), "helloworld", timeout=5)
+    with pytest.raises(st3.UnreachableError, match="TLS with 127.0.0.1:.* failed"):
+        st3.deploy(cloudlet.url.replace("http:", "https:"), "helloworld", timeout=5)
 
 
 @pytest.mark.parametrize(
     "url", ["ftp://example.org", "tier1.example.org", "http://", "http://h/?q=1"]
 )
 def test_bad_tier1_url_is_a_usage_error(url):
-    with pytest.raises(st.UsageError, match="Tier 1 URL"):
-        st.deploy(url, "helloworld")
+    with pytest.raises(st3.UsageError, match="Tier 1 URL"):
+        st3.deploy(url, "helloworld")
 
 
 @pytest.mark.parametrize("application", ["", "hello", "0000-0000", "../../etc/passwd"])
 def test_bad_application_is_a_usage_error(application):
-    with pytest.raises(st.UsageError, match="not a uuid"):
-        st.deploy("http://127.0.0.1:9", application)
+    with pytest.raises(st3.UsageError, match="not a uuid"):
+        st3.deploy("http://127.0.0.1:9", application)
 
 
 @pytest.mark.parametrize("results", [0, -1, True, "2"])
 def test_bad_results_is_a_usage_error(cloudlet, results):
-    with pytest.raises(st.UsageError, match="results"):
-        st.deploy(cloudlet.url, "helloworld", results=results)
+    with pytest.raises(st3.UsageError, match="results"):
+        st3.deploy(cloudlet.url, "helloworld", results=results)
 
 
 # Field validation ---------------------------------------------------------
@@ -262,7 +262,7 @@ GOOD = {
 
 
 def parse(document):
-    return st._parse_deployments(json.dumps(document).encode(), HELLOWORLD, KEY)
+    return st3._parse_deployments(json.dumps(document).encode(), HELLOWORLD, KEY)
 
 
 def with_field(path, value):
@@ -363,7 +363,7 @@ FIELD_ERRORS = [
 
 @pytest.mark.parametrize("path, value, message", FIELD_ERRORS)
 def test_each_field_is_validated(path, value, message):
-    with pytest.raises(st.BadResponseError) as caught:
+    with pytest.raises(st3.BadResponseError) as caught:
         parse(with_field(path, value))
     assert message in str(caught.value)
     assert str(caught.value).startswith("bad response from Tier 1: deployments[0].")
@@ -405,7 +405,7 @@ def test_optional_fields_may_be_absent_and_unknown_ones_are_ignored():
 
 def test_later_deployments_are_validated_too():
     with pytest.raises(
-        st.BadResponseError, match=r"deployments\[1\]: expected an object"
+        st3.BadResponseError, match=r"deployments\[1\]: expected an object"
     ):
         parse([GOOD, "second"])
 
@@ -416,8 +416,8 @@ def test_field_error_through_the_cloudlet(cloudlet):
         return deployments
 
     cloudlet.rewrite = break_key
-    with pytest.raises(st.BadResponseError) as caught:
-        st.deploy(cloudlet.url, "helloworld")
+    with pytest.raises(st3.BadResponseError) as caught:
+        st3.deploy(cloudlet.url, "helloworld")
     assert str(caught.value) == (
         "bad response from Tier 1: "
         "deployments[0].TunnelConfig.publicKey: not a 32-byte base64 key"
@@ -425,8 +425,8 @@ def test_field_error_through_the_cloudlet(cloudlet):
 
 
 def test_deeply_nested_json_is_a_bad_response():
-    with pytest.raises(st.BadResponseError, match="nested too deeply|not JSON"):
-        st._parse_deployments(b"[" * 100000 + b"]" * 100000, HELLOWORLD, KEY)
+    with pytest.raises(st3.BadResponseError, match="nested too deeply|not JSON"):
+        st3._parse_deployments(b"[" * 100000 + b"]" * 100000, HELLOWORLD, KEY)
 
 
 SILENT_DNS = """
@@ -454,7 +454,7 @@ def test_deadline_covers_a_name_lookup_that_hangs(tmp_path):
     script = (
         f"mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && ip link set lo up "
         f"|| exit 99; {sys.executable} {tmp_path / 'sink.py'} >/dev/null 2>&1 & sink=$!; "
-        f"sleep 0.3; {sys.executable} {ROOT / 'sinfonia_tier3.py'} --json --timeout 2 "
+        f"sleep 0.3; {sys.executable} {REPO / 'sinfonia_tier3.py'} --json --timeout 2 "
         "http://tier1.sinfonia-test.example helloworld; status=$?; kill $sink; exit $status"
     )
     started = time.monotonic()

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as s
 
-import sinfonia_tier3 as st
+import sinfonia_tier3 as st3
 
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
 KEY = bytes(range(32))
@@ -58,12 +58,12 @@ documents = json_values | s.lists(deployments, max_size=3)
 
 def check(document_bytes):
     try:
-        result = st._parse_deployments(document_bytes, HELLOWORLD, KEY)
-    except st.BadResponseError as e:
+        result = st3._parse_deployments(document_bytes, HELLOWORLD, KEY)
+    except st3.BadResponseError as e:
         line = str(e)
         assert "\n" not in line and line.startswith("bad response from Tier 1: ")
     else:
-        assert result and all(isinstance(d, st.Deployment) for d in result)
+        assert result and all(isinstance(d, st3.Deployment) for d in result)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -81,8 +81,8 @@ def test_arbitrary_bytes_give_deployments_or_a_bad_response(body):
 def test_a_number_too_long_for_int_is_a_bad_response():
     """json turns a 5000-digit number into a ValueError that is no
     JSONDecodeError (Python's limit on int() conversions)."""
-    with pytest.raises(st.BadResponseError, match="a number too long"):
-        st._parse_deployments(b"[" + b"7" * 5000 + b"]", HELLOWORLD, KEY)
+    with pytest.raises(st3.BadResponseError, match="a number too long"):
+        st3._parse_deployments(b"[" + b"7" * 5000 + b"]", HELLOWORLD, KEY)
 
 
 # What a server sends never changes what the tool writes ---------------------
@@ -171,15 +171,15 @@ def test_accepted_deployments_render_exactly_their_fields(document):
     import ipaddress
 
     try:
-        (deployment,) = st._parse_deployments(json.dumps([document]).encode(),
+        (deployment,) = st3._parse_deployments(json.dumps([document]).encode(),
                                               HELLOWORLD, KEY)
-    except st.BadResponseError as e:
+    except st3.BadResponseError as e:
         assert "\n" not in str(e)
         return
     config, tunnel = deployment.tunnel_config, document["TunnelConfig"]
     for text in (deployment.status, deployment.deployment_name):
         assert text.isprintable()
-    keypair = st._KeyPair(bytes(range(32)), KEY)
+    keypair = st3._KeyPair(bytes(range(32)), KEY)
     nameservers = [str(ipaddress.ip_address(t)) for t in tunnel["dns"] if is_ip(t)]
     searches = [t for t in tunnel["dns"] if not is_ip(t)]
     dns = nameservers + searches
@@ -192,19 +192,19 @@ def test_accepted_deployments_render_exactly_their_fields(document):
     peer = [
         ("Peer", "PublicKey", tunnel["publicKey"]),
         ("Peer", "Endpoint", f"{host}:{int(port)}"),
-        ("Peer", "PersistentKeepalive", str(st._PERSISTENT_KEEPALIVE)),
+        ("Peer", "PersistentKeepalive", str(st3._PERSISTENT_KEEPALIVE)),
         ("Peer", "AllowedIPs", expected_networks(
             tunnel["allowedIPs"], lambda t: ipaddress.ip_network(t, strict=False))),
     ]
-    assert key_values(st._render_wg_quick(config, keypair)) == interface + peer
-    assert key_values(st._render_wg_quick(config, keypair, ["org.example.app"])) == (
+    assert key_values(st3._render_wg_quick(config, keypair)) == interface + peer
+    assert key_values(st3._render_wg_quick(config, keypair, ["org.example.app"])) == (
         interface + [("Interface", "IncludedApplications", "org.example.app")] + peer)
 
-    resolv = st._render_resolv_conf(config).split("\n")
+    resolv = st3._render_resolv_conf(config).split("\n")
     assert resolv.pop() == ""
     expected = [f"nameserver {n}" for n in nameservers]
     expected += [f"search {' '.join(searches)}"] if searches else []
-    assert resolv == expected + [f"options ndots:{st._RESOLV_NDOTS}"]
+    assert resolv == expected + [f"options ndots:{st3._RESOLV_NDOTS}"]
     assert all(" " <= c <= "~" for line in resolv for c in line)
 
 
@@ -234,8 +234,8 @@ raw_requests = s.one_of(
 @given(raw_requests)
 def test_root_helper_request_parser_refuses_in_one_line(data):
     try:
-        spec = st._parse_kernel_link_request(data)
-    except st.TunnelError as e:
+        spec = st3._parse_kernel_link_request(data)
+    except st3.TunnelError as e:
         assert "\n" not in str(e)
         assert str(e).startswith("invalid kernel WireGuard configuration: ")
     else:
@@ -256,7 +256,7 @@ def test_root_helper_answers_anything_with_one_line(data, args):
     os.environ["SUDO_UID"] = "4242"
     try:
         with contextlib.redirect_stderr(stderr):
-            status = st._root_helper_main(["2", "wgok"] if not args else args,
+            status = st3._root_helper_main(["2", "wgok"] if not args else args,
                                           io.BytesIO(data))
     finally:
         if saved is None:

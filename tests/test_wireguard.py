@@ -12,18 +12,13 @@ import os
 import random
 import socket
 import struct
-import sys
 from contextlib import ExitStack
-from pathlib import Path
-
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import netns
+import pytest
 import sessions
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sinfonia_tier3 as st3
 
@@ -50,13 +45,6 @@ class Wall:
 
     def __call__(self):
         return self.ns
-
-
-def _keypair():
-    from nacl.public import PrivateKey
-
-    private = PrivateKey.generate()
-    return bytes(private), bytes(private.public_key)
 
 
 def _ip_packet(source, destination, payload=b"x" * 20, protocol=17):
@@ -104,8 +92,8 @@ class Pair:
 
     def __init__(self, **b_options):
         self.clock, self.wall, self.net = Clock(), Wall(), []
-        a_private, a_public = _keypair()
-        b_private, b_public = _keypair()
+        a_private, a_public = netns.generate_keypair()
+        b_private, b_public = netns.generate_keypair()
         self.a = End("a", a_private, b_public, A_ADDRESS, self.net, self.clock, self.wall,
                      endpoint=B_ADDRESS, allowed_ips=[f"{B_IP}/32"])
         self.b = End("b", b_private, a_public, B_ADDRESS, self.net, self.clock, self.wall,
@@ -1040,7 +1028,7 @@ def _udp_ask(address, port, payload):
 @pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain-tun", "vnet-hdr"])
 def test_datapath_between_namespaces(vnet_hdr):
     _require_namespaces()
-    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    (a_private, a_public), (b_private, b_public) = netns.generate_keypair(), netns.generate_keypair()
     with ExitStack() as stack:
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
         ns_b = stack.enter_context(netns.Namespace("st3wb"))
@@ -1102,7 +1090,7 @@ def test_rerun_initiator_gets_the_answer_to_its_first_packet():
     import time
 
     _require_namespaces()
-    (a_private, a_public), (b_private, b_public) = _keypair(), _keypair()
+    (a_private, a_public), (b_private, b_public) = netns.generate_keypair(), netns.generate_keypair()
     with ExitStack() as stack:
         ns_a = stack.enter_context(netns.Namespace("st3wa"))
         ns_b = stack.enter_context(netns.Namespace("st3wb"))
@@ -1138,7 +1126,7 @@ def test_wait_for_handshake_has_a_deadline():
     import time
 
     _require_namespaces()
-    (a_private, _), (_, b_public) = _keypair(), _keypair()
+    (a_private, _), (_, b_public) = netns.generate_keypair(), netns.generate_keypair()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))  # takes datagrams, never answers
         with netns.Namespace("st3wa") as ns_a, netns.OurDatapath(

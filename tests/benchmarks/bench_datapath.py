@@ -26,9 +26,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]  # tests/, repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
+import checkout  # noqa: F401 - puts the repository root first on sys.path
 from netns import (
     Namespace,
     OurDatapath,

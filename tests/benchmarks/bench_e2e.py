@@ -41,10 +41,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-sys.path[:0] = [str(HERE.parent), str(REPO)]  # tests/, repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
+import checkout  # noqa: F401 - puts the repository root first on sys.path
 import cloudlet
 import sessions
 from compiled import compiled_copy

@@ -34,9 +34,9 @@ import traceback
 from contextlib import ExitStack
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]  # tests/, repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
+import checkout  # noqa: F401 - puts the repository root first on sys.path
 from netns import (
     Namespace,
     OurDatapath,
@@ -197,15 +197,15 @@ class _KernelEnd:
     pid = None
 
     def __init__(self, namespace, address, private_key, peer_public_key, endpoint):
-        import sinfonia_tier3
+        import sinfonia_tier3 as st3
 
         name = unique_name("st3bk")
-        spec = sinfonia_tier3._kernel_link_spec(
+        spec = st3._kernel_link_spec(
             private_key, peer_public_key, endpoint=endpoint,
             allowed_ips=["10.99.0.0/24"])
         netns_fd = os.open(namespace.path, os.O_RDONLY)
         try:
-            sinfonia_tier3._create_kernel_link(name, spec, netns_fd)
+            st3._create_kernel_link(name, spec, netns_fd)
         finally:
             os.close(netns_fd)
         namespace.add_addresses(name, [f"{address}/24"])

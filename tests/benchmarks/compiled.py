@@ -10,9 +10,8 @@ holds a copy of the module with its bytecode next to it.
 import os
 import py_compile
 import shutil
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from checkout import REPO
 
 
 def compiled_copy(scratch):
