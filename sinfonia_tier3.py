@@ -4053,7 +4053,7 @@ def _segno():
         import segno
     except ImportError:
         raise UnavailableError(
-            "--qrcode needs segno: pip install 'sinfonia-tier3[qr]'"
+            "--qrcode needs segno: pip install segno (this project's qr extra)"
         ) from None
     return segno
 

@@ -382,7 +382,7 @@ def test_qrcode_without_segno_says_how_to_get_it(cloudlet, tmp_path):
     )
     line = assert_one_line_failure(result)
     assert (
-        line == "sinfonia-tier3: --qrcode needs segno: pip install 'sinfonia-tier3[qr]'"
+        line == "sinfonia-tier3: --qrcode needs segno: pip install segno (this project's qr extra)"
     )
     assert cloudlet.requests == []
 
