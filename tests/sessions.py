@@ -193,16 +193,20 @@ def user_directory():
 def files_of_user(uid, roots=("/tmp", "/var/tmp", "/dev/shm", "/run")):
     """Paths under `roots` owned by `uid` (what a run may have left behind),
     except the scratch directories of `user_directory` (this test's and those
-    of tests running at the same time)."""
+    of tests running at the same time) and pytest's own temporary directory
+    for that user (a developer running the suite as the test user)."""
+    import pwd
+
     scratch = os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX)
+    pytest_tmp = os.path.join(tempfile.gettempdir(), f"pytest-of-{pwd.getpwuid(uid).pw_name}")
     found = []
     for root in roots:
         for directory, names, files in os.walk(root):
-            if (directory + os.sep).startswith(scratch):
+            if (directory + os.sep).startswith((scratch, pytest_tmp + os.sep)):
                 continue
             for name in names + files:
                 path = os.path.join(directory, name)
-                if path.startswith(scratch):
+                if path.startswith(scratch) or path == pytest_tmp:
                     continue
                 try:
                     if os.lstat(path).st_uid == uid:
