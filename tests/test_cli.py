@@ -110,6 +110,15 @@ def test_help_lists_options_and_exit_statuses():
         assert text in result.stdout
     for status in ("0 ", "128+N", "2 ", "125", "126", "127"):
         assert f"\n  {status}" in result.stdout
+    assert "130 for Ctrl-C" in result.stdout and "141 when the reader" in result.stdout
+
+
+def test_help_works_without_docstrings():
+    """python -OO, as some embedded installs run it, drops __doc__."""
+    result = subprocess.run([sys.executable, "-OO", "-m", "sinfonia_tier3", "--help"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: sinfonia-tier3 [options] TIER1_URL")
 
 
 @pytest.mark.parametrize(
