@@ -38,6 +38,7 @@ from collections import namedtuple
 _ALIASES = {"helloworld": "00000000-0000-0000-0000-000000000000"}
 _USER_AGENT = f"sinfonia-tier3/{__version__}"
 _DEFAULT_TIMEOUT = 30.0
+_DEFAULT_ZEROCONF_TIMEOUT = 1.0  # seconds of mDNS answers; a LAN answers within ms
 _MAX_RESPONSE_BYTES = 1 << 20  # a list of three deployments is about 2 KiB
 _MAX_DETAIL_CHARS = 200  # how much of a server's error text reaches the user
 _PERSISTENT_KEEPALIVE = 30  # seconds, as upstream configures its peer
@@ -843,8 +844,9 @@ def _read_bounded(response, deadline, clock):
         chunks.append(chunk)
 
 
-def _exchange(url, deadline, clock):
-    """POST to `url`; (status, reason, headers, body) of whatever answered.
+def _exchange(url, deadline, clock, hints=None):
+    """POST to `url` with the `hints` headers; (status, reason, headers, body)
+    of whatever answered.
 
     Redirects are not followed: urllib would turn the POST into a GET, which
     deploys nothing. Every transport failure becomes a SinfoniaError.
@@ -865,7 +867,7 @@ def _exchange(url, deadline, clock):
         url,
         data=b"",
         method="POST",
-        headers={"User-Agent": _USER_AGENT, "Accept": "application/json"},
+        headers={"User-Agent": _USER_AGENT, "Accept": "application/json", **(hints or {})},
     )
     host = urllib.parse.urlsplit(url).netloc
     try:
@@ -915,7 +917,7 @@ def _exchange(url, deadline, clock):
         raise UnreachableError(f"TLS with {host} failed: {e.reason}") from None
 
 
-def _post_before(url, timeout, clock):
+def _post_before(url, timeout, clock, hints=None):
     """`_exchange` with a hard deadline `timeout` seconds from now.
 
     Name resolution cannot be interrupted, so the exchange runs in a daemon
@@ -928,7 +930,7 @@ def _post_before(url, timeout, clock):
 
     def work():
         try:
-            outcome["answer"] = _exchange(url, deadline, clock)
+            outcome["answer"] = _exchange(url, deadline, clock, hints)
         except BaseException as e:  # noqa: BLE001 - re-raised in the waiting thread
             outcome["error"] = e
 
@@ -942,17 +944,20 @@ def _post_before(url, timeout, clock):
     return outcome["answer"]
 
 
-def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=False):
-    """Ask the Tier 1 to deploy `uuid` for `keypair`; the validated list."""
+def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=False,
+                         hints=None):
+    """Ask the Tier 1 to deploy `uuid` for `keypair`, telling it the `hints`
+    headers (`_client_hints`); the validated list."""
     if isinstance(results, bool) or not isinstance(results, int) or results < 1:
         raise UsageError(f"results: expected a whole number >= 1, got {results!r}")
     if not timeout > 0:
         raise UsageError(f"timeout: expected seconds > 0, got {timeout!r}")
     url = _deploy_url(tier1_url, uuid, keypair.public, results)
     if debug:
-        _debug(f"POST {url}")
+        _debug(f"POST {url}" + "".join(f", {name}: {value}"
+                                       for name, value in (hints or {}).items()))
     started = time.monotonic()
-    status, reason, headers, body = _post_before(url, timeout, time.monotonic)
+    status, reason, headers, body = _post_before(url, timeout, time.monotonic, hints)
     content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
     if debug:
         elapsed = (time.monotonic() - started) * 1000
@@ -979,17 +984,354 @@ def _request_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=Fa
     return _parse_deployments(body, uuid, keypair.public)
 
 
-def deploy(tier1_url, application, *, results=1, timeout=_DEFAULT_TIMEOUT):
+def _client_hints(location=None, client_ip=None, environ=None):
+    """The headers that tell Tier 1 where the client is: `X-Location` from
+    `location` ("LAT,LON", or a (lat, lon) pair), `X-ClientIP` from
+    `client_ip`, each taken from $SINFONIA_LOCATION / $SINFONIA_CLIENT_IP when
+    not given. Upstream's Tier 1 reads them as `float(lat),float(lon)` and
+    `ip_address(...)`, and forwards both to the Tier 2s; UsageError when one
+    is not valid."""
+    import ipaddress
+    import math
+
+    environ = os.environ if environ is None else environ
+    hints = {}
+    if location is None and environ.get("SINFONIA_LOCATION"):
+        location, where = environ["SINFONIA_LOCATION"], "SINFONIA_LOCATION"
+    else:
+        where = "location"
+    if location is not None:
+        try:
+            parts = location.split(",") if isinstance(location, str) else list(location)
+            latitude, longitude = (float(part) for part in parts)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: expected LAT,LON in degrees, got {location!r}") \
+                from None
+        if not (math.isfinite(latitude) and -90 <= latitude <= 90
+                and math.isfinite(longitude) and -180 <= longitude <= 180):
+            raise UsageError(f"{where}: {location!r} is not a place (latitude -90 to 90, "
+                             "longitude -180 to 180)")
+        hints["X-Location"] = f"{latitude!r},{longitude!r}"
+    if client_ip is None and environ.get("SINFONIA_CLIENT_IP"):
+        client_ip, where = environ["SINFONIA_CLIENT_IP"], "SINFONIA_CLIENT_IP"
+    else:
+        where = "client_ip"
+    if client_ip is not None:
+        try:
+            hints["X-ClientIP"] = str(_ip_literal(str(client_ip), ipaddress.ip_address))
+        except ValueError:
+            raise UsageError(f"{where}: {client_ip!r} is not an IP address") from None
+    return hints
+
+
+# Local Tier 2s by multicast DNS ##############################################
+#
+# A Tier 2 started with --zeroconf announces itself through python-zeroconf:
+# a PTR from the service type `_sinfonia._tcp.local.` to its instance
+# (`cloudlet._sinfonia._tcp.local.`, renamed on a clash), the instance's SRV
+# (API port, host name) and TXT (`path=/`), the host's A record. The client
+# asks with legacy unicast queries (RFC 6762 §6.7): sent from an ordinary
+# port to the group on every interface, they are answered straight back to
+# that port, so it needs neither port 5353 nor group membership. Every
+# answer is hostile: a malformed packet is dropped whole.
+
+_MDNS_GROUP = ("224.0.0.251", 5353)
+_SINFONIA_SERVICE = (b"_sinfonia", b"_tcp", b"local")
+_DNS_A, _DNS_PTR, _DNS_TXT, _DNS_AAAA, _DNS_SRV = 1, 12, 16, 28, 33
+_DNS_CLASS_IN = 1
+_MAX_TIER2S = 8  # instances taken from the answers; the rest are ignored
+_MAX_INTERFACES = 64  # interfaces a query goes out on
+
+
+class _MdnsRecord(namedtuple("_MdnsRecord", "name type value")):
+    """One answer: `name` a tuple of lower-case labels (bytes); `value` a name
+    (PTR), (port, host name) (SRV), a tuple of byte strings (TXT), an
+    ipaddress address (A, AAAA)."""
+
+    __slots__ = ()
+
+
+def _dns_name(packet, offset):
+    """(name, offset after it) of the name at `offset`: its lower-cased
+    labels. ValueError for one that runs off the packet, uses a reserved
+    label type or is longer than 255 bytes. Each compression pointer must
+    point before the previous jump's target, so that following them ends."""
+    labels, after, size, limit = [], None, 0, offset
+    while True:
+        if offset >= len(packet):
+            raise ValueError("a name runs off the packet")
+        length = packet[offset]
+        if length >= 0xC0:
+            if offset + 1 >= len(packet):
+                raise ValueError("a compression pointer runs off the packet")
+            target = ((length & 0x3F) << 8) | packet[offset + 1]
+            if target >= limit:
+                raise ValueError("a compression pointer that does not point back")
+            if after is None:
+                after = offset + 2
+            offset = limit = target
+            continue
+        if length > 63:
+            raise ValueError("a reserved label type")
+        offset += 1
+        if length == 0:
+            return tuple(labels), (offset if after is None else after)
+        size += length + 1
+        if offset + length > len(packet) or size > 255:
+            raise ValueError("a label runs off the packet or the name is too long")
+        labels.append(bytes(packet[offset:offset + length]).lower())
+        offset += length
+
+
+def _record_value(packet, kind, start, end):
+    """The value of a record of type `kind` whose data is packet[start:end];
+    None for a type not needed here; ValueError when the data is not of its type."""
+    import ipaddress
+
+    if kind in (_DNS_A, _DNS_AAAA):
+        if end - start != (4 if kind == _DNS_A else 16):
+            raise ValueError("an address record of the wrong size")
+        return ipaddress.ip_address(bytes(packet[start:end]))
+    if kind == _DNS_PTR:
+        name, after = _dns_name(packet, start)
+    elif kind == _DNS_SRV:
+        if end - start < 7:
+            raise ValueError("an SRV record too short")
+        (port,) = struct.unpack_from("!H", packet, start + 4)
+        host, after = _dns_name(packet, start + 6)
+        name = (port, host)
+    elif kind == _DNS_TXT:
+        strings, offset = [], start
+        while offset < end:
+            length = packet[offset]
+            if offset + 1 + length > end:
+                raise ValueError("a TXT string runs off its record")
+            strings.append(bytes(packet[offset + 1:offset + 1 + length]))
+            offset += 1 + length
+        return tuple(strings)
+    else:
+        return None
+    if after != end:
+        raise ValueError("a name that does not fill its record")
+    return name
+
+
+def _parse_mdns(packet):
+    """(id, records) of an mDNS response: its answers of class IN that are
+    not goodbyes (TTL 0); (id, ()) for a query. None for anything malformed:
+    cut short, counts larger than the records, names that loop, records
+    whose data is not of their type."""
+    try:
+        ident, flags, questions, *counts = struct.unpack_from("!6H", packet)
+        if not flags & 0x8000:
+            return ident, ()
+        offset = 12
+        for _ in range(questions):  # each at least 5 bytes: a huge count runs off the end
+            offset = _dns_name(packet, offset)[1] + 4
+        records = []
+        for _ in range(sum(counts)):
+            name, offset = _dns_name(packet, offset)
+            kind, klass, ttl, length = struct.unpack_from("!HHIH", packet, offset)
+            start, end = offset + 10, offset + 10 + length
+            if end > len(packet):
+                raise ValueError("a record runs off the packet")
+            value = _record_value(packet, kind, start, end)
+            if value is not None and klass & 0x7FFF == _DNS_CLASS_IN and ttl:
+                records.append(_MdnsRecord(name, kind, value))
+            offset = end
+        return ident, records
+    except (ValueError, struct.error):
+        return None
+
+
+def _mdns_query(ident, questions):
+    """A query packet asking `questions`, (name, type) pairs, names as labels."""
+    packet = [struct.pack("!6H", ident, 0, len(questions), 0, 0, 0)]
+    for name, kind in questions:
+        packet += [bytes((len(label),)) + label for label in name]
+        packet.append(b"\0" + struct.pack("!HH", kind, _DNS_CLASS_IN))
+    return b"".join(packet)
+
+
+class _Tier2Answers:
+    """What the answers so far say about Tier 2s announcing `_sinfonia._tcp`."""
+
+    def __init__(self):
+        self.instances = []  # instance names, in the order first seen
+        self.services = {}  # instance -> (port, host name)
+        self.texts = {}  # instance -> TXT strings
+        self.addresses = {}  # host name -> addresses
+
+    def add(self, records):
+        for record in records:
+            name, kind, value = record
+            if kind == _DNS_PTR and name == _SINFONIA_SERVICE:
+                if (value[1:] == _SINFONIA_SERVICE and value not in self.instances
+                        and len(self.instances) < _MAX_TIER2S):
+                    self.instances.append(value)
+            elif kind == _DNS_SRV:
+                self.services[name] = value
+            elif kind == _DNS_TXT:
+                self.texts[name] = value
+            elif kind in (_DNS_A, _DNS_AAAA) and len(self.addresses.get(name, ())) < 8:
+                self.addresses.setdefault(name, []).append(value)
+
+    def questions(self):
+        """The service, and what is still missing of the instances found."""
+        wanted = [(_SINFONIA_SERVICE, _DNS_PTR)]
+        for instance in self.instances:
+            if instance not in self.services:
+                wanted += [(instance, _DNS_SRV), (instance, _DNS_TXT)]
+            elif self.services[instance][1] not in self.addresses:
+                wanted.append((self.services[instance][1], _DNS_A))
+        return wanted
+
+    def urls(self):
+        """The base URL of each complete instance (`http://address:port/path`):
+        its first IPv4 address, else its first IPv6 one that needs no zone
+        (not link-local). Instances with a port 0 or an odd path are left out."""
+        import re
+
+        urls = []
+        for instance in self.instances:
+            port, host = self.services.get(instance, (0, None))
+            addresses = sorted(self.addresses.get(host, ()), key=lambda a: a.version)
+            addresses = [a for a in addresses if not a.is_link_local or a.version == 4]
+            path = b"/"
+            for text in self.texts.get(instance, ()):
+                key, _, value = text.partition(b"=")
+                if key.lower() == b"path":
+                    path = value
+            if not (port and addresses and re.fullmatch(rb"/[A-Za-z0-9._~/-]{0,200}", path)):
+                continue
+            host = f"[{addresses[0]}]" if addresses[0].version == 6 else addresses[0]
+            url = f"http://{host}:{port}{path.decode('ascii')}"
+            if url not in urls:
+                urls.append(url)
+        return urls
+
+
+def _send_to_every_interface(sock, packet):
+    """Send `packet` to the mDNS group out of each interface (those that are
+    down or have no IPv4 refuse, quietly)."""
+    import socket
+
+    for index, _ in socket.if_nameindex()[:_MAX_INTERFACES]:
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                            struct.pack("=4s4si", bytes(4), bytes(4), index))  # ip_mreqn
+            sock.sendto(packet, _MDNS_GROUP)
+        except OSError:
+            pass
+
+
+def _find_tier2s(timeout, *, clock=time.monotonic):
+    """Base URLs of the Tier 2s that answer mDNS within `timeout` seconds.
+
+    All answers in that time count (there may be several Tier 2s); the
+    query goes out at the start and again half way, then also asking for
+    what the first answers left out."""
+    import random
+    import select
+    import socket
+
+    answers = _Tier2Answers()
+    idents = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)  # as RFC 6762 asks
+        sock.bind(("0.0.0.0", 0))
+        start = clock()
+        for until in (start + timeout / 2, start + timeout):
+            ident = random.randrange(1, 1 << 16)
+            idents.add(ident)
+            _send_to_every_interface(sock, _mdns_query(ident, answers.questions()))
+            while True:
+                left = until - clock()
+                if left <= 0 or not select.select([sock], [], [], left)[0]:
+                    break
+                parsed = _parse_mdns(sock.recv(9000))
+                if parsed is not None and parsed[0] in idents:
+                    answers.add(parsed[1])
+    return answers.urls()
+
+
+def _deploy_on_tier2s(urls, uuid, keypair, *, results, timeout, debug, hints):
+    """Ask each Tier 2 at `urls` at once to deploy; ([(deployment, url)],
+    [why each one that did not failed])."""
+    import threading
+
+    outcomes = {}
+
+    def ask(url):
+        try:
+            outcomes[url] = _request_deployments(url, uuid, keypair, results=results,
+                                                 timeout=timeout, debug=debug, hints=hints)
+        except SinfoniaError as e:
+            outcomes[url] = e
+
+    workers = [threading.Thread(target=ask, args=(url,), name="sinfonia-tier2", daemon=True)
+               for url in urls]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()  # each ends by its own deadline
+    offered, failures = [], []
+    for url in urls:
+        if isinstance(outcomes[url], SinfoniaError):
+            failures.append(f"{url}: {outcomes[url]}")
+        else:
+            offered += [(deployment, url) for deployment in outcomes[url]]
+    return offered, failures
+
+
+def _offered_deployments(tier1_url, uuid, keypair, *, results, timeout, debug=False,
+                         hints=None, zeroconf=False,
+                         zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT):
+    """[(deployment, the URL that offered it)]: from the Tier 2s found by
+    zeroconf, when asked to and one of them deploys; else from the Tier 1,
+    saying so on stderr when zeroconf found none."""
+    if zeroconf:
+        if not 0 < zeroconf_timeout <= 60:
+            raise UsageError(f"zeroconf_timeout: expected seconds from 0 to 60, got "
+                             f"{zeroconf_timeout!r}")
+        started = time.monotonic()
+        urls = _find_tier2s(zeroconf_timeout)
+        if debug:
+            _debug(f"zeroconf: {len(urls)} Tier 2 found in "
+                   f"{(time.monotonic() - started) * 1000:.0f} ms"
+                   + "".join(f", {url}" for url in urls))
+        if urls:
+            offered, failures = _deploy_on_tier2s(urls, uuid, keypair, results=results,
+                                                  timeout=timeout, debug=debug, hints=hints)
+            if offered:
+                return offered
+            print(f"sinfonia-tier3: no Tier 2 found by zeroconf deployed "
+                  f"({'; '.join(failures)}); asking {tier1_url}", file=sys.stderr)
+        else:
+            print(f"sinfonia-tier3: no Tier 2 answered zeroconf within "
+                  f"{zeroconf_timeout:g} s; asking {tier1_url}", file=sys.stderr)
+    deployments = _request_deployments(tier1_url, uuid, keypair, results=results,
+                                       timeout=timeout, debug=debug, hints=hints)
+    return [(deployment, tier1_url) for deployment in deployments]
+
+
+def deploy(tier1_url, application, *, results=1, timeout=_DEFAULT_TIMEOUT, location=None,
+           client_ip=None, zeroconf=False):
     """Ask the Tier 1 at `tier1_url` to deploy `application` (a uuid or an
     alias) for this user's cached key; returns the offered deployments.
 
+    `location` ("LAT,LON" or a pair) and `client_ip` tell Tier 1 where the
+    client is (default: $SINFONIA_LOCATION, $SINFONIA_CLIENT_IP). With
+    `zeroconf`, the Tier 2s on the local network that answer mDNS within a
+    second are asked instead, and `tier1_url` only when none deploys.
     Raises a SinfoniaError subclass whose message says what went wrong.
     """
     uuid = _application_uuid(application)
+    hints = _client_hints(location, client_ip)
     keypair = _load_or_create_keypair(uuid)
-    return _request_deployments(
-        tier1_url, uuid, keypair, results=results, timeout=timeout
-    )
+    offered = _offered_deployments(tier1_url, uuid, keypair, results=results,
+                                   timeout=timeout, hints=hints, zeroconf=zeroconf)
+    return [deployment for deployment, _ in offered]
 
 
 # Rendered files: wg-quick and resolv.conf ####################################
