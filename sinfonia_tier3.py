@@ -13,6 +13,7 @@ __all__ = [
     "DeadlineError",
     "Deployment",
     "KeyCacheError",
+    "NotReadyError",
     "RefusedError",
     "SinfoniaError",
     "TunnelConfig",
@@ -38,6 +39,7 @@ from collections import namedtuple
 _ALIASES = {"helloworld": "00000000-0000-0000-0000-000000000000"}
 _USER_AGENT = f"sinfonia-tier3/{__version__}"
 _DEFAULT_TIMEOUT = 30.0
+_MAX_RESULTS = 3  # candidates Tier 1 deploys at most (it clamps `results` to 1..3)
 _DEFAULT_ZEROCONF_TIMEOUT = 1.0  # seconds of mDNS answers; a LAN answers within ms
 _MAX_RESPONSE_BYTES = 1 << 20  # a list of three deployments is about 2 KiB
 _MAX_DETAIL_CHARS = 200  # how much of a server's error text reaches the user
@@ -95,6 +97,12 @@ class TunnelError(SinfoniaError):
     """The tunnel or the namespace around the application could not be set up."""
 
     kind = "tunnel"
+
+
+class NotReadyError(SinfoniaError):
+    """The backend never accepted a connection at a --wait-for address in time."""
+
+    kind = "not_ready"
 
 
 class UnavailableError(SinfoniaError):
@@ -615,6 +623,29 @@ def _is_domain_name(text):
     )
 
 
+def _host_port(text):
+    """(host, port) of `text`, `name:port`, `IPv4:port` or `[IPv6]:port`, the
+    host without brackets; ValueError saying what is wrong."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("not host:port with a port 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            _ip_literal(host, ipaddress.IPv6Address)
+        except ValueError:
+            raise ValueError("not an IPv6 address in brackets") from None
+        return host, int(port)
+    try:
+        _ip_literal(host, ipaddress.IPv4Address)
+    except ValueError:
+        if not _is_domain_name(host):
+            raise ValueError("host is not a name or an IPv4 address") from None
+    return host, int(port)
+
+
 class _Validator:
     """Turns the parsed JSON of a deploy answer into Deployments; every
     problem is a BadResponseError naming the field's path."""
@@ -736,24 +767,10 @@ class _Validator:
         )
 
     def endpoint(self, text, path):
-        import ipaddress
-
-        host, sep, port = text.rpartition(":")
-        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-            self.fail(f"{path}.endpoint", "not host:port with a port 1-65535")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-            try:
-                _ip_literal(host, ipaddress.IPv6Address)
-            except ValueError:
-                self.fail(f"{path}.endpoint", "not an IPv6 address in brackets")
-            return host, int(port)
         try:
-            _ip_literal(host, ipaddress.IPv4Address)
-        except ValueError:
-            if not _is_domain_name(host):
-                self.fail(f"{path}.endpoint", "host is not a name or an IPv4 address")
-        return host, int(port)
+            return _host_port(text)
+        except ValueError as e:
+            self.fail(f"{path}.endpoint", str(e))
 
 
 def _json_type(value):
@@ -2076,6 +2093,86 @@ class _Peer:
         self.sender.install(None)
 
 
+class _ProbeSender:
+    """The sender of a `_Peer` that only shakes hands: it keeps the session
+    keys the handshake installs and sends nothing."""
+
+    def __init__(self):
+        self.session_keys = None
+
+    def install(self, session_keys):
+        self.session_keys = session_keys
+
+    def set_endpoint(self, endpoint):
+        pass
+
+    def keepalive(self):
+        pass
+
+    def drop_queue(self):
+        pass
+
+
+def _handshake_round_trips(private_key, configs, timeout, *, wait_for_all=False,
+                           clock=time.monotonic):
+    """Shake hands with the cloudlet of each TunnelConfig in `configs`, all at
+    once, each through a `_Peer` over a plain UDP socket of this process: for
+    each, in order, the round trip in seconds of the initiation it answered
+    (retransmissions count from the last), or the reason it did not. Ends at
+    the first completed handshake, or with `wait_for_all` once every one has
+    completed; at the latest after `timeout` seconds."""
+    import select
+
+    outcomes, peers = [None] * len(configs), {}  # socket -> (position, peer)
+    try:
+        for position, config in enumerate(configs):
+            try:
+                sock = _udp_socket(None, config.endpoint)
+            except TunnelError as e:
+                outcomes[position] = str(e)
+                continue
+            try:
+                peer = _Peer(private_key, config.public_key, clock=clock,
+                             endpoint=_resolve_endpoint(sock, config.endpoint))
+            except TunnelError as e:
+                sock.close()
+                outcomes[position] = str(e)
+                continue
+            peer.transmit = lambda message, address, sock=sock: _send_quietly(
+                sock, message, address)
+            peer.sender = _ProbeSender()
+            peers[sock] = (position, peer)
+        for _, peer in peers.values():
+            peer.initiate()
+        deadline = clock() + timeout
+        waiting = dict(peers)
+        while waiting and clock() < deadline:
+            readable = select.select(list(waiting), [], [], min(0.05, deadline - clock()))[0]
+            now = clock()
+            for sock in readable:
+                position, peer = waiting[sock]
+                try:
+                    datagram, address = sock.recvfrom(2048)
+                except OSError:
+                    continue
+                peer.receive_datagram(datagram, address, now, lambda length: None)
+                if peer.sender.session_keys is not None:
+                    outcomes[position] = now - peer.last_initiation_sent
+                    del waiting[sock]
+            if readable and len(waiting) < len(peers) and not wait_for_all:
+                break
+            for _, peer in waiting.values():
+                peer.tick(now)  # retransmits an unanswered initiation
+        first_only = len(waiting) < len(peers) and not wait_for_all
+        for position, _ in waiting.values():
+            outcomes[position] = ("no answer yet when the first one answered" if first_only
+                                  else f"no answer within {timeout:g} s")
+    finally:
+        for sock in peers:
+            sock.close()
+    return outcomes
+
+
 # Datapath event loop #########################################################
 
 _TUNSETIFF = 0x400454CA
@@ -2930,6 +3027,10 @@ _RESOLVER_SOCKET_DIRS = ("/run/systemd/resolve", "/run/nscd")
 _SHELL_PROMPT = "sinfonia$ "
 _DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for the first handshake
 _SETUP_TIMEOUT = 30.0
+_DEFAULT_READY_TIMEOUT = 120.0  # seconds for --wait-for; a pod may take minutes after a reboot
+_READY_REPORT_INTERVAL = 3.0  # seconds between "waiting for" lines
+_READY_RETRY_INTERVAL = 0.25
+_READY_CONNECT_TIMEOUT = 2.0  # per attempt, for an address that drops SYNs
 _MAX_MESSAGE = 1 << 20
 
 
@@ -3284,9 +3385,52 @@ def _namespace_init(channel, network_ready):
             "(a container that hides parts of /proc forbids it; run on the host)"
         ) from None
     start, _ = channel.receive()
+    if start is not None and "wait_for" in start:
+        _wait_for_services(channel, start["wait_for"])
+        start, _ = channel.receive()
     if start is None:  # the tool gave up
         return 125
     return _serve_as_init(channel, start)
+
+
+def _wait_for_services(channel, targets):
+    """In init, before the application: connect to each [host, port] of
+    `targets` (the name resolved through the namespace's resolv.conf) until
+    it accepts, telling the tool what is still awaited and why, at once and
+    then every few seconds ({"waiting": "host:port", "why": ...}), and
+    {"ready": true} at the end. The tool keeps the time: it ends the
+    namespace when there is none left."""
+    next_report = time.monotonic()
+    for host, port in targets:
+        while True:
+            why = _connect_refusal(host, port)
+            if why is None:
+                break
+            if time.monotonic() >= next_report:
+                channel.send({"waiting": str(_Endpoint(host, port)), "why": why})
+                next_report = time.monotonic() + _READY_REPORT_INTERVAL
+            time.sleep(_READY_RETRY_INTERVAL)
+    channel.send({"ready": True})
+
+
+def _connect_refusal(host, port):
+    """Why a TCP connection to `host`:`port` cannot be made now; None once one was."""
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot resolve {host}: {e.strerror}"
+    why = f"{host} has no address"
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as sock:
+            sock.settimeout(_READY_CONNECT_TIMEOUT)
+            try:
+                sock.connect(address)
+                return None
+            except OSError as e:
+                why = e.strerror or str(e)
+    return why
 
 
 def _serve_as_init(channel, start):
@@ -3551,11 +3695,20 @@ class _Namespace:
         import socket
 
         try:
-            message, fds = self._channel.receive(timeout)
+            message, fds = self._next_message(timeout)
         except socket.timeout:
             raise TunnelError(
                 f"the application's namespace was not ready within {timeout:g} s "
                 "(the machine may be overloaded)") from None
+        if key not in message:
+            raise TunnelError(f"the application's namespace said {message!r}, "
+                              f"not {key!r}")
+        return message, fds
+
+    def _next_message(self, timeout):
+        """(message, fds) of the holder's next message, its failures raised as
+        their TunnelError; socket.timeout when none came within `timeout`."""
+        message, fds = self._channel.receive(timeout)
         if message is None:
             status = self._reap()
             raise TunnelError(f"the application's namespace ended unexpectedly "
@@ -3563,10 +3716,44 @@ class _Namespace:
         if "error" in message:
             self._reap()
             raise TunnelError(message["error"])
-        if key not in message:
-            raise TunnelError(f"the application's namespace said {message!r}, "
-                              f"not {key!r}")
         return message, fds
+
+    def wait_for(self, targets, timeout, debug=False):
+        """Hold the application until each (host, port) of `targets` accepts a
+        TCP connection from inside the namespace, its name resolved by the
+        cloudlet's DNS; a line on stderr every few seconds meanwhile, and
+        NotReadyError naming what did not answer after `timeout` seconds."""
+        import socket
+
+        if not targets:
+            return
+        self.send({"wait_for": [[host, port] for host, port in targets]})
+        started = time.monotonic()
+        awaited, why = ", ".join(str(_Endpoint(*target)) for target in targets), None
+        while True:
+            left = started + timeout - time.monotonic()
+            try:
+                if left <= 0:
+                    raise socket.timeout
+                message, _ = self._next_message(left)
+            except socket.timeout:
+                raise NotReadyError(
+                    f"the backend did not answer at {awaited} within {timeout:g} s"
+                    + (f" ({why})" if why else "") + ", so the application was not "
+                    "started: allow more time with --ready-timeout") from None
+            elapsed = time.monotonic() - started
+            if "ready" in message:
+                if debug:
+                    _debug(f"the backend answered after {elapsed:.1f} s")
+                return
+            if "waiting" not in message:
+                raise TunnelError(f"the application's namespace said {message!r}, "
+                                  "not how its backend is")
+            awaited, why = (_printable(message["waiting"], 80),
+                            _printable(message.get("why", ""), 80))
+            if elapsed >= 1:
+                print(f"sinfonia-tier3: waiting for {awaited} ... {elapsed:.0f} s ({why})",
+                      file=sys.stderr)
 
     def receive_interface(self, move_link=None):
         """The tunnel interface, once it is in the namespace: the descriptors
@@ -4265,6 +4452,10 @@ class _Tunnel:
             elapsed = (time.monotonic() - self.namespace.forked) * 1000
             _debug(f"{what} ({elapsed:.0f} ms after the holder was forked)")
 
+    def wait_for(self, targets, timeout, debug=False):
+        """Return once the backend answers at each (host, port) of `targets`."""
+        self.namespace.wait_for(targets, timeout, debug=debug)
+
     def run(self, command, env_extra):
         """The application's exit status, once it has run behind the tunnel."""
         return self.namespace.run(command, env_extra)
@@ -4377,14 +4568,56 @@ _TUNNELS = {tunnel.name: tunnel for tunnel in (_UserspaceTunnel, _KernelTunnel)}
 # Orchestration ###############################################################
 
 
-def _deployments_json(deployments, keypair):
-    """The --json document: the server's fields plus this client's public key."""
+class _Candidate(namedtuple("_Candidate", "deployment source round_trip")):
+    """A deployment offered by `source`, the Tier 1 or Tier 2 URL asked;
+    `round_trip` its cloudlet's handshake in seconds, None when it did not
+    answer or candidates were not ranked (there was one)."""
+
+    __slots__ = ()
+
+
+def _rank_candidates(candidates, keypair, connect_timeout, *, wait_for_all=False,
+                     debug=False):
+    """Several `candidates` in the order of their cloudlets' handshakes, all
+    tried at once: those that answered by round trip, then the others in the
+    order offered. `wait_for_all` measures every one (--json), else the
+    first answer settles it. TunnelError when none answers."""
+    if len(candidates) < 2:
+        return candidates
+    outcomes = _handshake_round_trips(
+        keypair.private, [c.deployment.tunnel_config for c in candidates],
+        connect_timeout, wait_for_all=wait_for_all)
+    measured = []
+    for candidate, outcome in zip(candidates, outcomes):
+        answered = isinstance(outcome, float)
+        if debug:
+            _debug(f"handshake with {candidate.deployment.tunnel_config.endpoint} "
+                   f"({candidate.deployment.deployment_name or candidate.source}): "
+                   + (f"{outcome * 1000:.1f} ms" if answered else outcome))
+        measured.append(candidate._replace(round_trip=outcome if answered else None))
+    ranked = sorted((c for c in measured if c.round_trip is not None),
+                    key=lambda c: c.round_trip)
+    if not ranked:
+        raise TunnelError(
+            f"none of the {len(candidates)} candidate cloudlets answered a WireGuard "
+            f"handshake within {connect_timeout:g} s: check that UDP to them gets "
+            "through, or allow more time with --connect-timeout")
+    return ranked + [c for c in measured if c.round_trip is None]
+
+
+def _deployments_json(candidates, keypair):
+    """The --json document: the server's fields plus this client's public key,
+    and when they were ranked each one's handshake round trip (HandshakeMs,
+    null for none)."""
     import json
 
     documents = []
-    for deployment in deployments:
-        document = deployment.as_json()
+    for candidate in candidates:
+        document = candidate.deployment.as_json()
         document["ClientPublicKey"] = _key_text(keypair.public)
+        if len(candidates) > 1:
+            trip = candidate.round_trip
+            document["HandshakeMs"] = None if trip is None else round(trip * 1000, 1)
         documents.append(document)
     return json.dumps(documents, indent=2)
 
@@ -4506,7 +4739,9 @@ def _choose_tunnel(requested, *, debug=False):
 
 
 def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
-                     debug=False, as_json=False, config_debug=False, qrcode=None):
+                     debug=False, as_json=False, config_debug=False, qrcode=None,
+                     hints=None, zeroconf=False, zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT,
+                     connect_timeout=_DEFAULT_CONNECT_TIMEOUT):
     """Deploy `uuid` and show the deployment without starting anything: as
     JSON (--json), as wg.conf and resolv.conf (--config-debug), as a QR code
     whose IncludedApplications are `command` (--qrcode); the exit status."""
@@ -4516,11 +4751,13 @@ def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TI
         _check_android_packages(command)
         _segno()  # before deploying: the deployment would be wasted
     keypair = _load_or_create_keypair(uuid)
-    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                    timeout=timeout, debug=debug)
-    config = deployments[0].tunnel_config
+    candidates = _deploy_verbosely(
+        tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug,
+        hints=hints, zeroconf=zeroconf, zeroconf_timeout=zeroconf_timeout,
+        connect_timeout=connect_timeout, wait_for_all=as_json)
+    config = candidates[0].deployment.tunnel_config
     if as_json:
-        print(_deployments_json(deployments, keypair), flush=True)
+        print(_deployments_json(candidates, keypair), flush=True)
     if config_debug:
         _write_config_files(config, keypair)
     if qrcode:
@@ -4530,16 +4767,22 @@ def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TI
 
 def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
                  debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
-                 tunnel="auto"):
-    """Deploy `uuid` and run `command` behind the tunnel to it; the
-    application's exit status. Under `--tunnel auto`, a userspace tunnel that
-    fails in the namespace itself gives way to the kernel's through sudo."""
+                 tunnel="auto", hints=None, zeroconf=False,
+                 zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT, wait_for=(),
+                 ready_timeout=_DEFAULT_READY_TIMEOUT):
+    """Deploy `uuid` and run `command` behind the tunnel to it, once each
+    (host, port) of `wait_for` answers; the application's exit status. Under
+    `--tunnel auto`, a userspace tunnel that fails in the namespace itself
+    gives way to the kernel's through sudo."""
     choice = _choose_tunnel(tunnel, debug=debug)
     backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
     try:
         keypair = _load_or_create_keypair(uuid)
-        deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                       timeout=timeout, debug=debug)[0]
+        chosen = _deploy_verbosely(
+            tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug,
+            hints=hints, zeroconf=zeroconf, zeroconf_timeout=zeroconf_timeout,
+            connect_timeout=connect_timeout)[0]
+        deployment = chosen.deployment
         config = deployment.tunnel_config
         try:
             backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
@@ -4551,13 +4794,15 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             backend.close()
             backend = _KernelTunnel(mtu=mtu)
             backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
-        return backend.run(command, _application_environment(deployment, tier1_url))
+        backend.wait_for(wait_for, ready_timeout, debug=debug)
+        return backend.run(command, _application_environment(deployment, chosen.source))
     finally:
         backend.close()
 
 
 def _application_environment(deployment, tier1_url):
-    """The SINFONIA_* variables that tell the application where it runs."""
+    """The SINFONIA_* variables that tell the application where it runs
+    (`tier1_url`: the URL that offered the deployment)."""
     return {
         "SINFONIA_DEPLOYMENT": deployment.deployment_name,
         "SINFONIA_UUID": deployment.uuid,
@@ -4567,13 +4812,20 @@ def _application_environment(deployment, tier1_url):
     }
 
 
-def _deploy_verbosely(tier1_url, uuid, keypair, *, results, timeout, debug):
-    """The deployments for `uuid`, first the chosen one, told on stderr."""
+def _deploy_verbosely(tier1_url, uuid, keypair, *, results, timeout, debug, hints=None,
+                      zeroconf=False, zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT,
+                      connect_timeout=_DEFAULT_CONNECT_TIMEOUT, wait_for_all=False):
+    """The `_Candidate`s for `uuid` (from the Tier 2s zeroconf finds, else
+    from the Tier 1), ranked by handshake when there are several; the chosen
+    one first, told on stderr."""
     print(f"sinfonia-tier3: deploying {uuid}...", file=sys.stderr)
-    deployments = _request_deployments(
-        tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug
-    )
-    chosen = deployments[0]  # until candidates are ranked
+    offered = _offered_deployments(
+        tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug,
+        hints=hints, zeroconf=zeroconf, zeroconf_timeout=zeroconf_timeout)
+    candidates = _rank_candidates(
+        [_Candidate(deployment, source, None) for deployment, source in offered],
+        keypair, connect_timeout, wait_for_all=wait_for_all, debug=debug)
+    chosen = candidates[0].deployment
     config = chosen.tunnel_config
     print(
         f"sinfonia-tier3: deployed {chosen.deployment_name or chosen.uuid} "
@@ -4584,7 +4836,7 @@ def _deploy_verbosely(tier1_url, uuid, keypair, *, results, timeout, debug):
         import json
 
         _debug(f"chosen deployment: {json.dumps(chosen.as_json())}")
-    return deployments
+    return candidates
 
 
 def sinfonia_tier3(
@@ -4600,14 +4852,14 @@ def sinfonia_tier3(
     from `tier1_url` and run `application` (a command list) through the
     tunnel; returns the exit status, after printing the one line on failure."""
     try:
-        if zeroconf:
-            raise UnavailableError(
-                "--zeroconf: discovery of a local Tier 2 is not built yet")
         uuid, command = _application_uuid(str(application_uuid)), list(application)
+        hints = _client_hints()
         if config_debug or qrcode is not None:
             return _show_deployment(str(tier1_url), uuid, command, debug=debug,
-                                    config_debug=config_debug, qrcode=qrcode)
-        return _run_session(str(tier1_url), uuid, command, debug=debug)
+                                    config_debug=config_debug, qrcode=qrcode,
+                                    hints=hints, zeroconf=zeroconf)
+        return _run_session(str(tier1_url), uuid, command, debug=debug, hints=hints,
+                            zeroconf=zeroconf)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         return e.exit_status
@@ -4624,7 +4876,8 @@ exit status:
            --qrcode goes away (SIGPIPE)
   2        usage error
   125      failure of sinfonia-tier3 itself (Tier 1 unreachable, timed out,
-           refused or answered badly; key cache unusable; tunnel failed)
+           refused or answered badly; key cache unusable; tunnel failed; no
+           candidate cloudlet answered; backend not ready for --wait-for)
   126      COMMAND found but not executable
   127      COMMAND not found
 
@@ -4664,9 +4917,16 @@ def _argument_parser():
         return int(text)
 
     def count(text):
-        if not (text.isascii() and text.isdigit()) or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_RESULTS:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a whole number from 1 to {_MAX_RESULTS}")
         return int(text)
+
+    def service(text):
+        try:
+            return _host_port(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
     parser = argparse.ArgumentParser(
         prog="sinfonia-tier3",
@@ -4707,7 +4967,51 @@ def _argument_parser():
         type=count,
         default=1,
         metavar="N",
-        help="how many candidate deployments to ask for (default 1; the first is used)",
+        help=f"how many candidate deployments to ask for, 1 to {_MAX_RESULTS} (default 1); "
+        "of several, the one whose cloudlet completes a WireGuard handshake first is "
+        "used (all are tried at once)",
+    )
+    parser.add_argument(
+        "--zeroconf",
+        action="store_true",
+        help="deploy on the Tier 2s that announce themselves by mDNS on the local "
+        "network; TIER1_URL only when none answers",
+    )
+    parser.add_argument(
+        "--zeroconf-timeout",
+        type=seconds,
+        default=_DEFAULT_ZEROCONF_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to collect mDNS answers (default %(default)g)",
+    )
+    parser.add_argument(
+        "--location",
+        metavar="LAT,LON",
+        help="tell Tier 1 where the client is (X-Location), to find a cloudlet near "
+        "it (default $SINFONIA_LOCATION)",
+    )
+    parser.add_argument(
+        "--client-ip",
+        metavar="ADDR",
+        help="tell Tier 1 the client's own address (X-ClientIP), for cloudlets that "
+        "serve its local network (default $SINFONIA_CLIENT_IP)",
+    )
+    parser.add_argument(
+        "--wait-for",
+        type=service,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="start COMMAND only once a TCP connection to HOST:PORT succeeds from "
+        "inside the namespace (HOST resolved by the cloudlet's DNS); repeatable",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=seconds,
+        default=_DEFAULT_READY_TIMEOUT,
+        metavar="SECONDS",
+        help="how long --wait-for waits before giving up without starting COMMAND "
+        "(default %(default)g)",
     )
     parser.add_argument(
         "--mtu",
@@ -4752,16 +5056,20 @@ def main(argv=None):
     command = options.command
     if command[:1] == ["--"]:
         command = command[1:]
-    common = {"results": options.results, "timeout": options.timeout,
-              "debug": options.debug}
     try:
+        common = {"results": options.results, "timeout": options.timeout,
+                  "debug": options.debug, "connect_timeout": options.connect_timeout,
+                  "hints": _client_hints(options.location, options.client_ip),
+                  "zeroconf": options.zeroconf,
+                  "zeroconf_timeout": options.zeroconf_timeout}
         if options.json or options.config_debug or options.qrcode:
             return _show_deployment(
                 options.tier1_url, options.application, command, as_json=options.json,
                 config_debug=options.config_debug, qrcode=options.qrcode, **common)
         return _run_session(
             options.tier1_url, options.application, command, mtu=options.mtu,
-            connect_timeout=options.connect_timeout, tunnel=options.tunnel, **common)
+            tunnel=options.tunnel, wait_for=options.wait_for,
+            ready_timeout=options.ready_timeout, **common)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         if options.json:

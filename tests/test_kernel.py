@@ -661,7 +661,7 @@ url, command = sys.argv[2], sys.argv[3:]
 uuid = st3._application_uuid("helloworld")
 keypair = st3._load_or_create_keypair(uuid)
 deployment = st3._deploy_verbosely(url, uuid, keypair, results=1, timeout=10,
-                                   debug=False)[0]
+                                   debug=False)[0].deployment
 try:
     with st3._KernelTunnel() as tunnel:
         tunnel.connect(deployment.tunnel_config, keypair, debug=True)
