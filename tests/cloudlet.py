@@ -560,8 +560,9 @@ def _namespace_child(control_fd, parent_pid):
 
     Requests on the control socket (JSON, one per datagram):
     {"tun": NAME, "client": ADDRESS, "packet_info": BOOL} -> a TUN device routed
-    to ADDRESS, its fd passed back with {"ok": true}; any failure is
-    {"error": MESSAGE}.
+    to ADDRESS, its fd passed back with {"ok": true};
+    {"listen": PORT} -> a TCP port of the helloworld address that accepts
+    connections from now on, {"ok": true}; any failure is {"error": MESSAGE}.
     """
     _tool()._die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
@@ -589,12 +590,18 @@ def _namespace_child(control_fd, parent_pid):
         control.send(json.dumps({"error": f"cloudlet namespace: {e}"}).encode())
         return
     control.send(json.dumps({"ok": True, "pid": os.getpid()}).encode())
+    listeners = []
     while True:
         request = control.recv(4096)
         if not request:
             return
         try:
             request = json.loads(request)
+            if "listen" in request:
+                listener = socket.create_server((str(HELLOWORLD_ADDRESS), request["listen"]))
+                listeners.append(listener)  # the kernel accepts into its backlog
+                control.send(json.dumps({"ok": True}).encode())
+                continue
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
             if request.get("packet_info"):
                 fd = _open_tun_with_packet_info(name)
@@ -671,6 +678,12 @@ class CloudletNamespace:
         if not fds:
             raise RuntimeError("cloudlet namespace sent no TUN descriptor")
         return fds[0]
+
+    def listen(self, port):
+        """Make `port` of the helloworld address accept TCP connections from now on."""
+        with self._lock:
+            self._control.send(json.dumps({"listen": port}).encode())
+            self._reply(self._control.recv(4096))
 
     def close(self):
         """End the namespace process (and so every service and TUN in it)."""

@@ -18,8 +18,10 @@ Needs root, `ip` (iproute2) and, for WireguardGo, `wireguard-go` and `wg`
 """
 
 import base64
+import contextlib
 import ctypes
 import hashlib
+import heapq
 import ipaddress
 import mmap
 import os
@@ -38,12 +40,14 @@ import traceback
 
 __all__ = [
     "Child",
+    "DelayingRelay",
     "Namespace",
     "OurDatapath",
     "Transfer",
     "WireguardGo",
     "exchange",
     "generate_keypair",
+    "inside",
     "missing_programs",
     "missing_requirements",
     "move_link",
@@ -309,6 +313,84 @@ class Namespace:
         self._processes.clear()
         if os.path.exists(self.path):
             _run(["ip", "netns", "del", self.name], check=False)
+
+
+@contextlib.contextmanager
+def inside(namespace):
+    """The calling thread in `namespace`'s network while inside: sockets made
+    then (servers, threads started meanwhile) stay there; back home after."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(namespace.path, os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+class DelayingRelay:
+    """A UDP relay on loopback that holds every datagram `delay` seconds
+    each way before passing it on to `target` (host, port) or back to the
+    last sender: a slow path where the kernel has no netem. Serves one
+    client; `endpoint` is its "127.0.0.1:port"."""
+
+    def __init__(self, target, delay):
+        self.delay = delay
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.connect(target)
+        self.endpoint = f"127.0.0.1:{self.front.getsockname()[1]}"
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._relay, name="relay", daemon=True)
+        self._thread.start()
+
+    def _relay(self):
+        client, due, order = None, [], 0  # due: (time, order, datagram, toward the target)
+        while True:
+            timeout = max(0.0, due[0][0] - time.monotonic()) if due else None
+            readable = select.select([self.front, self.back, self._stop_r], [], [], timeout)[0]
+            if self._stop_r in readable:
+                return
+            for sock in readable:
+                try:
+                    datagram, source = sock.recvfrom(65536)
+                except OSError:
+                    continue
+                if sock is self.front:
+                    client = source
+                order += 1
+                heapq.heappush(due, (time.monotonic() + self.delay, order, datagram,
+                                     sock is self.front))
+            while due and due[0][0] <= time.monotonic():
+                _, _, datagram, forward = heapq.heappop(due)
+                try:
+                    if forward:
+                        self.back.send(datagram)
+                    elif client is not None:
+                        self.front.sendto(datagram, client)
+                except OSError:
+                    pass
+
+    def close(self):
+        os.write(self._stop_w, b"x")
+        self._thread.join(5)
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
+        self.front.close()
+        self.back.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def move_link(device, namespace):
