@@ -27,6 +27,7 @@ sinfonia-tier3 with `curl http://helloworld/` through it, in one command.
 import argparse
 import base64
 import binascii
+import contextlib
 import datetime
 import hashlib
 import http.server
@@ -46,7 +47,7 @@ import urllib.parse
 import uuid as uuidlib
 
 from checkout import REPO
-from netns import generate_keypair
+from netns import DelayingRelay, generate_keypair
 from sessions import tun_closed
 
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
@@ -924,6 +925,92 @@ class WireGuardServer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Candidates:
+    """A Tier 1 stand-in offering several deployments of a backend, each
+    from a cloudlet of its own, in the order of `delays`: {DeploymentName:
+    None for a cloudlet whose endpoint nobody serves, else the seconds a
+    DelayingRelay in front of a real WireGuardServer holds each datagram each
+    way (0: no relay)}. `url` is its deploy URL; use it as a context manager."""
+
+    def __init__(self, delays):
+        self.delays = dict(delays)
+        self._servers = {name: WireGuardServer() if delay is not None else StaticWireGuard()
+                         for name, delay in self.delays.items()}
+        self._relays = {}  # name -> DelayingRelay, made at the first deployment
+        self._api = Cloudlet()
+        self._api.rewrite = self._offer
+        self.url = self._api.url
+
+    def _offer(self, deployments):
+        offer = deployments[0]
+        uuid, key = offer["UUID"], base64.b64decode(offer["ApplicationKey"])
+        offered = []
+        for name, server in self._servers.items():
+            config = server.tunnel_config_for(uuid, key)
+            if self.delays[name]:
+                if name not in self._relays:
+                    host, port = config["endpoint"].rsplit(":", 1)
+                    self._relays[name] = DelayingRelay((host, int(port)), self.delays[name])
+                config = dict(config, endpoint=self._relays[name].endpoint)
+            offered.append(dict(offer, TunnelConfig=config, DeploymentName=name))
+        return offered
+
+    def endpoint(self, name, client_key):
+        """The endpoint candidate `name` gives `client_key` (32 bytes)."""
+        if name in self._relays:
+            return self._relays[name].endpoint
+        return self._servers[name].tunnel_config_for(HELLOWORLD, client_key)["endpoint"]
+
+    def __enter__(self):
+        self._api.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._api.stop()
+        for relay in self._relays.values():
+            relay.close()
+        for server in self._servers.values():
+            if isinstance(server, WireGuardServer):
+                server.close()
+
+
+# As upstream's ZeroconfMDNS.announce (sinfonia/app_tier2.py), whose address
+# is that of the default route's interface; run by `announce_tier2`.
+_ANNOUNCER = """
+import sys
+from zeroconf import ServiceInfo, Zeroconf
+address, port = sys.argv[1], int(sys.argv[2])
+info = ServiceInfo("_sinfonia._tcp.local.", "cloudlet._sinfonia._tcp.local.",
+                   parsed_addresses=[address], port=port, properties=dict(path="/"))
+zeroconf = Zeroconf()
+zeroconf.register_service(info, allow_name_change=True)
+print("registered", flush=True)
+sys.stdin.read()
+zeroconf.unregister_all_services()
+zeroconf.close()
+"""
+
+
+@contextlib.contextmanager
+def announce_tier2(namespace, address, port):
+    """python-zeroconf announcing a Tier 2 at `address`:`port` inside
+    `namespace` (a netns.Namespace) exactly as upstream's Tier 2 registers
+    itself, from the moment its registration is done until the block ends."""
+    announcer = namespace.popen([sys.executable, "-c", _ANNOUNCER, address, str(port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if announcer.stdout.readline() != "registered\n":
+            raise RuntimeError("python-zeroconf did not register the Tier 2")
+        yield
+    finally:
+        announcer.stdin.close()
+        try:
+            announcer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            announcer.kill()
+            announcer.wait()
 
 
 def run_demo(implementation="sinfonia", timeout=120):

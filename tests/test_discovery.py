@@ -4,7 +4,6 @@ hostile mDNS answers, candidates ranked by a real WireGuard handshake (a
 dead, a slow and a fast cloudlet), location hints reaching the server, and
 an application held until its backend answers (--wait-for)."""
 
-import base64
 import contextlib
 import ipaddress
 import json
@@ -20,11 +19,18 @@ import threading
 import pytest
 import sessions
 from checkout import REPO
-from cloudlet import HELLOWORLD, Cloudlet, StaticWireGuard, WireGuardServer
+from cloudlet import (
+    HELLOWORLD,
+    Candidates,
+    Cloudlet,
+    StaticWireGuard,
+    WireGuardServer,
+    announce_tier2,
+)
 from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as s
-from netns import DelayingRelay, Namespace, inside, require_programs, veth_pair
+from netns import Namespace, inside, require_programs, veth_pair
 
 import sinfonia_tier3 as st3
 
@@ -239,23 +245,6 @@ def test_bad_hints_and_discovery_options_are_usage_errors(args, env):
 
 # Zeroconf inside a namespace of our own ------------------------------------
 
-ANNOUNCER = """
-import sys, time
-from zeroconf import ServiceInfo, Zeroconf
-address, port = sys.argv[1], int(sys.argv[2])
-# As upstream's ZeroconfMDNS.announce (app_tier2.py), whose address is the
-# default route's interface address: here the announcing end of the veth pair.
-info = ServiceInfo("_sinfonia._tcp.local.", "cloudlet._sinfonia._tcp.local.",
-                   parsed_addresses=[address], port=port, properties=dict(path="/"))
-zeroconf = Zeroconf()
-zeroconf.register_service(info, allow_name_change=True)
-print("registered", flush=True)
-sys.stdin.read()
-zeroconf.unregister_all_services()
-zeroconf.close()
-"""
-
-
 UPSTREAM_ENTRY = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -297,11 +286,7 @@ def test_zeroconf_finds_the_tier2_python_zeroconf_announces(lan, fallback, tmp_p
     require_programs("ip")
     with inside(lan):
         tier2 = Cloudlet(host=TIER2_ADDRESS)
-    port = tier2.url.rsplit(":", 1)[1]
-    announcer = lan.popen([sys.executable, "-c", ANNOUNCER, TIER2_ADDRESS, port],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    with tier2:
-        assert announcer.stdout.readline() == "registered\n"
+    with tier2, announce_tier2(lan, TIER2_ADDRESS, tier2.url.rsplit(":", 1)[1]):
         result = tool_in(lan, "--zeroconf", "--json", "--debug", "--location", "1.5,2.5",
                          fallback.url, "helloworld")
         assert result.returncode == 0, result.stderr
@@ -309,10 +294,9 @@ def test_zeroconf_finds_the_tier2_python_zeroconf_announces(lan, fallback, tmp_p
         assert deployment["TunnelConfig"]["endpoint"] == tier2.wireguard.endpoint
         assert re.search(rf"debug: zeroconf: 1 Tier 2 found in \d+ ms, {tier2.url}/\n",
                          result.stderr), result.stderr
-        ((method, path, headers),) = tier2.requests
+        ((method, path, _),) = tier2.requests
         assert method == "POST" and path.startswith(f"/api/v1/deploy/{HELLOWORLD}/")
-        assert {name.lower(): value for name, value in headers.items()}["x-location"] == \
-            "1.5,2.5"
+        assert hints_seen(tier2) == {"X-Location": "1.5,2.5", "X-ClientIP": None}
         assert fallback.requests == []
         # The upstream entry point, as upstream's own callers use it.
         entry = subprocess.run(
@@ -322,8 +306,6 @@ def test_zeroconf_finds_the_tier2_python_zeroconf_announces(lan, fallback, tmp_p
         assert entry.returncode == 0, entry.stderr
         assert f"Endpoint = {tier2.wireguard.endpoint}" in (tmp_path / "wg.conf").read_text()
         assert len(tier2.requests) == 2 and fallback.requests == []
-    announcer.stdin.close()
-    announcer.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -380,36 +362,13 @@ RELAY_DELAY = 0.4  # seconds each way: the slow cloudlet's round trip is at leas
 
 @pytest.fixture(scope="module")
 def candidates():
-    """A Tier 1 stand-in offering three deployments, worst first: a cloudlet
-    whose endpoint nobody serves, one behind a relay that holds each
-    datagram RELAY_DELAY s, one answering at once. (endpoints by name, URL)."""
+    """Three deployments, worst first: a cloudlet whose endpoint nobody
+    serves, one behind a relay that holds each datagram RELAY_DELAY s, one
+    that answers at once."""
     if sessions.missing_root():
         pytest.skip(sessions.missing_root())
-    with WireGuardServer() as slow, WireGuardServer() as fast:
-        dead, relays = StaticWireGuard(), []
-
-        def offer(deployments):
-            uuid, key = deployments[0]["UUID"], base64.b64decode(deployments[0]["ApplicationKey"])
-            slow_config = slow.tunnel_config_for(uuid, key)
-            if not relays:
-                host, port = slow_config["endpoint"].rsplit(":", 1)
-                relays.append(DelayingRelay((host, int(port)), RELAY_DELAY))
-            configs = [dead.tunnel_config_for(uuid, key),
-                       dict(slow_config, endpoint=relays[0].endpoint),
-                       deployments[0]["TunnelConfig"]]
-            return [dict(deployments[0], TunnelConfig=config, DeploymentName=name)
-                    for config, name in zip(configs, ("dead", "slow", "fast"))]
-
-        with Cloudlet(wireguard=fast) as tier1:
-            tier1.rewrite = offer
-            yield tier1
-        for relay in relays:
-            relay.close()
-
-
-def endpoints(stdout):
-    return {d["DeploymentName"]: (d["TunnelConfig"]["endpoint"], d["HandshakeMs"])
-            for d in json.loads(stdout)}
+    with Candidates({"dead": None, "slow": RELAY_DELAY, "fast": 0}) as tier1:
+        yield tier1
 
 
 @pytest.mark.e2e
@@ -432,9 +391,8 @@ def test_a_session_runs_through_the_fastest_and_debug_shows_each(candidates):
                      "curl", "-sS", "--max-time", "10", "http://helloworld/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello from the sinfonia test cloudlet!")
-    fast = candidates.wireguard.tunnel_config_for(
-        HELLOWORLD, st3._load_or_create_keypair(HELLOWORLD).public)
-    assert f"tunnel endpoint {fast['endpoint']}" in result.stderr
+    fast = candidates.endpoint("fast", st3._load_or_create_keypair(HELLOWORLD).public)
+    assert f"tunnel endpoint {fast}" in result.stderr
     lines = re.findall(r"debug: handshake with \S+ \(.*", result.stderr)
     assert len(lines) == 3, result.stderr
     assert re.search(r"\(fast\): \d+\.\d ms$", lines[2])
