@@ -1012,11 +1012,15 @@ def _client_hints(location=None, client_ip=None, environ=None):
     import math
 
     environ = os.environ if environ is None else environ
+
+    def given_or_environment(value, name, variable):
+        """The value and where it came from, for error messages."""
+        if value is None and environ.get(variable):
+            return environ[variable], variable
+        return value, name
+
     hints = {}
-    if location is None and environ.get("SINFONIA_LOCATION"):
-        location, where = environ["SINFONIA_LOCATION"], "SINFONIA_LOCATION"
-    else:
-        where = "location"
+    location, where = given_or_environment(location, "location", "SINFONIA_LOCATION")
     if location is not None:
         try:
             parts = location.split(",") if isinstance(location, str) else list(location)
@@ -1029,10 +1033,7 @@ def _client_hints(location=None, client_ip=None, environ=None):
             raise UsageError(f"{where}: {location!r} is not a place (latitude -90 to 90, "
                              "longitude -180 to 180)")
         hints["X-Location"] = f"{latitude!r},{longitude!r}"
-    if client_ip is None and environ.get("SINFONIA_CLIENT_IP"):
-        client_ip, where = environ["SINFONIA_CLIENT_IP"], "SINFONIA_CLIENT_IP"
-    else:
-        where = "client_ip"
+    client_ip, where = given_or_environment(client_ip, "client_ip", "SINFONIA_CLIENT_IP")
     if client_ip is not None:
         try:
             hints["X-ClientIP"] = str(_ip_literal(str(client_ip), ipaddress.ip_address))
