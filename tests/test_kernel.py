@@ -654,10 +654,11 @@ def test_userspace_datapath_with_kernel_wireguard(kernel_initiates):
 # The kernel backend end to end, as root ##########################################
 
 KERNEL_SESSION = """
-import sys
+import os, sys
 sys.path.insert(0, sys.argv[1])
 import sinfonia_tier3 as st3
 url, command = sys.argv[2], sys.argv[3:]
+wait_for = [st3._host_port(target) for target in os.environ.get("WAIT_FOR", "").split()]
 uuid = st3._application_uuid("helloworld")
 keypair = st3._load_or_create_keypair(uuid)
 deployment = st3._deploy_verbosely(url, uuid, keypair, results=1, timeout=10,
@@ -665,6 +666,7 @@ deployment = st3._deploy_verbosely(url, uuid, keypair, results=1, timeout=10,
 try:
     with st3._KernelTunnel() as tunnel:
         tunnel.connect(deployment.tunnel_config, keypair, debug=True)
+        tunnel.wait_for(wait_for, 2)
         status = tunnel.run(command, st3._application_environment(deployment, url))
 except st3.SinfoniaError as e:
     print(f"sinfonia-tier3: {e}", file=sys.stderr)
@@ -681,8 +683,8 @@ def cloudlet_url():
         yield api.url
 
 
-def _kernel_session(url, *command, tmp_path, pythonpath=None):
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+def _kernel_session(url, *command, tmp_path, pythonpath=None, wait_for=""):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "WAIT_FOR": wait_for}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
     require_programs(command[0])
@@ -721,6 +723,21 @@ def test_kernel_backend_gets_the_page_as_root(cloudlet_url, tmp_path, pythonpath
 def test_kernel_backend_passes_the_exit_status_through(cloudlet_url, tmp_path):
     result = _kernel_session(cloudlet_url, "sh", "-c", "exit 7", tmp_path=tmp_path)
     assert result.returncode == 7, result.stderr
+
+
+@needs_kernel_wg
+def test_kernel_backend_holds_the_application_until_the_backend_answers(cloudlet_url,
+                                                                       tmp_path):
+    ready = _kernel_session(cloudlet_url, "sh", "-c", "echo started", tmp_path=tmp_path,
+                            wait_for="helloworld:80")
+    assert (ready.returncode, ready.stdout) == (0, "started\n"), ready.stderr
+    marker = tmp_path / "started"
+    never = _kernel_session(cloudlet_url, "touch", str(marker), tmp_path=tmp_path,
+                            wait_for="helloworld:80 helloworld:9097")
+    assert never.returncode == 125
+    assert never.stderr.splitlines()[-1].startswith(
+        "sinfonia-tier3: the backend did not answer at helloworld:9097 within 2 s")
+    assert not marker.exists()
 
 
 @in_guest_only
