@@ -93,6 +93,28 @@ def test_what_the_first_answer_left_out_is_asked_again():
                      (answers.instances[0], st3._DNS_SRV), (answers.instances[0], st3._DNS_TXT)}
 
 
+def test_several_tier2s_each_give_a_url_and_each_deploys():
+    from zeroconf import DNSOutgoing, ServiceInfo, const
+
+    second = ServiceInfo(SERVICE, f"cloudlet (2).{SERVICE}", parsed_addresses=["10.9.9.9"],
+                         port=5001, properties={"path": "/"})
+    out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA, multicast=False, id_=1)
+    for record in (second.dns_pointer(), second.dns_service(), second.dns_text(),
+                   *second.dns_addresses()):
+        out.add_answer_at_time(record, 0)
+    urls = answers_in(zeroconf_response(1), *out.packets()).urls()
+    assert urls == [f"http://{TIER2_ADDRESS}:5000/", "http://10.9.9.9:5001/"]
+    with Cloudlet() as first, Cloudlet() as other:
+        keypair = st3._load_or_create_keypair(HELLOWORLD)
+        offered, failures = st3._deploy_on_tier2s(
+            [first.url, other.url, "http://127.0.0.1:9"], HELLOWORLD, keypair, results=1,
+            timeout=5, debug=False, hints={})
+    assert [(d.tunnel_config.endpoint, url) for d, url in offered] == [
+        (st3._Endpoint(*st3._host_port(first.wireguard.endpoint)), first.url),
+        (st3._Endpoint(*st3._host_port(other.wireguard.endpoint)), other.url)]
+    assert failures == ["http://127.0.0.1:9: cannot reach 127.0.0.1:9: Connection refused"]
+
+
 def header(answers, flags=0x8400, ident=7):
     return struct.pack("!6H", ident, flags, 0, answers, 0, 0)
 
