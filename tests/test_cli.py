@@ -420,11 +420,6 @@ def test_upstream_entry_point_returns_125_with_one_line(cloudlet, capsys):
     )
 
 
-def test_upstream_entry_point_zeroconf_is_not_pretended(cloudlet, capsys):
-    assert st3.sinfonia_tier3(cloudlet.url, HELLOWORLD, [], zeroconf=True) == 125
-    assert "--zeroconf" in capsys.readouterr().err
-
-
 # Other ways users reach the module ---------------------------------------------
 
 
