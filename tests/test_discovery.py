@@ -44,7 +44,7 @@ CLIENT_ADDRESS = "192.168.77.1"
 
 def zeroconf_response(ident, address=TIER2_ADDRESS, port=5000, path="/"):
     """The answer python-zeroconf itself builds for the upstream Tier 2's
-    registration: PTR, then SRV, TXT and A as additionals, compressed."""
+    registration: SERVICE_NAME, then SRV, TXT and A as additionals, compressed."""
     from zeroconf import DNSOutgoing, ServiceInfo, const
 
     info = ServiceInfo(SERVICE, f"cloudlet.{SERVICE}", parsed_addresses=[address],
@@ -85,7 +85,7 @@ def test_python_zeroconfs_answer_gives_the_tier2s_deploy_url():
 def test_what_the_first_answer_left_out_is_asked_again():
     packet = zeroconf_response(1)
     ptr_only = packet[:2] + b"\x84\x00\x00\x00\x00\x01\x00\x00\x00\x00" + packet[12:]
-    answers = answers_in(ptr_only)  # the same answer, counting only the PTR
+    answers = answers_in(ptr_only)  # the same answer, counting only the SERVICE_NAME
     assert answers.instances == [(b"cloudlet", *st3._SINFONIA_SERVICE)]
     assert answers.urls() == []
     asked = {(name, kind) for name, kind in answers.questions()}
@@ -127,26 +127,26 @@ def record(owner, kind, data, ttl=120):
     return owner + struct.pack("!HHIH", kind, 1, ttl, len(data)) + data
 
 
-PTR = name(b"_sinfonia", b"_tcp", b"local")
+SERVICE_NAME = name(b"_sinfonia", b"_tcp", b"local")
 HOSTILE = {
     "empty": b"",
     "short header": b"\x00\x07\x84",
     "pointer to itself": header(1) + b"\xc0\x0c" + struct.pack("!HHIH", 12, 1, 120, 2) + b"\xc0\x0c",
-    "pointer loop in the data": header(1) + record(PTR, 12, b"\xc0\x2c"),
+    "pointer loop in the data": header(1) + record(SERVICE_NAME, 12, b"\xc0\x2c"),
     "pointer forward": header(1) + b"\xc0\x20" + bytes(30),
     "pointer cut short": header(1) + b"\xc0",
     "reserved label type": header(1) + b"\x80abc\x00" + bytes(10),
     "label runs off the end": header(1) + b"\x3fabc",
     "name longer than 255": header(1) + b"\x3f" + b"a" * 63 + b"\x3f" + b"b" * 63
     + b"\x3f" + b"c" * 63 + b"\x3f" + b"d" * 63 + b"\x00" + bytes(10),
-    "huge answer count": header(65535) + record(PTR, 12, b"\x01x\xc0\x0c"),
-    "huge question count": struct.pack("!6H", 7, 0x8400, 65535, 0, 0, 0) + PTR + b"\0\x0c\0\x01",
-    "record runs off the end": header(1) + PTR + struct.pack("!HHIH", 12, 1, 120, 500) + b"x",
+    "huge answer count": header(65535) + record(SERVICE_NAME, 12, b"\x01x\xc0\x0c"),
+    "huge question count": struct.pack("!6H", 7, 0x8400, 65535, 0, 0, 0) + SERVICE_NAME + b"\0\x0c\0\x01",
+    "record runs off the end": header(1) + SERVICE_NAME + struct.pack("!HHIH", 12, 1, 120, 500) + b"x",
     "A record of 6 bytes": header(1) + record(name(b"host", b"local"), 1, b"\x0a" * 6),
     "AAAA record of 4 bytes": header(1) + record(name(b"host", b"local"), 28, b"\x0a" * 4),
     "SRV record of 3 bytes": header(1) + record(name(b"x", b"local"), 33, b"abc"),
-    "PTR data longer than its name": header(1) + record(PTR, 12, name(b"a") + b"junk"),
-    "TXT string past its record": header(1) + record(PTR, 16, b"\x09path=/"),
+    "SERVICE_NAME data longer than its name": header(1) + record(SERVICE_NAME, 12, name(b"a") + b"junk"),
+    "TXT string past its record": header(1) + record(SERVICE_NAME, 16, b"\x09path=/"),
 }
 
 
@@ -157,8 +157,8 @@ def test_malformed_answers_are_dropped_whole(packet):
 
 def test_goodbyes_other_classes_and_queries_give_no_records():
     instance = name(b"cloudlet", b"_sinfonia", b"_tcp", b"local")
-    assert st3._parse_mdns(header(1) + record(PTR, 12, instance, ttl=0)) == (7, [])
-    chaos = PTR + struct.pack("!HHIH", 12, 3, 120, len(instance)) + instance
+    assert st3._parse_mdns(header(1) + record(SERVICE_NAME, 12, instance, ttl=0)) == (7, [])
+    chaos = SERVICE_NAME + struct.pack("!HHIH", 12, 3, 120, len(instance)) + instance
     assert st3._parse_mdns(header(1) + chaos) == (7, [])
     assert st3._parse_mdns(header(1, flags=0)) == (7, ())
 
