@@ -44,7 +44,7 @@ CLIENT_ADDRESS = "192.168.77.1"
 
 def zeroconf_response(ident, address=TIER2_ADDRESS, port=5000, path="/"):
     """The answer python-zeroconf itself builds for the upstream Tier 2's
-    registration: SERVICE_NAME, then SRV, TXT and A as additionals, compressed."""
+    registration: PTR, then SRV, TXT and A as additionals, compressed."""
     from zeroconf import DNSOutgoing, ServiceInfo, const
 
     info = ServiceInfo(SERVICE, f"cloudlet.{SERVICE}", parsed_addresses=[address],
@@ -85,7 +85,7 @@ def test_python_zeroconfs_answer_gives_the_tier2s_deploy_url():
 def test_what_the_first_answer_left_out_is_asked_again():
     packet = zeroconf_response(1)
     ptr_only = packet[:2] + b"\x84\x00\x00\x00\x00\x01\x00\x00\x00\x00" + packet[12:]
-    answers = answers_in(ptr_only)  # the same answer, counting only the SERVICE_NAME
+    answers = answers_in(ptr_only)  # the same answer, counting only the PTR
     assert answers.instances == [(b"cloudlet", *st3._SINFONIA_SERVICE)]
     assert answers.urls() == []
     asked = {(name, kind) for name, kind in answers.questions()}
