@@ -1058,6 +1058,7 @@ _SINFONIA_SERVICE = (b"_sinfonia", b"_tcp", b"local")
 _DNS_A, _DNS_PTR, _DNS_TXT, _DNS_AAAA, _DNS_SRV = 1, 12, 16, 28, 33
 _DNS_CLASS_IN = 1
 _MAX_TIER2S = 8  # instances taken from the answers; the rest are ignored
+_MAX_MDNS_NAMES = 64  # names kept per record type (other services answer too)
 _MAX_INTERFACES = 64  # interfaces a query goes out on
 
 
@@ -1181,18 +1182,24 @@ class _Tier2Answers:
         self.addresses = {}  # host name -> addresses
 
     def add(self, records):
+        """Keep what `records` say; a flood of answers fills at most
+        _MAX_MDNS_NAMES names of each kind."""
         for record in records:
             name, kind, value = record
             if kind == _DNS_PTR and name == _SINFONIA_SERVICE:
                 if (value[1:] == _SINFONIA_SERVICE and value not in self.instances
                         and len(self.instances) < _MAX_TIER2S):
                     self.instances.append(value)
-            elif kind == _DNS_SRV:
-                self.services[name] = value
-            elif kind == _DNS_TXT:
-                self.texts[name] = value
-            elif kind in (_DNS_A, _DNS_AAAA) and len(self.addresses.get(name, ())) < 8:
-                self.addresses.setdefault(name, []).append(value)
+            elif kind in (_DNS_SRV, _DNS_TXT):
+                kept = self.services if kind == _DNS_SRV else self.texts
+                if name in kept or len(kept) < _MAX_MDNS_NAMES:
+                    kept[name] = value
+            elif kind in (_DNS_A, _DNS_AAAA):
+                known = self.addresses.get(name)
+                if known is None and len(self.addresses) < _MAX_MDNS_NAMES:
+                    known = self.addresses[name] = []
+                if known is not None and len(known) < 8:
+                    known.append(value)
 
     def questions(self):
         """The service, and what is still missing of the instances found."""

@@ -115,6 +115,20 @@ def test_several_tier2s_each_give_a_url_and_each_deploys():
     assert failures == ["http://127.0.0.1:9: cannot reach 127.0.0.1:9: Connection refused"]
 
 
+def test_a_flood_of_answers_keeps_a_bounded_number_of_names():
+    answers = st3._Tier2Answers()
+    for number in range(10_000):
+        other = (b"x%d" % number, b"local")
+        answers.add([st3._MdnsRecord(other, st3._DNS_SRV, (1, other)),
+                     st3._MdnsRecord(other, st3._DNS_TXT, (b"path=/",)),
+                     st3._MdnsRecord(other, st3._DNS_A, ipaddress.ip_address("10.0.0.1")),
+                     st3._MdnsRecord(st3._SINFONIA_SERVICE, st3._DNS_PTR,
+                                     (b"c%d" % number, *st3._SINFONIA_SERVICE))])
+    assert [len(kept) for kept in (answers.instances, answers.services, answers.texts,
+                                   answers.addresses)] == [st3._MAX_TIER2S] + \
+        [st3._MAX_MDNS_NAMES] * 3
+
+
 def header(answers, flags=0x8400, ident=7):
     return struct.pack("!6H", ident, flags, 0, answers, 0, 0)
 
