@@ -70,6 +70,12 @@ class StaticWireGuard:
         self._next_host = 2
         self._lock = threading.Lock()
 
+    def release(self, client_public_key):
+        """Nothing serves the peer: nothing to stop."""
+
+    def restart(self):
+        self.private_key, self.public_key = generate_keypair()
+
     def tunnel_config_for(self, uuid, client_public_key):
         with self._lock:
             host = self._next_host
@@ -209,8 +215,9 @@ class Cloudlet:
             return problem(404, "Not Found", f"no backend {uuid} on this cloudlet")
         with self._lock:
             existing = self._deployments.get((uuid, key))
-            if method == "DELETE":
+            if method == "DELETE":  # as an expiry does: the peer goes too
                 self._deployments.pop((uuid, key), None)
+                self.wireguard.release(key)
                 return 204, "", b""
             if method == "GET" and existing is None:
                 return problem(404, "Not Found", "no such deployment")
@@ -222,6 +229,13 @@ class Cloudlet:
         if self.rewrite is not None:
             deployments = self.rewrite(json.loads(json.dumps(deployments)))
         return 200, "application/json", json.dumps(deployments).encode()
+
+    def restart(self):
+        """Come back as a cloudlet that remembers nothing and has a new
+        WireGuard key (same URL): every deployment and peer is gone."""
+        with self._lock:
+            self._deployments.clear()
+        self.wireguard.restart()
 
     def _new_deployment(self, uuid, key):
         name = "helloworld" if uuid == HELLOWORLD else f"app-{uuid[:8]}"
@@ -795,7 +809,14 @@ class _DatapathResponder:
     """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
 
     def __init__(
-        self, datapath_class, tun_fd, private_key, peer_public_key, allowed_ips, host
+        self,
+        datapath_class,
+        tun_fd,
+        private_key,
+        peer_public_key,
+        allowed_ips,
+        host,
+        port=0,
     ):
         self._tun_fd = tun_fd
         try:
@@ -804,7 +825,7 @@ class _DatapathResponder:
                 private_key,
                 peer_public_key,
                 allowed_ips=allowed_ips,
-                listen=(host, 0),
+                listen=(host, port),
             )
             self._datapath.start()
         except BaseException:
@@ -824,10 +845,14 @@ class WireGuardServer:
 
     `implementation` is "sinfonia" (our own `Datapath` as responder, default)
     or "wireguard-go". A client key seen again gets its old tunnel back, as a
-    real cloudlet gives the same deployment to the same key.
+    real cloudlet gives the same deployment to the same key. The endpoint
+    handed out is `name` (default: `host`) and the responder's port; `move`
+    serves from another address, as a cloudlet whose name is moved there.
     """
 
-    def __init__(self, implementation="sinfonia", host="127.0.0.1", max_clients=64):
+    def __init__(
+        self, implementation="sinfonia", host="127.0.0.1", max_clients=64, name=None
+    ):
         if implementation == "sinfonia":
             self._datapath_class = _tool().Datapath
         elif implementation == "wireguard-go":
@@ -836,6 +861,7 @@ class WireGuardServer:
             raise ValueError(f"unknown WireGuard implementation {implementation!r}")
         self.implementation = implementation
         self.host = host
+        self.name = name or host
         self.max_clients = max_clients
         self._private_key, self.public_key = generate_keypair()
         self._lock = threading.Lock()
@@ -843,7 +869,11 @@ class WireGuardServer:
         self._next_index = 2  # 10.44.0.2 is the first client's address
         self.namespace = CloudletNamespace()
 
-    def _responder(self, tun_fd, tun_name, client_key, client_address):
+    def _responder(self, client_key, client_address, port=0):
+        tun_name = f"cl{int(client_address) - int(CLIENT_NETWORK[0])}"
+        tun_fd = self.namespace.open_tun(
+            tun_name, client_address, packet_info=self.implementation == "wireguard-go"
+        )
         allowed = [ipaddress.ip_network(f"{client_address}/32")]
         if self.implementation == "wireguard-go":
             return _WireGuardGoResponder(
@@ -856,6 +886,7 @@ class WireGuardServer:
             client_key,
             allowed,
             self.host,
+            port,
         )
 
     def tunnel_config_for(self, uuid, client_key):
@@ -873,14 +904,10 @@ class WireGuardServer:
                     )
                 index, self._next_index = self._next_index, self._next_index + 1
                 address = CLIENT_NETWORK[index]
-                tun_name = f"cl{index}"
-                tun_fd = self.namespace.open_tun(
-                    tun_name, address, packet_info=self.implementation == "wireguard-go"
-                )
-                responder = self._responder(tun_fd, tun_name, client_key, address)
+                responder = self._responder(client_key, address)
                 self._peers[client_key] = (address, responder)
             address, responder = self._peers[client_key]
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.name}]" if ":" in self.name else self.name
         return {
             "publicKey": base64.b64encode(self.public_key).decode(),
             "allowedIPs": [str(CLOUDLET_NETWORK)],
@@ -896,14 +923,36 @@ class WireGuardServer:
         if peer is not None:
             peer[1].stop()
 
-    def close(self):
-        """Stop every responder and the cloudlet's namespace."""
+    def restart(self):
+        """Forget every client, and take a new key: a restarted cloudlet."""
+        self._stop_responders()
+        with self._lock:
+            self._private_key, self.public_key = generate_keypair()
+            self._next_index = 2
+
+    def move(self, host):
+        """Serve every client from `host` (same ports) and no longer from the
+        old address; the endpoints handed out keep their name."""
+        if self.implementation != "sinfonia":
+            raise ValueError("wireguard-go listens on every address: it cannot move")
+        with self._lock:
+            self.host = host
+            for key, (address, responder) in list(self._peers.items()):
+                port = responder.listen_port
+                responder.stop()
+                self._peers[key] = (address, self._responder(key, address, port))
+
+    def _stop_responders(self):
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
         # Newest first: a responder's worker processes hold copies of the
         # descriptors of the responders started before it.
         for _, responder in reversed(peers):
             responder.stop()
+
+    def close(self):
+        """Stop every responder and the cloudlet's namespace."""
+        self._stop_responders()
         self.namespace.close()
 
     def __enter__(self):
