@@ -2498,7 +2498,9 @@ class Datapath:
             if ended:
                 self._workers.remove(pid)
                 code = os.waitstatus_to_exitcode(status)
-                self._ended = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+                if self._ended is None:  # the first to end; the other follows it
+                    self._ended = (f"killed by signal {-code}" if code < 0
+                                   else f"exit status {code}")
         return len(self._workers) == 2
 
     def stats(self):
@@ -4507,9 +4509,10 @@ class _TunnelKeeper:
                                            _resolv_conf_or_none(config))
         if deployment is not self.deployment:
             changes = _config_changes(old, config) or ["nothing changed"]
+            if address != config.endpoint.host:
+                changes.append(f"{config.endpoint.host} at {address}")
             print(f"sinfonia-tier3: deployed again {deployment.deployment_name or deployment.uuid} "
-                  f"({_printable(deployment.status)}): {', '.join(changes)}; "
-                  f"endpoint at {address}", file=sys.stderr)
+                  f"({deployment.status}): {', '.join(changes)}", file=sys.stderr)
         self.deployment = deployment
 
 

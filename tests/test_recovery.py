@@ -219,7 +219,7 @@ def test_an_endpoint_name_that_moves_is_resolved_again(scratch):
         finally:
             stderr = session.end()
     _check_lost_and_back(stderr)
-    assert "nothing changed; endpoint at 127.0.0.2" in stderr, stderr
+    assert "nothing changed, cloudlet.test at 127.0.0.2" in stderr, stderr
 
 
 def _datapath_workers(tool_pid):
