@@ -4085,6 +4085,7 @@ class _Tunnel:
     """What both backends share: the namespace, the application, the end."""
 
     name = None
+    watched = False  # whether it has what `_TunnelKeeper` needs: trouble, handshake_done, apply
 
     def __init__(self, interface, mtu):
         self.namespace = _Namespace(interface, mtu=mtu)
@@ -4114,6 +4115,7 @@ class _UserspaceTunnel(_Tunnel):
     process's own WireGuard datapath between it and a UDP socket here."""
 
     name = "userspace"
+    watched = True
 
     def __init__(self, mtu=_DEFAULT_MTU):
         super().__init__(_TunInside(), mtu)
@@ -4404,7 +4406,7 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             backend = _KernelTunnel(mtu=mtu)
             backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
         keeper = None
-        if reconnect:
+        if reconnect and backend.watched:
             keeper = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
                 tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug)[0])
         return backend.run(command, _application_environment(deployment, tier1_url),
