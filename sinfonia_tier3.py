@@ -2498,7 +2498,7 @@ class Datapath:
             if ended:
                 self._workers.remove(pid)
                 code = os.waitstatus_to_exitcode(status)
-                if self._ended is None:  # the first to end; the other follows it
+                if self._ended is None or code:  # the other follows it out cleanly
                     self._ended = (f"killed by signal {-code}" if code < 0
                                    else f"exit status {code}")
         return len(self._workers) == 2
@@ -4416,6 +4416,7 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
 
 
 _RETRY_FIRST, _RETRY_MOST = _REKEY_TIMEOUT, 30.0  # seconds between recovery attempts
+_WORKER_RESTART_SPACING = 1.0  # seconds at least between restarts of a datapath
 
 
 def _config_changes(old, new):
@@ -4446,7 +4447,7 @@ class _TunnelKeeper:
     name resolved again, and move the application's addresses, routes and
     DNS where they changed; attempts are _RETRY_FIRST s apart, doubling up
     to _RETRY_MOST. A datapath worker that ends is replaced at once (a new
-    handshake) without deploying again, at most once every _RETRY_FIRST s.
+    handshake) without deploying again, at most once a second.
     Each event is one line on stderr; nothing is fatal.
     """
 
@@ -4474,7 +4475,7 @@ class _TunnelKeeper:
         if trouble is None:
             return
         if isinstance(trouble, _WorkerEndedError):
-            if now - self.last_restart < _RETRY_FIRST:
+            if now - self.last_restart < _WORKER_RESTART_SPACING:
                 return  # ended again at once: not in a busy loop
             self.last_restart = now
             try:
