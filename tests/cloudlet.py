@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid as uuidlib
 
 from checkout import REPO
@@ -229,6 +230,20 @@ class Cloudlet:
         if self.rewrite is not None:
             deployments = self.rewrite(json.loads(json.dumps(deployments)))
         return 200, "application/json", json.dumps(deployments).encode()
+
+    def expire_all(self):
+        """DELETE every deployment through the API, as a Tier 2's expiry ends it."""
+        with self._lock:
+            keys = list(self._deployments)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for uuid, key in keys:
+            key_text = base64.urlsafe_b64encode(key).decode().rstrip("=")
+            request = urllib.request.Request(
+                f"{self.url}/api/v1/deploy/{uuid}/{key_text}", method="DELETE"
+            )
+            with opener.open(request, timeout=10) as answer:
+                if answer.status != 204:
+                    raise RuntimeError(f"DELETE answered {answer.status}")
 
     def restart(self):
         """Come back as a cloudlet that remembers nothing and has a new

@@ -498,3 +498,29 @@ class AskingSession:
                 self.process.kill()
                 self.process.wait()
         return stderr
+
+
+def datapath_workers(tool_pid):
+    """The tool's children that stayed in its network namespace: the
+    datapath's workers (the namespace holder has one of its own)."""
+    own = os.stat(f"/proc/{tool_pid}/ns/net").st_ino
+    with open(f"/proc/{tool_pid}/task/{tool_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    return [pid for pid in children if os.stat(f"/proc/{pid}/ns/net").st_ino == own]
+
+
+def kill_a_worker(tool_pid):
+    """SIGKILL one of the tool's two datapath workers."""
+    workers = datapath_workers(tool_pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+
+
+def hosts_file_prefix(hosts):
+    """A command prefix: run in a mount namespace of its own where `hosts`
+    is bind-mounted on /etc/hosts, so that the endpoint's name is a real
+    resolver lookup (glibc reads the file at each one) of a name the
+    caller controls. Needs root."""
+    require_programs("unshare", "mount")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', hosts]

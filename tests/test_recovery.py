@@ -12,8 +12,6 @@ with the real bounds. Bounds here are generous: nothing is timed.
 """
 
 import os
-import signal
-import urllib.request
 
 import cloudlet
 import netns
@@ -46,20 +44,12 @@ def _check_lost_and_back(stderr):
     assert "sinfonia-tier3: tunnel back after " in stderr, stderr
 
 
-def _delete_deployment(api):
-    """DELETE the (one) deployment, over HTTP, as a Tier 2's expiry would end it."""
-    (path,) = [path for method, path, _ in api.requests if method == "POST"]
-    request = urllib.request.Request(api.url + path.split("?")[0], method="DELETE")
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert answer.status == 204
-
-
 @pytest.mark.parametrize("as_user", [False, True], ids=["root", "user"])
 def test_a_dropped_deployment_is_deployed_again_with_its_new_address(scratch, as_user):
     with cloudlet.WireGuardServer() as server, cloudlet.Cloudlet(wireguard=server) as api:
         session = _session(scratch, api, as_user=as_user)
         try:
-            session.after(lambda: _delete_deployment(api))
+            session.after(api.expire_all)
         finally:
             stderr = session.end()
     _check_lost_and_back(stderr)
@@ -83,23 +73,13 @@ def test_a_cloudlet_restarted_with_a_new_key_is_found_again(scratch, implementat
     assert "new cloudlet key" in stderr, stderr
 
 
-def hosts_file_prefix(hosts):
-    """A command prefix: run in a mount namespace of its own where `hosts`
-    is bind-mounted on /etc/hosts, so that the endpoint's name is a real
-    resolver lookup (glibc reads the file at each one) of a name the
-    caller controls."""
-    netns.require_programs("unshare", "mount")
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /etc/hosts && exec "$@"', hosts]
-
-
 def test_an_endpoint_name_that_moves_is_resolved_again(scratch):
     hosts = os.path.join(scratch, "hosts")
     with open(hosts, "w") as f:
         f.write("127.0.0.1 localhost\n127.0.0.1 cloudlet.test\n")
     with cloudlet.WireGuardServer(name="cloudlet.test") as server, \
             cloudlet.Cloudlet(wireguard=server) as api:
-        session = _session(scratch, api, prefix=hosts_file_prefix(hosts))
+        session = _session(scratch, api, prefix=sessions.hosts_file_prefix(hosts))
         try:
             def move():
                 server.move("127.0.0.2")
@@ -113,27 +93,12 @@ def test_an_endpoint_name_that_moves_is_resolved_again(scratch):
     assert "nothing changed, cloudlet.test at 127.0.0.2" in stderr, stderr
 
 
-def datapath_workers(tool_pid):
-    """The tool's children that stayed in its network namespace: the
-    datapath's workers (the namespace holder has one of its own)."""
-    own = os.stat(f"/proc/{tool_pid}/ns/net").st_ino
-    with open(f"/proc/{tool_pid}/task/{tool_pid}/children") as f:
-        children = [int(pid) for pid in f.read().split()]
-    return [pid for pid in children if os.stat(f"/proc/{pid}/ns/net").st_ino == own]
-
-
-def kill_a_worker(tool_pid):
-    workers = datapath_workers(tool_pid)
-    assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)
-
-
 def test_a_killed_datapath_worker_is_replaced(scratch):
     with cloudlet.WireGuardServer() as server, cloudlet.Cloudlet(wireguard=server) as api:
         session = _session(scratch, api)
         try:
-            session.after(lambda: kill_a_worker(session.process.pid))
-            replaced = datapath_workers(session.process.pid)
+            session.after(lambda: sessions.kill_a_worker(session.process.pid))
+            replaced = sessions.datapath_workers(session.process.pid)
         finally:
             stderr = session.end()
     assert len(replaced) == 2
