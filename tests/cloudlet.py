@@ -47,7 +47,7 @@ import urllib.request
 import uuid as uuidlib
 
 from checkout import REPO
-from netns import generate_keypair
+from netns import generate_keypair, pattern_blocks
 from sessions import tun_closed
 
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
@@ -410,6 +410,7 @@ SEARCH_DOMAINS = (
     "cluster.local",
 )
 TUNNEL_MTU = 1420
+PATTERN_LIMIT = 64 << 20
 
 _DNS_TTL = 5
 _DNS_A, _DNS_ANY, _DNS_IN = 1, 255, 1
@@ -514,11 +515,23 @@ def serve_dns(sock, records):
 
 
 class HelloWorldHandler(http.server.BaseHTTPRequestHandler):
-    """The `helloworld` backend: a page that tells the client its tunnel address."""
+    """The `helloworld` backend: a page that tells the client its tunnel
+    address; /pattern/N: the first N bytes of tests/netns.py's pattern
+    stream (at most PATTERN_LIMIT), for checksummed downloads."""
 
     server_version = "sinfonia-test-cloudlet"
 
     def do_GET(self):
+        size = self.path[len("/pattern/") :]
+        if self.path.startswith("/pattern/") and size.isdigit():
+            size = min(int(size), PATTERN_LIMIT)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            for block in pattern_blocks(size):
+                self.wfile.write(block)
+            return
         body = (
             "Hello from the sinfonia test cloudlet!\n"
             f"Your tunnel address is {self.client_address[0]}.\n"
@@ -848,6 +861,9 @@ class _DatapathResponder:
             raise
         self.listen_port = self._datapath.listen_port
 
+    def last_handshake(self):
+        return self._datapath.stats()["last_handshake"]
+
     def stop(self):
         try:
             self._datapath.stop()
@@ -937,6 +953,13 @@ class WireGuardServer:
             peer = self._peers.pop(client_key, None)
         if peer is not None:
             peer[1].stop()
+
+    def last_handshakes(self):
+        """The time (epoch seconds) of each client's last completed handshake,
+        in the order the clients came; our own responders only."""
+        with self._lock:
+            responders = [responder for _, responder in self._peers.values()]
+        return [responder.last_handshake() for responder in responders]
 
     def restart(self):
         """Forget every client, and take a new key: a restarted cloudlet."""

@@ -48,6 +48,7 @@ __all__ = [
     "missing_programs",
     "missing_requirements",
     "move_link",
+    "pattern_blocks",
     "pattern_sha256",
     "require_programs",
     "unique_name",
@@ -598,7 +599,7 @@ _BLOCK = 1 << 16
 _PATTERN = hashlib.shake_256(b"sinfonia-tier3 interop pattern").digest(2 * _BLOCK)
 
 
-def _pattern_blocks(size):
+def pattern_blocks(size):
     """The deterministic stream: numbered 64 KiB blocks of shifting bytes, so
     lost, repeated or reordered data changes the checksum."""
     index = 0
@@ -613,7 +614,7 @@ def _pattern_blocks(size):
 def pattern_sha256(size):
     """The sha256 of the first `size` bytes of the pattern stream."""
     digest = hashlib.sha256()
-    for block in _pattern_blocks(size):
+    for block in pattern_blocks(size):
         digest.update(block)
     return digest.hexdigest()
 
@@ -625,7 +626,7 @@ def _send_and_receive(sock, size, counters, slot, timeout):
 
     def send():
         try:
-            for block in _pattern_blocks(size):
+            for block in pattern_blocks(size):
                 sock.sendall(block)
             sock.shutdown(socket.SHUT_WR)
         except OSError as e:

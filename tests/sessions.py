@@ -402,6 +402,17 @@ for name, value in ast.literal_eval(sys.argv.pop(1)).items():
 sys.exit(tool.main(sys.argv[1:]))
 """
 
+def start_tool(runner, args, prefix=(), settings=None):
+    """Popen of the tool with `args`, as `runner`'s user, after the command
+    `prefix`, with the module constants `settings` (RUN_WITH); text stdout
+    and stderr piped."""
+    argv = runner.command([runner.python, "-c", RUN_WITH, str(REPO / "sinfonia_tier3.py"),
+                           repr(settings or {}), *args])
+    return subprocess.Popen([*prefix, *argv], env=runner.env(), cwd=runner.scratch,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 # The application needs only the standard library: the system's Python
 # (which any user may run), where there is one.
 APPLICATION_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -435,14 +446,8 @@ class AskingSession:
 
     def __init__(self, runner, args, prefix=(), settings=None, url="http://helloworld/",
                  lifetime=600):
-        argv = runner.command([
-            runner.python, "-c", RUN_WITH, str(REPO / "sinfonia_tier3.py"),
-            repr(settings or {}), *args, "--",
-            APPLICATION_PYTHON, "-c", ASKING, url, str(lifetime)])
-        self.process = subprocess.Popen(
-            [*prefix, *argv], env=runner.env(), cwd=runner.scratch,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+        self.process = start_tool(runner, [*args, "--", APPLICATION_PYTHON, "-c", ASKING,
+                                           url, str(lifetime)], prefix, settings)
         self._lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -17,6 +17,7 @@ import cloudlet
 import netns
 import pytest
 import sessions
+import soak
 
 pytestmark = [pytest.mark.recovery, pytest.mark.e2e]
 
@@ -134,3 +135,15 @@ def test_no_reconnect_leaves_the_lost_tunnel_lost(scratch):
     assert answers, "the application kept asking"
     assert [result for result, _, _ in answers[-3:]] == ["fail"] * 3, answers
     assert "tunnel lost" not in stderr, stderr
+
+
+def test_a_shortened_soak_loses_nothing_and_keeps_its_memory():
+    # tests/soak.py's long session, shortened: 25 s of downloads with the
+    # protocol's rekey clock at 3 s instead of 120 s (test-only constants).
+    result = soak.soak(25, rekey_after=3.0)
+    assert result["status"] == 0, result["stderr"]
+    assert "tunnel lost" not in result["stderr"], result["stderr"]
+    assert result["good"] > 0 and result["wrong"] == result["failed"] == 0, result
+    assert result["rekeys"] >= 5, result
+    (pss_start, _), (pss_end, _) = result["memory_start"], result["memory_end"]
+    assert pss_end <= pss_start + 2048, result  # KiB: warming up, not growing
