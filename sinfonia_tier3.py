@@ -3955,10 +3955,22 @@ _GENL_ID_CTRL = 0x10
 _CTRL_CMD_GETFAMILY = 3
 _CTRL_ATTR_FAMILY_ID = 1
 _CTRL_ATTR_FAMILY_NAME = 2
-_WG_CMD_GET_DEVICE = 0
+_WG_CMD_GET_DEVICE, _WG_CMD_SET_DEVICE = 0, 1
 _WGDEVICE_A_IFNAME = 2
+_WGDEVICE_A_FLAGS = 5
 _WGDEVICE_A_PEERS = 8
+_WGDEVICE_F_REPLACE_PEERS = 1
+_WGPEER_A_PUBLIC_KEY = 1
+_WGPEER_A_FLAGS = 3
+_WGPEER_A_ENDPOINT = 4
+_WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 5
 _WGPEER_A_LAST_HANDSHAKE_TIME = 6
+_WGPEER_A_RX_BYTES = 7
+_WGPEER_A_TX_BYTES = 8
+_WGPEER_A_ALLOWEDIPS = 9
+_WGPEER_F_REPLACE_ALLOWEDIPS = 2
+_WGALLOWEDIP_A_FAMILY, _WGALLOWEDIP_A_IPADDR, _WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
+_NLA_F_NESTED = 0x8000
 _NLM_F_REQUEST = 0x1
 _NLM_F_ACK = 0x4
 _NLM_F_DUMP = 0x300
@@ -4022,25 +4034,72 @@ def _genl_request(sock, family, command, attrs, flags=0):
             offset += (length + 3) & ~3
 
 
-def _kernel_handshake_seen(sock, ifname):
-    """Whether kernel WireGuard link `ifname` (in `sock`'s namespace) has had a
-    handshake with its peer.
+def _wireguard_family(sock):
+    """The generic netlink family id of WireGuard, asked over `sock`."""
+    (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
+                              _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
+    return struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
+
+
+def _kernel_peer_state(sock, ifname):
+    """(last handshake in epoch seconds or 0, bytes received, bytes sent) of
+    the peer of kernel WireGuard link `ifname` (in `sock`'s namespace).
 
     Generic netlink by hand, not pyroute2's WireGuard: the tool itself has not
     loaded pyroute2 (only the holder has), and loading it here costs 100-170 ms
     before the first look and 12 MiB for the whole session with pyroute2 0.9
-    (65 ms with Debian's 0.7.2), for two requests of a few attributes."""
-    (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
-                              _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
-    family_id = struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
-    for answer in _genl_request(sock, family_id, _WG_CMD_GET_DEVICE,
+    (65 ms with Debian's 0.7.2), for requests of a few attributes."""
+    for answer in _genl_request(sock, _wireguard_family(sock), _WG_CMD_GET_DEVICE,
                                 _nlattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0"),
                                 _NLM_F_DUMP):
         for peer in _nlattrs(_nlattrs(answer).get(_WGDEVICE_A_PEERS, b"")).values():
-            seconds = _nlattrs(peer).get(_WGPEER_A_LAST_HANDSHAKE_TIME, b"")[:8]
-            if len(seconds) == 8 and struct.unpack("=q", seconds)[0] > 0:
-                return True
-    return False
+            attrs = _nlattrs(peer)
+            values = [attrs.get(kind, b"")[:8] for kind in (
+                _WGPEER_A_LAST_HANDSHAKE_TIME, _WGPEER_A_RX_BYTES, _WGPEER_A_TX_BYTES)]
+            return tuple(struct.unpack("=q", v)[0] if len(v) == 8 else 0 for v in values)
+    return 0, 0, 0
+
+
+def _kernel_handshake_seen(sock, ifname):
+    """Whether kernel WireGuard link `ifname` has had a handshake with its peer."""
+    return _kernel_peer_state(sock, ifname)[0] > 0
+
+
+def _kernel_replace_peer(sock, ifname, public_key, endpoint, allowed_ips,
+                         persistent_keepalive):
+    """Make the peer of kernel WireGuard link `ifname` (in `sock`'s
+    namespace) a new one: `public_key` at `endpoint` (an IP literal and a
+    port), which starts without session keys (a new handshake). Over a
+    socket opened inside the namespace, it needs CAP_NET_ADMIN over the
+    namespace, which root has, and the user who owns its user namespace."""
+    import ipaddress
+    import socket
+
+    host, port = endpoint
+    address = ipaddress.ip_address(host)
+    if address.version == 4:
+        sockaddr = struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) \
+            + address.packed + bytes(8)
+    else:
+        sockaddr = struct.pack("=H", socket.AF_INET6) + struct.pack(">HI", port, 0) \
+            + address.packed + bytes(4)
+    allowed = b"".join(_nlattr(_NLA_F_NESTED, b"".join((
+        _nlattr(_WGALLOWEDIP_A_FAMILY, struct.pack(
+            "=H", socket.AF_INET if network.version == 4 else socket.AF_INET6)),
+        _nlattr(_WGALLOWEDIP_A_IPADDR, network.network_address.packed),
+        _nlattr(_WGALLOWEDIP_A_CIDR_MASK, bytes((network.prefixlen,))))))
+        for network in allowed_ips)
+    peer = b"".join((
+        _nlattr(_WGPEER_A_PUBLIC_KEY, bytes(public_key)),
+        _nlattr(_WGPEER_A_FLAGS, struct.pack("=I", _WGPEER_F_REPLACE_ALLOWEDIPS)),
+        _nlattr(_WGPEER_A_ENDPOINT, sockaddr),
+        _nlattr(_WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, struct.pack("=H",
+                                                                      persistent_keepalive)),
+        _nlattr(_WGPEER_A_ALLOWEDIPS | _NLA_F_NESTED, allowed)))
+    _genl_request(sock, _wireguard_family(sock), _WG_CMD_SET_DEVICE, b"".join((
+        _nlattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0"),
+        _nlattr(_WGDEVICE_A_FLAGS, struct.pack("=I", _WGDEVICE_F_REPLACE_PEERS)),
+        _nlattr(_WGDEVICE_A_PEERS | _NLA_F_NESTED, _nlattr(_NLA_F_NESTED, peer)))))
 
 
 def _endpoint_literal(host, port):
@@ -4085,7 +4144,6 @@ class _Tunnel:
     """What both backends share: the namespace, the application, the end."""
 
     name = None
-    watched = False  # whether it has what `_TunnelKeeper` needs: trouble, handshake_done, apply
 
     def __init__(self, interface, mtu):
         self.namespace = _Namespace(interface, mtu=mtu)
@@ -4115,7 +4173,6 @@ class _UserspaceTunnel(_Tunnel):
     process's own WireGuard datapath between it and a UDP socket here."""
 
     name = "userspace"
-    watched = True
 
     def __init__(self, mtu=_DEFAULT_MTU):
         super().__init__(_TunInside(), mtu)
@@ -4188,6 +4245,8 @@ class _KernelTunnel(_Tunnel):
 
         super().__init__(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu)
         self._watcher = None
+        self._traffic = (0, 0)  # bytes received and sent at the last look
+        self._unanswered_since = None
 
     def connect(self, config, keypair, *, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
                 debug=False):
@@ -4216,6 +4275,51 @@ class _KernelTunnel(_Tunnel):
             if time.monotonic() > deadline:
                 raise _no_answer(config, connect_timeout)
             time.sleep(0.05)
+
+    def trouble(self):
+        """Why the tunnel looks lost (a TunnelError), or None. The kernel
+        keeps no time of unanswered sending: what the link sent since it
+        last received, other than lone keepalives (_KEEPALIVE_SIZE bytes),
+        counts as unanswered from the look that saw it, and the tunnel is
+        lost after _DATA_LOST_AFTER s of it (a handshake too: the kernel's
+        initiations count as sent)."""
+        try:
+            _, received, sent = _kernel_peer_state(self._watcher, self.namespace.interface.name)
+        except (OSError, TunnelError) as e:
+            return TunnelError(f"cannot read the kernel WireGuard link: {e}")
+        now = time.monotonic()
+        last_received, last_sent = self._traffic
+        self._traffic = received, sent
+        if received != last_received:
+            self._unanswered_since = None
+        elif sent - last_sent not in (0, _KEEPALIVE_SIZE) and self._unanswered_since is None:
+            self._unanswered_since = now
+        if self._unanswered_since is not None and \
+                now - self._unanswered_since >= _DATA_LOST_AFTER:
+            return TunnelError(f"no answer for {now - self._unanswered_since:.0f} s")
+        return None
+
+    def handshake_done(self):
+        """Whether the peer has answered since the last `apply`."""
+        try:
+            return _kernel_handshake_seen(self._watcher, self.namespace.interface.name)
+        except (OSError, TunnelError):
+            return False
+
+    def apply(self, config):
+        """Make the link's peer `config`'s cloudlet (key, endpoint resolved
+        again, allowed IPs), from scratch: a new handshake. The endpoint's
+        address."""
+        endpoint = _endpoint_literal(*config.endpoint)
+        try:
+            _kernel_replace_peer(self._watcher, self.namespace.interface.name,
+                                 config.public_key, endpoint, config.allowed_ips,
+                                 _PERSISTENT_KEEPALIVE)
+        except OSError as e:
+            raise TunnelError(f"cannot change the kernel WireGuard link: {e.strerror}") \
+                from None
+        self._traffic, self._unanswered_since = (0, 0), None
+        return endpoint[0]
 
     def close(self):
         if self._watcher is not None:
@@ -4406,7 +4510,7 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             backend = _KernelTunnel(mtu=mtu)
             backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
         keeper = None
-        if reconnect and backend.watched:
+        if reconnect:
             keeper = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
                 tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug)[0])
         return backend.run(command, _application_environment(deployment, tier1_url),

@@ -129,7 +129,7 @@ def test_no_reconnect_leaves_the_lost_tunnel_lost(scratch):
         try:
             session.first_good(0, 60)
             api.restart()
-            answers = session.answers(3 * QUICK_LOSS["_DATA_LOST_AFTER"])
+            answers = session.answers(2 * QUICK_LOSS["_DATA_LOST_AFTER"])
         finally:
             stderr = session.end()
     assert answers, "the application kept asking"
