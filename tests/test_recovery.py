@@ -45,14 +45,23 @@ def _check_lost_and_back(stderr):
     assert "sinfonia-tier3: tunnel back after " in stderr, stderr
 
 
-@pytest.mark.parametrize("as_user", [False, True], ids=["root", "user"])
-def test_a_dropped_deployment_is_deployed_again_with_its_new_address(scratch, as_user):
-    with cloudlet.WireGuardServer() as server, cloudlet.Cloudlet(wireguard=server) as api:
-        session = _session(scratch, api, as_user=as_user)
+def _through(scratch, fault, implementation="sinfonia", server_options=None, **options):
+    """A session through a new cloudlet, `fault(server, api, session)` once it
+    answers; the tool's stderr once a request made after it is answered."""
+    with cloudlet.WireGuardServer(implementation, **(server_options or {})) as server, \
+            cloudlet.Cloudlet(wireguard=server, host=server.host) as api:
+        session = _session(scratch, api, **options)
         try:
-            session.after(api.expire_all)
+            session.after(lambda: fault(server, api, session))
         finally:
             stderr = session.end()
+    return stderr
+
+
+@pytest.mark.parametrize("as_user", [False, True], ids=["root", "user"])
+def test_a_dropped_deployment_is_deployed_again_with_its_new_address(scratch, as_user):
+    stderr = _through(scratch, lambda server, api, session: api.expire_all(),
+                      as_user=as_user)
     _check_lost_and_back(stderr)
     # The cloudlet gave the new deployment a new address and port.
     assert "deployed again helloworld-" in stderr, stderr
@@ -63,13 +72,7 @@ def test_a_dropped_deployment_is_deployed_again_with_its_new_address(scratch, as
 def test_a_cloudlet_restarted_with_a_new_key_is_found_again(scratch, implementation):
     if implementation == "wireguard-go" and cloudlet.wireguard_go_missing():
         pytest.skip(cloudlet.wireguard_go_missing())
-    with cloudlet.WireGuardServer(implementation) as server, \
-            cloudlet.Cloudlet(wireguard=server) as api:
-        session = _session(scratch, api)
-        try:
-            session.after(api.restart)
-        finally:
-            stderr = session.end()
+    stderr = _through(scratch, lambda server, api, session: api.restart(), implementation)
     _check_lost_and_back(stderr)
     assert "new cloudlet key" in stderr, stderr
 
@@ -78,31 +81,21 @@ def test_an_endpoint_name_that_moves_is_resolved_again(scratch):
     hosts = os.path.join(scratch, "hosts")
     with open(hosts, "w") as f:
         f.write("127.0.0.1 localhost\n127.0.0.1 cloudlet.test\n")
-    with cloudlet.WireGuardServer(name="cloudlet.test") as server, \
-            cloudlet.Cloudlet(wireguard=server) as api:
-        session = _session(scratch, api, prefix=sessions.hosts_file_prefix(hosts))
-        try:
-            def move():
-                server.move("127.0.0.2")
-                with open(hosts, "w") as f:  # in place: the bind mount shows it
-                    f.write("127.0.0.1 localhost\n127.0.0.2 cloudlet.test\n")
 
-            session.after(move)
-        finally:
-            stderr = session.end()
+    def move(server, api, session):
+        server.move("127.0.0.2")
+        with open(hosts, "w") as f:  # in place: the bind mount shows it
+            f.write("127.0.0.1 localhost\n127.0.0.2 cloudlet.test\n")
+
+    stderr = _through(scratch, move, server_options={"name": "cloudlet.test"},
+                      prefix=sessions.hosts_file_prefix(hosts))
     _check_lost_and_back(stderr)
     assert "nothing changed, cloudlet.test at 127.0.0.2" in stderr, stderr
 
 
 def test_a_killed_datapath_worker_is_replaced(scratch):
-    with cloudlet.WireGuardServer() as server, cloudlet.Cloudlet(wireguard=server) as api:
-        session = _session(scratch, api)
-        try:
-            session.after(lambda: sessions.kill_a_worker(session.process.pid))
-            replaced = sessions.datapath_workers(session.process.pid)
-        finally:
-            stderr = session.end()
-    assert len(replaced) == 2
+    stderr = _through(scratch, lambda server, api, session:
+                      sessions.kill_a_worker(session.process.pid))
     assert ("a WireGuard datapath worker ended (killed by signal 9); datapath restarted"
             in stderr), stderr
 
@@ -110,14 +103,9 @@ def test_a_killed_datapath_worker_is_replaced(scratch):
 def test_the_callers_new_address_is_roamed_to(scratch):
     # The tool runs in a network namespace of its own; the cloudlet (API and
     # responder) listens on this side of the veth pair to it.
-    with netns.CallerNetwork() as caller, \
-            cloudlet.WireGuardServer(host=caller.HOST) as server, \
-            cloudlet.Cloudlet(wireguard=server, host=caller.HOST) as api:
-        session = _session(scratch, api, prefix=caller.prefix)
-        try:
-            session.after(caller.readdress)
-        finally:
-            stderr = session.end()
+    with netns.CallerNetwork() as caller:
+        stderr = _through(scratch, lambda server, api, session: caller.readdress(),
+                          server_options={"host": caller.HOST}, prefix=caller.prefix)
     assert "tunnel lost" not in stderr, stderr
 
 
