@@ -4612,8 +4612,12 @@ class _TunnelKeeper:
             print(f"sinfonia-tier3: cannot point the tunnel at {config.endpoint}: {e}; "
                   f"{retry}", file=sys.stderr)
             return
-        self.backend.namespace.reconfigure(config.addresses, config.allowed_ips,
-                                           _resolv_conf_or_none(config))
+        try:
+            self.backend.namespace.reconfigure(config.addresses, config.allowed_ips,
+                                               _resolv_conf_or_none(config))
+        except TunnelError as e:  # the application is ending, say
+            print(f"sinfonia-tier3: cannot change the application's network: {e}",
+                  file=sys.stderr)
         if deployment is not self.deployment:
             changes = _config_changes(old, config) or ["nothing changed"]
             if address != config.endpoint.host:
