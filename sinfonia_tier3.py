@@ -4462,63 +4462,6 @@ def _choose_tunnel(requested, *, debug=False):
     return choice
 
 
-def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
-                     debug=False, as_json=False, config_debug=False, qrcode=None):
-    """Deploy `uuid` and show the deployment without starting anything: as
-    JSON (--json), as wg.conf and resolv.conf (--config-debug), as a QR code
-    whose IncludedApplications are `command` (--qrcode); the exit status."""
-    if qrcode is not None:
-        if qrcode not in ("compact", "alt"):
-            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
-        _check_android_packages(command)
-        _segno()  # before deploying: the deployment would be wasted
-    keypair = _load_or_create_keypair(uuid)
-    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                    timeout=timeout, debug=debug)
-    config = deployments[0].tunnel_config
-    if as_json:
-        print(_deployments_json(deployments, keypair), flush=True)
-    if config_debug:
-        _write_config_files(config, keypair)
-    if qrcode:
-        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
-    return 0
-
-
-def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
-                 debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
-                 tunnel="auto", reconnect=True):
-    """Deploy `uuid` and run `command` behind the tunnel to it; the
-    application's exit status. Under `--tunnel auto`, a userspace tunnel that
-    fails in the namespace itself gives way to the kernel's through sudo.
-    With `reconnect` a `_TunnelKeeper` keeps the tunnel up meanwhile."""
-    choice = _choose_tunnel(tunnel, debug=debug)
-    backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
-    try:
-        keypair = _load_or_create_keypair(uuid)
-        deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
-                                       timeout=timeout, debug=debug)[0]
-        config = deployment.tunnel_config
-        try:
-            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
-        except _InterfaceFailedError as e:
-            if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
-                raise
-            print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
-                  "kernel's WireGuard through sudo", file=sys.stderr)
-            backend.close()
-            backend = _KernelTunnel(mtu=mtu)
-            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
-        keeper = None
-        if reconnect:
-            keeper = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
-                tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug)[0])
-        return backend.run(command, _application_environment(deployment, tier1_url),
-                           keeper and keeper.tick)
-    finally:
-        backend.close()
-
-
 _RETRY_FIRST, _RETRY_MOST = _REKEY_TIMEOUT, 30.0  # seconds between recovery attempts
 _WORKER_RESTART_SPACING = 1.0  # seconds at least between restarts of a datapath
 
@@ -4625,6 +4568,63 @@ class _TunnelKeeper:
             print(f"sinfonia-tier3: deployed again {deployment.deployment_name or deployment.uuid} "
                   f"({deployment.status}): {', '.join(changes)}", file=sys.stderr)
         self.deployment = deployment
+
+
+def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
+                     debug=False, as_json=False, config_debug=False, qrcode=None):
+    """Deploy `uuid` and show the deployment without starting anything: as
+    JSON (--json), as wg.conf and resolv.conf (--config-debug), as a QR code
+    whose IncludedApplications are `command` (--qrcode); the exit status."""
+    if qrcode is not None:
+        if qrcode not in ("compact", "alt"):
+            raise UsageError(f"qrcode: expected 'compact' or 'alt', got {qrcode!r}")
+        _check_android_packages(command)
+        _segno()  # before deploying: the deployment would be wasted
+    keypair = _load_or_create_keypair(uuid)
+    deployments = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                    timeout=timeout, debug=debug)
+    config = deployments[0].tunnel_config
+    if as_json:
+        print(_deployments_json(deployments, keypair), flush=True)
+    if config_debug:
+        _write_config_files(config, keypair)
+    if qrcode:
+        _print_qrcode(_render_wg_quick(config, keypair, command), qrcode)
+    return 0
+
+
+def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
+                 debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
+                 tunnel="auto", reconnect=True):
+    """Deploy `uuid` and run `command` behind the tunnel to it; the
+    application's exit status. Under `--tunnel auto`, a userspace tunnel that
+    fails in the namespace itself gives way to the kernel's through sudo.
+    With `reconnect` a `_TunnelKeeper` keeps the tunnel up meanwhile."""
+    choice = _choose_tunnel(tunnel, debug=debug)
+    backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
+    try:
+        keypair = _load_or_create_keypair(uuid)
+        deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,
+                                       timeout=timeout, debug=debug)[0]
+        config = deployment.tunnel_config
+        try:
+            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
+        except _InterfaceFailedError as e:
+            if tunnel != "auto" or choice != "userspace" or os.geteuid() == 0:
+                raise
+            print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
+                  "kernel's WireGuard through sudo", file=sys.stderr)
+            backend.close()
+            backend = _KernelTunnel(mtu=mtu)
+            backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
+        keeper = None
+        if reconnect:
+            keeper = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
+                tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug)[0])
+        return backend.run(command, _application_environment(deployment, tier1_url),
+                           keeper and keeper.tick)
+    finally:
+        backend.close()
 
 
 def _application_environment(deployment, tier1_url):
