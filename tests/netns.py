@@ -752,8 +752,8 @@ class CallerNetwork:
             _run(["ip", "link", "set", self.outside, "up"])
             # The new address stays when the old one goes (by default the
             # kernel removes an address's secondaries with it).
-            self.namespace.run(["sysctl", "-q",
-                                f"net.ipv4.conf.{self.inside}.promote_secondaries=1"])
+            self.namespace.run(["sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/"
+                                f"{self.inside}/promote_secondaries"])
             self.address = "10.97.0.2/24"
             self.namespace.add_addresses(self.inside, [self.address])
             self.namespace.ip("route", "add", "default", "via", self.HOST)
