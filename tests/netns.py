@@ -752,8 +752,8 @@ class CallerNetwork:
             _run(["ip", "link", "set", self.outside, "up"])
             # The new address stays when the old one goes (by default the
             # kernel removes an address's secondaries with it).
-            self.namespace.run(["sh", "-c", "echo 1 > /proc/sys/net/ipv4/conf/"
-                                f"{self.inside}/promote_secondaries"])
+            setting = f"/proc/sys/net/ipv4/conf/{self.inside}/promote_secondaries"
+            self.namespace.run(["sh", "-c", f"echo 1 > {setting}"])
             self.address = "10.97.0.2/24"
             self.namespace.add_addresses(self.inside, [self.address])
             self.namespace.ip("route", "add", "default", "via", self.HOST)
