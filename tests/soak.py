@@ -92,8 +92,8 @@ def soak(seconds, rekey_after=120.0):
 
         def count_handshakes():
             while not watching.wait(0.1):
-                last = server.last_handshakes()
-                if last and last != handshakes[-1:]:
+                (last,) = server.last_handshakes()
+                if last and last != (handshakes[-1] if handshakes else None):
                     handshakes.append(last)
 
         watcher = threading.Thread(target=count_handshakes, daemon=True)
