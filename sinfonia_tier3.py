@@ -1718,19 +1718,24 @@ class _TransportCipher:
 
 # Shared counters: written by the process that knows, read by the others.
 # _CONTROL_MESSAGES: how many messages the control process has sent to the
-# encrypting one (see `_send_loop`).
+# encrypting one (see `_send_loop`). What tells whether the peer still
+# answers (monotonic times, 0 for none): _LAST_RECEIVED, the last packet
+# that authenticated; _UNANSWERED_SINCE, the first data sent after it;
+# _HANDSHAKE_PENDING_SINCE, the first initiation not answered yet.
 (_TX_BYTES, _RX_BYTES, _LAST_SENT, _LAST_DATA_SENT, _LAST_HANDSHAKE_WALL, _CONTROL_MESSAGES,
- _HANDSHAKES_ABANDONED) = range(7)
-_COUNTERS = 7
+ _HANDSHAKES_ABANDONED, _LAST_RECEIVED, _UNANSWERED_SINCE, _HANDSHAKE_PENDING_SINCE) = range(10)
+_COUNTERS = 10
 
 
 def _shared_counters(area=None):
-    """Doubles that forked processes share: the start of `area` (an mmap),
-    or of a new anonymous mmap."""
+    """Doubles that forked processes share, all reset: the start of `area`
+    (an mmap), or of a new anonymous mmap."""
     import mmap
 
     counters = memoryview(area if area is not None else mmap.mmap(-1, 8 * _COUNTERS))
     counters = counters[:8 * _COUNTERS].cast("d")
+    for index in range(_COUNTERS):
+        counters[index] = 0.0
     counters[_LAST_SENT] = counters[_LAST_DATA_SENT] = -1e9
     return counters
 
@@ -1823,6 +1828,8 @@ class _Peer:
         hash_ = _hash(hash_, timestamp)
         retries = self.handshake.retries + 1 if retry and self.handshake else 0
         self._forget_handshake()
+        if not retry and not self.counters[_HANDSHAKE_PENDING_SINCE]:
+            self.counters[_HANDSHAKE_PENDING_SINCE] = now
         index = self._new_index()
         message = struct.pack("<II", _MSG_INITIATION, index) + ephemeral_public + static + timestamp
         message, mac1 = self.cookie_generator.add_macs(message, now)
@@ -1891,7 +1898,10 @@ class _Peer:
                 if length:
                     deliver(length)
         if received:
-            self.counters[_RX_BYTES] += received
+            counters = self.counters
+            counters[_RX_BYTES] += received
+            counters[_LAST_RECEIVED] = now
+            counters[_UNANSWERED_SINCE] = 0.0
             self.last_received = now
             current = self.current
             if data:
@@ -2017,6 +2027,8 @@ class _Peer:
     def _handshake_complete(self, now):
         self.last_handshake = now
         self.counters[_LAST_HANDSHAKE_WALL] = self.wallclock_ns() / 1e9
+        if self.handshake is None:
+            self.counters[_HANDSHAKE_PENDING_SINCE] = 0.0
         self.sender.install(self.current)
 
     def _consume_cookie(self, message, now):
@@ -2312,6 +2324,10 @@ class _Sender:
         if session_keys.initiator and (now - session_keys.created >= _REKEY_AFTER_TIME
                                        or session_keys.send_counter >= _REKEY_AFTER_MESSAGES):
             self._ask_for_handshake(now)
+        counters = self.counters
+        if sizes[0] and not counters[_UNANSWERED_SINCE]:
+            # Before sending: the answer may be back before this returns.
+            counters[_UNANSWERED_SINCE] = now
         mtu, buffer, handles, seal = self.mtu, self.buffer, self.handles, self.cipher.seal
         key, index, capacity = session_keys.send_key, session_keys.remote_index, self.capacity
         slot_views, full_views, full_size = self.slot_views, self.full_views, self.full_size
@@ -2347,7 +2363,6 @@ class _Sender:
         if run:
             emit(views, segment, endpoint)
         session_keys.send_counter = counter
-        counters = self.counters
         counters[_TX_BYTES] += sent
         counters[_LAST_SENT] = now
         if data:
@@ -2764,18 +2779,35 @@ class _NoHandshakeError(TunnelError):
     """The peer never completed a handshake: it is silent, or not WireGuard."""
 
 
+class _WorkerEndedError(TunnelError):
+    """A datapath worker process is gone: the datapath needs new ones."""
+
+
+# When a running tunnel counts as lost (see `Datapath.trouble`). A peer that
+# is there answers data within KEEPALIVE_TIMEOUT (with data, or a passive
+# keepalive), and WireGuard itself starts a new handshake after
+# KEEPALIVE_TIMEOUT + REKEY_TIMEOUT without an answer; a handshake is
+# retransmitted every REKEY_TIMEOUT, so two unanswered ones mean more than
+# one lost datagram.
+_DATA_LOST_AFTER = _KEEPALIVE_TIMEOUT + _REKEY_TIMEOUT
+_HANDSHAKE_LOST_AFTER = 2 * _REKEY_TIMEOUT
+
+
 class Datapath:
     """Userspace WireGuard between a TUN file descriptor and a UDP socket.
 
     One peer. The socket is bound at construction (`listen_port`); `listen`
     is (host, port), by default the wildcard of the endpoint's family, or
-    dual-stack IPv6 without an endpoint. `endpoint` is (host, port), host a
-    name or an IPv4 or IPv6 literal; without one this side waits for the
-    peer (responder). `mtu` is the TUN device's. `start()` forks two worker
-    processes that share the keys: one encrypts TUN -> UDP, the other
-    decrypts UDP -> TUN and runs handshakes and timers; this object only
-    watches them through shared memory (`wait_for_handshake`, `stats`) and
-    ends them (`stop`). One start per object.
+    dual-stack IPv6 without an endpoint. The wildcard lets the kernel pick
+    the source address of each datagram, so the tunnel follows the caller's
+    network when its address or route changes (roaming). `endpoint` is
+    (host, port), host a name or an IPv4 or IPv6 literal; without one this
+    side waits for the peer (responder). `mtu` is the TUN device's.
+    `start()` forks two worker processes that share the keys: one encrypts
+    TUN -> UDP, the other decrypts UDP -> TUN and runs handshakes and timers;
+    this object only watches them through shared memory
+    (`wait_for_handshake`, `trouble`, `stats`), starts them again for a
+    changed peer (`restart`) and ends them (`stop`).
     """
 
     def __init__(self, tun_fd, private_key, peer_public_key, *, endpoint=None,
@@ -2796,24 +2828,39 @@ class Datapath:
             except OSError as e:
                 raise TunnelError(f"cannot configure the TUN device: {e.strerror}") from None
         self._mtu = mtu
+        self._private_key = private_key
+        self._preshared_key = preshared_key
+        self._persistent_keepalive = persistent_keepalive
+        self._listen = listen
         self._shared = mmap.mmap(-1, 8 * _COUNTERS + 256)
-        self._counters = _shared_counters(self._shared)
         self._endpoint_area = memoryview(self._shared)[8 * _COUNTERS:]
-        self._peer = _Peer(private_key, peer_public_key, preshared_key=preshared_key,
-                           allowed_ips=allowed_ips, persistent_keepalive=persistent_keepalive,
+        self._workers = []
+        self._ended = None  # how the last worker to end did
+        self._socket = None
+        self._bind(peer_public_key, endpoint, allowed_ips)
+
+    def _bind(self, peer_public_key, endpoint, allowed_ips):
+        """A new peer (no session keys, counters reset) and a new UDP socket,
+        `endpoint`'s name resolved again."""
+        self._counters = _shared_counters(self._shared)
+        self._peer = _Peer(self._private_key, peer_public_key,
+                           preshared_key=self._preshared_key, allowed_ips=allowed_ips,
+                           persistent_keepalive=self._persistent_keepalive,
                            clock=self._clock, counters=self._counters)
-        self._socket = sock = _udp_socket(listen, endpoint)
+        self._socket = sock = _udp_socket(self._listen, endpoint)
         self.listen_port = sock.getsockname()[1]
         try:
             self._endpoint = _resolve_endpoint(sock, endpoint) if endpoint else None
         except TunnelError:
             sock.close()
+            self._socket = None
             raise
+        self._endpoint_name = endpoint
+        self._allowed_ips = allowed_ips
         self._peer.endpoint = self._endpoint
         _store_endpoint(self._endpoint_area, self._endpoint)
         self._gso = _try_setsockopt(sock, _SOL_UDP, _UDP_SEGMENT, 0)
         self._gro = _try_setsockopt(sock, _SOL_UDP, _UDP_GRO, 1)
-        self._workers = []
 
     def start(self):
         """Fork the two workers; with an endpoint the handshake starts at once."""
@@ -2840,6 +2887,21 @@ class Datapath:
         control.close()
         data.close()
 
+    def restart(self, peer_public_key=None, endpoint=None, allowed_ips=None):
+        """Start over with new workers and a new handshake, for the peer's
+        new key, endpoint or allowed IPs (None: as before); the endpoint's
+        name is resolved again. The TUN device stays, and with it what the
+        application has open. The socket address the endpoint resolved to."""
+        self._stop_workers()
+        if self._socket is not None:
+            self._socket.close()  # the listen port may be fixed: free it first
+            self._socket = None
+        self._bind(peer_public_key or self._peer.peer_public_key,
+                   endpoint or self._endpoint_name,
+                   self._allowed_ips if allowed_ips is None else allowed_ips)
+        self.start()
+        return self._endpoint
+
     def wait_for_handshake(self, timeout):
         """Return once a handshake has completed; TunnelError after `timeout` s,
         or sooner when the peer stayed silent for the whole REKEY_ATTEMPT_TIME."""
@@ -2856,14 +2918,42 @@ class Datapath:
                     f"no WireGuard handshake with the peer within {timeout:g} s")
             time.sleep(0.01)
 
+    def handshake_done(self):
+        """Whether a handshake has completed since the last (re)start."""
+        return bool(self._counters[_LAST_HANDSHAKE_WALL])
+
+    def trouble(self):
+        """Why the tunnel looks lost, or None while the peer answers: a
+        worker ended (`_WorkerEndedError`), a handshake went unanswered for
+        _HANDSHAKE_LOST_AFTER s, or data for _DATA_LOST_AFTER s (a
+        `TunnelError`, not raised)."""
+        if not self._running():
+            return _WorkerEndedError(
+                f"a WireGuard datapath worker ended ({self._ended})" if self._ended
+                else "the WireGuard datapath is not running")
+        counters, now = self._counters, self._clock()
+        pending = counters[_HANDSHAKE_PENDING_SINCE]
+        if pending and now - pending >= _HANDSHAKE_LOST_AFTER:
+            return TunnelError(f"no answer to WireGuard handshakes for {now - pending:.0f} s")
+        unanswered = counters[_UNANSWERED_SINCE]
+        if unanswered and now - unanswered >= _DATA_LOST_AFTER:
+            return TunnelError(f"no answer to data for {now - unanswered:.0f} s")
+        return None
+
     def _running(self):
-        """Whether both workers are alive (one that ended is reaped)."""
+        """Whether both workers are alive (one that ended is reaped, and
+        how it ended kept in `_ended`)."""
         for pid in list(self._workers):
             try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    self._workers.remove(pid)
+                ended, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
+                ended, status = pid, 0
+            if ended:
                 self._workers.remove(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if self._ended is None or code:  # the other follows it out cleanly
+                    self._ended = (f"killed by signal {-code}" if code < 0
+                                   else f"exit status {code}")
         return len(self._workers) == 2
 
     def stats(self):
@@ -2876,8 +2966,7 @@ class Datapath:
             "endpoint": _load_endpoint(self._endpoint_area),
         }
 
-    def stop(self):
-        """End the workers and close the socket; safe to call more than once."""
+    def _stop_workers(self):
         import signal
 
         self._running()  # reap what already ended
@@ -2891,7 +2980,14 @@ class Datapath:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self._workers = []
-        self._socket.close()
+        self._ended = None
+
+    def stop(self):
+        """End the workers and close the socket; safe to call more than once."""
+        self._stop_workers()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
 
 def _fork_worker(keep_fds, function, *args):
@@ -3046,6 +3142,7 @@ _READY_REPORT_INTERVAL = 3.0  # seconds between "waiting for" lines
 _READY_RETRY_INTERVAL = 0.25
 _READY_CONNECT_TIMEOUT = 2.0  # per attempt, for an address that drops SYNs
 _MAX_MESSAGE = 1 << 20
+_TICK = 0.2  # seconds between looks at the tunnel while the application runs
 
 
 def _libc_call(name, *args):
@@ -3383,6 +3480,56 @@ def _set_up_network(channel, interface, mtu):
     return True
 
 
+def _reconfigure_interface(ipr, name, old, new):
+    """Move the running interface `name` from the `old` addresses and routes
+    ({"addresses": [...], "routes": [...]}) to the `new` ones."""
+    import ipaddress
+
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    index = ipr.link_lookup(ifname=name)[0]
+    for text in set(old["addresses"]) - set(new["addresses"]):
+        address = ipaddress.ip_interface(text)
+        _netlink_step(f"remove address {address} from {name}", ipr.addr, "del", index=index,
+                      address=str(address.ip), prefixlen=address.network.prefixlen)
+    for text in set(old["routes"]) - set(new["routes"]):
+        try:
+            ipr.route("del", dst=str(ipaddress.ip_network(text)), oif=index)
+        except NetlinkError:
+            pass  # gone with its address already
+    _configure_interface(ipr, index, name,
+                         [a for a in new["addresses"] if a not in old["addresses"]],
+                         new["routes"])
+
+
+def _reconfigure_network(request):
+    """In the namespace's init, for a running session: the interface's new
+    addresses and routes, the new resolv.conf text written over the one in
+    place (or placed now, when the host's was kept so far). None when done,
+    else the one line saying what failed."""
+    try:
+        if request["old"] != request["new"]:
+            with _iproute_class()() as ipr:
+                _reconfigure_interface(ipr, request["interface"], request["old"],
+                                       request["new"])
+        text = request["resolv_conf"]
+        if text is not None:
+            try:
+                if request["resolv_conf_placed"]:
+                    with open(_RESOLV_CONF, "w") as f:  # the file bind-mounted there
+                        f.write(text)
+                else:
+                    _place_resolv_conf(text)
+            except OSError as e:
+                raise TunnelError(f"cannot put the cloudlet's DNS in {_RESOLV_CONF}: {e}") \
+                    from None
+    except TunnelError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - the tool says it in one line
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _namespace_init(channel, network_ready):
     """PID 1 of the new PID namespace: once the network is set up (EOF on
     `network_ready`), a fresh /proc and the application; serves as its init.
@@ -3471,6 +3618,9 @@ def _serve_as_init(channel, start):
             message, _ = channel.receive()
             if message is None:  # the tool is gone: so is everything here
                 return 125
+            if "reconfigure" in message:
+                channel.send({"reconfigured": _reconfigure_network(message["reconfigure"])})
+                continue
             try:
                 if "continue" in message:  # the terminal to take, or None
                     if message["continue"] is not None:
@@ -3787,18 +3937,36 @@ class _Namespace:
         """Give the interface its addresses and routes (networks) and the
         namespace the resolv.conf text (None: keep the host's); returns once
         they are in place, having run `meanwhile()` while the holder works."""
-        self.send({
-            "addresses": [str(address) for address in addresses],
-            "routes": [str(route) for route in routes],
-            "resolv_conf": resolv_conf,
-        })
+        self.network = {"addresses": [str(address) for address in addresses],
+                        "routes": [str(route) for route in routes]}
+        self.resolv_conf = resolv_conf
+        self.send(dict(self.network, resolv_conf=resolv_conf))
         if meanwhile is not None:
             meanwhile()
         self.expect("configured")
 
-    def run(self, command, env_extra):
+    def reconfigure(self, addresses, routes, resolv_conf):
+        """While the application runs: move the interface to new addresses
+        and routes, and rewrite resolv.conf (None: leave it) where they
+        changed. The holder's answer comes to `wait()`, which says any
+        failure in one line."""
+        network = {"addresses": [str(address) for address in addresses],
+                   "routes": [str(route) for route in routes]}
+        if resolv_conf == self.resolv_conf:
+            resolv_conf = None
+        if network == self.network and resolv_conf is None:
+            return
+        self.send({"reconfigure": {
+            "interface": self.interface.name, "old": self.network, "new": network,
+            "resolv_conf": resolv_conf, "resolv_conf_placed": self.resolv_conf is not None}})
+        self.network = network
+        if resolv_conf is not None:
+            self.resolv_conf = resolv_conf
+
+    def run(self, command, env_extra, tick=None):
         """Start `command` (empty: the user's shell, prompting `sinfonia$ `)
-        with the tool's environment plus `env_extra`; its exit status."""
+        with the tool's environment plus `env_extra`; its exit status.
+        `tick()`, when given, runs every _TICK s while the application does."""
         env = dict(os.environ)
         env.update(env_extra)
         if not command:
@@ -3807,7 +3975,7 @@ class _Namespace:
             # bash sets PS1 in its rc files; this sets it back each time
             env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
         self.start(command, env)
-        return self.wait()
+        return self.wait(tick)
 
     def start(self, command, env):
         """Let the application run: exec `command` (found on env's PATH).
@@ -3824,16 +3992,25 @@ class _Namespace:
         self.send({"command": list(command), "env": dict(env),
                    "terminal": self._terminal})
 
-    def wait(self):
-        """The application's exit status."""
+    def wait(self, tick=None):
+        """The application's exit status; `tick()` runs every _TICK s meanwhile."""
+        import select
+
         failure = None
         try:
             while True:  # until the namespace's init has gone
+                if tick is not None and not select.select([self._channel], [], [], _TICK)[0]:
+                    tick()
+                    continue
                 message, _ = self._channel.receive()
                 if message is None:
                     break
                 if "stopped" in message:
                     self._suspend()
+                elif "reconfigured" in message:
+                    if message["reconfigured"]:
+                        print(f"sinfonia-tier3: cannot change the application's network: "
+                              f"{message['reconfigured']}", file=sys.stderr)
                 elif "error" in message:  # exec failed (with a status), or init
                     failure = message
             status = self._reap()
@@ -4321,10 +4498,22 @@ _GENL_ID_CTRL = 0x10
 _CTRL_CMD_GETFAMILY = 3
 _CTRL_ATTR_FAMILY_ID = 1
 _CTRL_ATTR_FAMILY_NAME = 2
-_WG_CMD_GET_DEVICE = 0
+_WG_CMD_GET_DEVICE, _WG_CMD_SET_DEVICE = 0, 1
 _WGDEVICE_A_IFNAME = 2
+_WGDEVICE_A_FLAGS = 5
 _WGDEVICE_A_PEERS = 8
+_WGDEVICE_F_REPLACE_PEERS = 1
+_WGPEER_A_PUBLIC_KEY = 1
+_WGPEER_A_FLAGS = 3
+_WGPEER_A_ENDPOINT = 4
+_WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 5
 _WGPEER_A_LAST_HANDSHAKE_TIME = 6
+_WGPEER_A_RX_BYTES = 7
+_WGPEER_A_TX_BYTES = 8
+_WGPEER_A_ALLOWEDIPS = 9
+_WGPEER_F_REPLACE_ALLOWEDIPS = 2
+_WGALLOWEDIP_A_FAMILY, _WGALLOWEDIP_A_IPADDR, _WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
+_NLA_F_NESTED = 0x8000
 _NLM_F_REQUEST = 0x1
 _NLM_F_ACK = 0x4
 _NLM_F_DUMP = 0x300
@@ -4388,25 +4577,72 @@ def _genl_request(sock, family, command, attrs, flags=0):
             offset += (length + 3) & ~3
 
 
-def _kernel_handshake_seen(sock, ifname):
-    """Whether kernel WireGuard link `ifname` (in `sock`'s namespace) has had a
-    handshake with its peer.
+def _wireguard_family(sock):
+    """The generic netlink family id of WireGuard, asked over `sock`."""
+    (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
+                              _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
+    return struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
+
+
+def _kernel_peer_state(sock, ifname):
+    """(last handshake in epoch seconds or 0, bytes received, bytes sent) of
+    the peer of kernel WireGuard link `ifname` (in `sock`'s namespace).
 
     Generic netlink by hand, not pyroute2's WireGuard: the tool itself has not
     loaded pyroute2 (only the holder has), and loading it here costs 100-170 ms
     before the first look and 12 MiB for the whole session with pyroute2 0.9
-    (65 ms with Debian's 0.7.2), for two requests of a few attributes."""
-    (family,) = _genl_request(sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY,
-                              _nlattr(_CTRL_ATTR_FAMILY_NAME, b"wireguard\0"))[:1]
-    family_id = struct.unpack("=H", _nlattrs(family)[_CTRL_ATTR_FAMILY_ID][:2])[0]
-    for answer in _genl_request(sock, family_id, _WG_CMD_GET_DEVICE,
+    (65 ms with Debian's 0.7.2), for requests of a few attributes."""
+    for answer in _genl_request(sock, _wireguard_family(sock), _WG_CMD_GET_DEVICE,
                                 _nlattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0"),
                                 _NLM_F_DUMP):
         for peer in _nlattrs(_nlattrs(answer).get(_WGDEVICE_A_PEERS, b"")).values():
-            seconds = _nlattrs(peer).get(_WGPEER_A_LAST_HANDSHAKE_TIME, b"")[:8]
-            if len(seconds) == 8 and struct.unpack("=q", seconds)[0] > 0:
-                return True
-    return False
+            attrs = _nlattrs(peer)
+            values = [attrs.get(kind, b"")[:8] for kind in (
+                _WGPEER_A_LAST_HANDSHAKE_TIME, _WGPEER_A_RX_BYTES, _WGPEER_A_TX_BYTES)]
+            return tuple(struct.unpack("=q", v)[0] if len(v) == 8 else 0 for v in values)
+    return 0, 0, 0
+
+
+def _kernel_handshake_seen(sock, ifname):
+    """Whether kernel WireGuard link `ifname` has had a handshake with its peer."""
+    return _kernel_peer_state(sock, ifname)[0] > 0
+
+
+def _kernel_replace_peer(sock, ifname, public_key, endpoint, allowed_ips,
+                         persistent_keepalive):
+    """Make the peer of kernel WireGuard link `ifname` (in `sock`'s
+    namespace) a new one: `public_key` at `endpoint` (an IP literal and a
+    port), which starts without session keys (a new handshake). Over a
+    socket opened inside the namespace, it needs CAP_NET_ADMIN over the
+    namespace, which root has, and the user who owns its user namespace."""
+    import ipaddress
+    import socket
+
+    host, port = endpoint
+    address = ipaddress.ip_address(host)
+    if address.version == 4:
+        sockaddr = struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) \
+            + address.packed + bytes(8)
+    else:
+        sockaddr = struct.pack("=H", socket.AF_INET6) + struct.pack(">HI", port, 0) \
+            + address.packed + bytes(4)
+    allowed = b"".join(_nlattr(_NLA_F_NESTED, b"".join((
+        _nlattr(_WGALLOWEDIP_A_FAMILY, struct.pack(
+            "=H", socket.AF_INET if network.version == 4 else socket.AF_INET6)),
+        _nlattr(_WGALLOWEDIP_A_IPADDR, network.network_address.packed),
+        _nlattr(_WGALLOWEDIP_A_CIDR_MASK, bytes((network.prefixlen,))))))
+        for network in allowed_ips)
+    peer = b"".join((
+        _nlattr(_WGPEER_A_PUBLIC_KEY, bytes(public_key)),
+        _nlattr(_WGPEER_A_FLAGS, struct.pack("=I", _WGPEER_F_REPLACE_ALLOWEDIPS)),
+        _nlattr(_WGPEER_A_ENDPOINT, sockaddr),
+        _nlattr(_WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, struct.pack("=H",
+                                                                      persistent_keepalive)),
+        _nlattr(_WGPEER_A_ALLOWEDIPS | _NLA_F_NESTED, allowed)))
+    _genl_request(sock, _wireguard_family(sock), _WG_CMD_SET_DEVICE, b"".join((
+        _nlattr(_WGDEVICE_A_IFNAME, ifname.encode() + b"\0"),
+        _nlattr(_WGDEVICE_A_FLAGS, struct.pack("=I", _WGDEVICE_F_REPLACE_PEERS)),
+        _nlattr(_WGDEVICE_A_PEERS | _NLA_F_NESTED, _nlattr(_NLA_F_NESTED, peer)))))
 
 
 def _endpoint_literal(host, port):
@@ -4470,9 +4706,10 @@ class _Tunnel:
         """Return once the backend answers at each (host, port) of `targets`."""
         self.namespace.wait_for(targets, timeout, debug=debug)
 
-    def run(self, command, env_extra):
-        """The application's exit status, once it has run behind the tunnel."""
-        return self.namespace.run(command, env_extra)
+    def run(self, command, env_extra, tick=None):
+        """The application's exit status, once it has run behind the tunnel;
+        `tick()` runs every _TICK s meanwhile (`_TunnelKeeper.tick`)."""
+        return self.namespace.run(command, env_extra, tick)
 
     def close(self):
         self.namespace.close()
@@ -4518,6 +4755,21 @@ class _UserspaceTunnel(_Tunnel):
         self.progress(f"handshake with {config.endpoint} done; starting the application",
                       debug)
 
+    def trouble(self):
+        """Why the tunnel looks lost (a TunnelError), or None (`Datapath.trouble`)."""
+        return self._datapath.trouble()
+
+    def handshake_done(self):
+        """Whether the peer has answered since the last `apply`."""
+        return self._datapath.handshake_done()
+
+    def apply(self, config):
+        """Point the running tunnel at `config`'s cloudlet (key, endpoint
+        resolved again, allowed IPs) with a new handshake; the endpoint's
+        address. The application's addresses are `namespace.reconfigure`'s."""
+        self._datapath.restart(config.public_key, config.endpoint, config.allowed_ips)
+        return self._datapath.stats()["endpoint"][0]
+
     def close(self):
         if self._datapath is not None:
             self._datapath.stop()
@@ -4540,6 +4792,8 @@ class _KernelTunnel(_Tunnel):
 
         super().__init__(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu)
         self._watcher = None
+        self._traffic = (0, 0)  # bytes received and sent at the last look
+        self._unanswered_since = None
 
     def connect(self, config, keypair, *, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
                 debug=False):
@@ -4568,6 +4822,51 @@ class _KernelTunnel(_Tunnel):
             if time.monotonic() > deadline:
                 raise _no_answer(config, connect_timeout)
             time.sleep(0.05)
+
+    def trouble(self):
+        """Why the tunnel looks lost (a TunnelError), or None. The kernel
+        keeps no time of unanswered sending: what the link sent since it
+        last received, other than lone keepalives (_KEEPALIVE_SIZE bytes),
+        counts as unanswered from the look that saw it, and the tunnel is
+        lost after _DATA_LOST_AFTER s of it (a handshake too: the kernel's
+        initiations count as sent)."""
+        try:
+            _, received, sent = _kernel_peer_state(self._watcher, self.namespace.interface.name)
+        except (OSError, TunnelError) as e:
+            return TunnelError(f"cannot read the kernel WireGuard link: {e}")
+        now = time.monotonic()
+        last_received, last_sent = self._traffic
+        self._traffic = received, sent
+        if received != last_received:
+            self._unanswered_since = None
+        elif sent - last_sent not in (0, _KEEPALIVE_SIZE) and self._unanswered_since is None:
+            self._unanswered_since = now
+        if self._unanswered_since is not None and \
+                now - self._unanswered_since >= _DATA_LOST_AFTER:
+            return TunnelError(f"no answer for {now - self._unanswered_since:.0f} s")
+        return None
+
+    def handshake_done(self):
+        """Whether the peer has answered since the last `apply`."""
+        try:
+            return _kernel_handshake_seen(self._watcher, self.namespace.interface.name)
+        except (OSError, TunnelError):
+            return False
+
+    def apply(self, config):
+        """Make the link's peer `config`'s cloudlet (key, endpoint resolved
+        again, allowed IPs), from scratch: a new handshake. The endpoint's
+        address."""
+        endpoint = _endpoint_literal(*config.endpoint)
+        try:
+            _kernel_replace_peer(self._watcher, self.namespace.interface.name,
+                                 config.public_key, endpoint, config.allowed_ips,
+                                 _PERSISTENT_KEEPALIVE)
+        except OSError as e:
+            raise TunnelError(f"cannot change the kernel WireGuard link: {e.strerror}") \
+                from None
+        self._traffic, self._unanswered_since = (0, 0), None
+        return endpoint[0]
 
     def close(self):
         if self._watcher is not None:
@@ -4752,6 +5051,114 @@ def _choose_tunnel(requested, *, debug=False):
     return choice
 
 
+_RETRY_FIRST, _RETRY_MOST = _REKEY_TIMEOUT, 30.0  # seconds between recovery attempts
+_WORKER_RESTART_SPACING = 1.0  # seconds at least between restarts of a datapath
+
+
+def _config_changes(old, new):
+    """What differs between two TunnelConfigs, in words."""
+    changes = []
+    if new.public_key != old.public_key:
+        changes.append("new cloudlet key")
+    if new.endpoint != old.endpoint:
+        changes.append(f"endpoint {new.endpoint}")
+    if new.addresses != old.addresses:
+        changes.append("address " + " ".join(str(a) for a in new.addresses))
+    if new.allowed_ips != old.allowed_ips:
+        changes.append("allowed IPs " + " ".join(str(n) for n in new.allowed_ips))
+    if (new.nameservers, new.search_domains) != (old.nameservers, old.search_domains):
+        changes.append("DNS")
+    return changes
+
+
+class _TunnelKeeper:
+    """Keeps a running session's tunnel up, for as long as the application
+    runs (`tick()`, called every _TICK s by `_Tunnel.run`).
+
+    A tunnel is lost when the backend says so (`trouble()`: a handshake
+    unanswered for _HANDSHAKE_LOST_AFTER s, data for _DATA_LOST_AFTER s).
+    Then, until the cloudlet answers a handshake again: deploy again with
+    the same key (which gives the same deployment back, or a new one where
+    it expired), point the tunnel at what came back, with the endpoint's
+    name resolved again, and move the application's addresses, routes and
+    DNS where they changed; attempts are _RETRY_FIRST s apart, doubling up
+    to _RETRY_MOST. A datapath worker that ends is replaced at once (a new
+    handshake) without deploying again, at most once a second.
+    Each event is one line on stderr; nothing is fatal.
+    """
+
+    def __init__(self, backend, deployment, redeploy):
+        self.backend = backend
+        self.deployment = deployment
+        self.redeploy = redeploy  # () -> the deployment Tier 1 gives now
+        self.lost_at = None
+        self.next_attempt = 0.0
+        self.spacing = _RETRY_FIRST
+        self.last_restart = -1e9
+
+    def tick(self):
+        now = time.monotonic()
+        if self.lost_at is not None:
+            if self.backend.handshake_done():
+                print(f"sinfonia-tier3: tunnel back after {now - self.lost_at:.0f} s",
+                      file=sys.stderr)
+                self.lost_at = None
+                self.spacing = _RETRY_FIRST
+            elif now >= self.next_attempt:
+                self._attempt(now)
+            return
+        trouble = self.backend.trouble()
+        if trouble is None:
+            return
+        if isinstance(trouble, _WorkerEndedError):
+            if now - self.last_restart < _WORKER_RESTART_SPACING:
+                return  # ended again at once: not in a busy loop
+            self.last_restart = now
+            try:
+                self.backend.apply(self.deployment.tunnel_config)
+            except TunnelError as e:
+                print(f"sinfonia-tier3: tunnel lost: {trouble}, and the datapath cannot "
+                      f"start again: {e}", file=sys.stderr)
+                self.lost_at, self.next_attempt = now, now + self.spacing
+            else:
+                print(f"sinfonia-tier3: {trouble}; datapath restarted", file=sys.stderr)
+            return
+        print(f"sinfonia-tier3: tunnel lost: {trouble}; deploying again", file=sys.stderr)
+        self.lost_at = now
+        self._attempt(now)
+
+    def _attempt(self, now):
+        self.next_attempt = now + self.spacing
+        retry = f"trying again in {self.spacing:g} s"
+        self.spacing = min(2 * self.spacing, _RETRY_MOST)
+        old = self.deployment.tunnel_config
+        try:
+            deployment = self.redeploy()
+        except SinfoniaError as e:
+            print(f"sinfonia-tier3: deploying again failed: {e}; {retry}", file=sys.stderr)
+            deployment = self.deployment  # its endpoint's name may resolve elsewhere now
+        config = deployment.tunnel_config
+        try:
+            address = self.backend.apply(config)
+        except TunnelError as e:
+            print(f"sinfonia-tier3: cannot point the tunnel at {config.endpoint}: {e}; "
+                  f"{retry}", file=sys.stderr)
+            return
+        try:
+            self.backend.namespace.reconfigure(config.addresses, config.allowed_ips,
+                                               _resolv_conf_or_none(config))
+        except TunnelError as e:  # the application is ending, say
+            print(f"sinfonia-tier3: cannot change the application's network: {e}",
+                  file=sys.stderr)
+        if deployment is not self.deployment:
+            changes = _config_changes(old, config) or ["nothing changed"]
+            if address != config.endpoint.host:
+                changes.append(f"{config.endpoint.host} at {address}")
+            print(f"sinfonia-tier3: deployed again {deployment.deployment_name or deployment.uuid} "
+                  f"({deployment.status}): {', '.join(changes)}", file=sys.stderr)
+        self.deployment = deployment
+
+
 def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOUT,
                      debug=False, as_json=False, config_debug=False, qrcode=None,
                      hints=None, zeroconf=False, zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT,
@@ -4783,11 +5190,13 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
                  debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
                  tunnel="auto", hints=None, zeroconf=False,
                  zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT, wait_for=(),
-                 ready_timeout=_DEFAULT_READY_TIMEOUT):
+                 ready_timeout=_DEFAULT_READY_TIMEOUT, reconnect=True):
     """Deploy `uuid` and run `command` behind the tunnel to it, once each
     (host, port) of `wait_for` answers; the application's exit status. Under
     `--tunnel auto`, a userspace tunnel that fails in the namespace itself
-    gives way to the kernel's through sudo."""
+    gives way to the kernel's through sudo. With `reconnect` a
+    `_TunnelKeeper` keeps the tunnel up meanwhile, deploying again where the
+    chosen deployment came from."""
     choice = _choose_tunnel(tunnel, debug=debug)
     backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
     try:
@@ -4809,7 +5218,13 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             backend = _KernelTunnel(mtu=mtu)
             backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
         backend.wait_for(wait_for, ready_timeout, debug=debug)
-        return backend.run(command, _application_environment(deployment, chosen.source))
+        keeper = None
+        if reconnect:
+            keeper = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
+                chosen.source, uuid, keypair, results=1, timeout=timeout, debug=debug,
+                hints=hints)[0])
+        return backend.run(command, _application_environment(deployment, chosen.source),
+                           keeper and keeper.tick)
     finally:
         backend.close()
 
@@ -5051,6 +5466,14 @@ def _argument_parser():
         "sudo (default %(default)s)",
     )
     parser.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="leave a lost tunnel lost: by default, while COMMAND runs, a tunnel "
+        "whose cloudlet stops answering (for 10 s to a handshake, 15 s to data) "
+        "is deployed again and moved to the new key, endpoint, address and DNS, "
+        "and a datapath that fails is restarted, each told in one line on stderr",
+    )
+    parser.add_argument(
         "--qrcode",
         choices=["compact", "alt"],
         help="print the tunnel as a QR code for the WireGuard Android app and exit",
@@ -5083,7 +5506,8 @@ def main(argv=None):
         return _run_session(
             options.tier1_url, options.application, command, mtu=options.mtu,
             tunnel=options.tunnel, wait_for=options.wait_for,
-            ready_timeout=options.ready_timeout, **common)
+            ready_timeout=options.ready_timeout, reconnect=not options.no_reconnect,
+            **common)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         if options.json:

@@ -44,10 +44,11 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid as uuidlib
 
 from checkout import REPO
-from netns import DelayingRelay, generate_keypair
+from netns import DelayingRelay, generate_keypair, pattern_blocks
 from sessions import tun_closed
 
 HELLOWORLD = "00000000-0000-0000-0000-000000000000"
@@ -70,6 +71,12 @@ class StaticWireGuard:
         self.endpoint = endpoint or f"127.0.0.1:{unused_udp_port()}"
         self._next_host = 2
         self._lock = threading.Lock()
+
+    def release(self, client_public_key):
+        """Nothing serves the peer: nothing to stop."""
+
+    def restart(self):
+        self.private_key, self.public_key = generate_keypair()
 
     def tunnel_config_for(self, uuid, client_public_key):
         with self._lock:
@@ -210,8 +217,9 @@ class Cloudlet:
             return problem(404, "Not Found", f"no backend {uuid} on this cloudlet")
         with self._lock:
             existing = self._deployments.get((uuid, key))
-            if method == "DELETE":
+            if method == "DELETE":  # as an expiry does: the peer goes too
                 self._deployments.pop((uuid, key), None)
+                self.wireguard.release(key)
                 return 204, "", b""
             if method == "GET" and existing is None:
                 return problem(404, "Not Found", "no such deployment")
@@ -223,6 +231,27 @@ class Cloudlet:
         if self.rewrite is not None:
             deployments = self.rewrite(json.loads(json.dumps(deployments)))
         return 200, "application/json", json.dumps(deployments).encode()
+
+    def expire_all(self):
+        """DELETE every deployment through the API, as a Tier 2's expiry ends it."""
+        with self._lock:
+            keys = list(self._deployments)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for uuid, key in keys:
+            key_text = base64.urlsafe_b64encode(key).decode().rstrip("=")
+            request = urllib.request.Request(
+                f"{self.url}/api/v1/deploy/{uuid}/{key_text}", method="DELETE"
+            )
+            with opener.open(request, timeout=10) as answer:
+                if answer.status != 204:
+                    raise RuntimeError(f"DELETE answered {answer.status}")
+
+    def restart(self):
+        """Come back as a cloudlet that remembers nothing and has a new
+        WireGuard key (same URL): every deployment and peer is gone."""
+        with self._lock:
+            self._deployments.clear()
+        self.wireguard.restart()
 
     def _new_deployment(self, uuid, key):
         name = "helloworld" if uuid == HELLOWORLD else f"app-{uuid[:8]}"
@@ -382,6 +411,7 @@ SEARCH_DOMAINS = (
     "cluster.local",
 )
 TUNNEL_MTU = 1420
+PATTERN_LIMIT = 64 << 20
 
 _DNS_TTL = 5
 _DNS_A, _DNS_ANY, _DNS_IN = 1, 255, 1
@@ -486,11 +516,23 @@ def serve_dns(sock, records):
 
 
 class HelloWorldHandler(http.server.BaseHTTPRequestHandler):
-    """The `helloworld` backend: a page that tells the client its tunnel address."""
+    """The `helloworld` backend: a page that tells the client its tunnel
+    address; /pattern/N: the first N bytes of tests/netns.py's pattern
+    stream (at most PATTERN_LIMIT), for checksummed downloads."""
 
     server_version = "sinfonia-test-cloudlet"
 
     def do_GET(self):
+        size = self.path[len("/pattern/") :]
+        if self.path.startswith("/pattern/") and size.isdigit():
+            size = min(int(size), PATTERN_LIMIT)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            for block in pattern_blocks(size):
+                self.wfile.write(block)
+            return
         body = (
             "Hello from the sinfonia test cloudlet!\n"
             f"Your tunnel address is {self.client_address[0]}.\n"
@@ -809,7 +851,14 @@ class _DatapathResponder:
     """Our own `sinfonia_tier3.Datapath` as responder; owns the TUN fd."""
 
     def __init__(
-        self, datapath_class, tun_fd, private_key, peer_public_key, allowed_ips, host
+        self,
+        datapath_class,
+        tun_fd,
+        private_key,
+        peer_public_key,
+        allowed_ips,
+        host,
+        port=0,
     ):
         self._tun_fd = tun_fd
         try:
@@ -818,13 +867,16 @@ class _DatapathResponder:
                 private_key,
                 peer_public_key,
                 allowed_ips=allowed_ips,
-                listen=(host, 0),
+                listen=(host, port),
             )
             self._datapath.start()
         except BaseException:
             os.close(tun_fd)
             raise
         self.listen_port = self._datapath.listen_port
+
+    def last_handshake(self):
+        return self._datapath.stats()["last_handshake"]
 
     def stop(self):
         try:
@@ -838,10 +890,14 @@ class WireGuardServer:
 
     `implementation` is "sinfonia" (our own `Datapath` as responder, default)
     or "wireguard-go". A client key seen again gets its old tunnel back, as a
-    real cloudlet gives the same deployment to the same key.
+    real cloudlet gives the same deployment to the same key. The endpoint
+    handed out is `name` (default: `host`) and the responder's port; `move`
+    serves from another address, as a cloudlet whose name is moved there.
     """
 
-    def __init__(self, implementation="sinfonia", host="127.0.0.1", max_clients=64):
+    def __init__(
+        self, implementation="sinfonia", host="127.0.0.1", max_clients=64, name=None
+    ):
         if implementation == "sinfonia":
             self._datapath_class = _tool().Datapath
         elif implementation == "wireguard-go":
@@ -850,6 +906,7 @@ class WireGuardServer:
             raise ValueError(f"unknown WireGuard implementation {implementation!r}")
         self.implementation = implementation
         self.host = host
+        self.name = name or host
         self.max_clients = max_clients
         self._private_key, self.public_key = generate_keypair()
         self._lock = threading.Lock()
@@ -857,7 +914,11 @@ class WireGuardServer:
         self._next_index = 2  # 10.44.0.2 is the first client's address
         self.namespace = CloudletNamespace()
 
-    def _responder(self, tun_fd, tun_name, client_key, client_address):
+    def _responder(self, client_key, client_address, port=0):
+        tun_name = f"cl{int(client_address) - int(CLIENT_NETWORK[0])}"
+        tun_fd = self.namespace.open_tun(
+            tun_name, client_address, packet_info=self.implementation == "wireguard-go"
+        )
         allowed = [ipaddress.ip_network(f"{client_address}/32")]
         if self.implementation == "wireguard-go":
             return _WireGuardGoResponder(
@@ -870,6 +931,7 @@ class WireGuardServer:
             client_key,
             allowed,
             self.host,
+            port,
         )
 
     def tunnel_config_for(self, uuid, client_key):
@@ -887,14 +949,10 @@ class WireGuardServer:
                     )
                 index, self._next_index = self._next_index, self._next_index + 1
                 address = CLIENT_NETWORK[index]
-                tun_name = f"cl{index}"
-                tun_fd = self.namespace.open_tun(
-                    tun_name, address, packet_info=self.implementation == "wireguard-go"
-                )
-                responder = self._responder(tun_fd, tun_name, client_key, address)
+                responder = self._responder(client_key, address)
                 self._peers[client_key] = (address, responder)
             address, responder = self._peers[client_key]
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = f"[{self.name}]" if ":" in self.name else self.name
         return {
             "publicKey": base64.b64encode(self.public_key).decode(),
             "allowedIPs": [str(CLOUDLET_NETWORK)],
@@ -910,14 +968,43 @@ class WireGuardServer:
         if peer is not None:
             peer[1].stop()
 
-    def close(self):
-        """Stop every responder and the cloudlet's namespace."""
+    def last_handshakes(self):
+        """The time (epoch seconds) of each client's last completed handshake,
+        in the order the clients came; our own responders only."""
+        with self._lock:
+            responders = [responder for _, responder in self._peers.values()]
+        return [responder.last_handshake() for responder in responders]
+
+    def restart(self):
+        """Forget every client, and take a new key: a restarted cloudlet."""
+        self._stop_responders()
+        with self._lock:
+            self._private_key, self.public_key = generate_keypair()
+            self._next_index = 2
+
+    def move(self, host):
+        """Serve every client from `host` (same ports) and no longer from the
+        old address; the endpoints handed out keep their name."""
+        if self.implementation != "sinfonia":
+            raise ValueError("wireguard-go listens on every address: it cannot move")
+        with self._lock:
+            self.host = host
+            for key, (address, responder) in list(self._peers.items()):
+                port = responder.listen_port
+                responder.stop()
+                self._peers[key] = (address, self._responder(key, address, port))
+
+    def _stop_responders(self):
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
         # Newest first: a responder's worker processes hold copies of the
         # descriptors of the responders started before it.
         for _, responder in reversed(peers):
             responder.stop()
+
+    def close(self):
+        """Stop every responder and the cloudlet's namespace."""
+        self._stop_responders()
         self.namespace.close()
 
     def __enter__(self):

@@ -39,6 +39,7 @@ import time
 import traceback
 
 __all__ = [
+    "CallerNetwork",
     "Child",
     "DelayingRelay",
     "Namespace",
@@ -51,6 +52,7 @@ __all__ = [
     "missing_programs",
     "missing_requirements",
     "move_link",
+    "pattern_blocks",
     "pattern_sha256",
     "require_programs",
     "unique_name",
@@ -679,7 +681,7 @@ _BLOCK = 1 << 16
 _PATTERN = hashlib.shake_256(b"sinfonia-tier3 interop pattern").digest(2 * _BLOCK)
 
 
-def _pattern_blocks(size):
+def pattern_blocks(size):
     """The deterministic stream: numbered 64 KiB blocks of shifting bytes, so
     lost, repeated or reordered data changes the checksum."""
     index = 0
@@ -694,7 +696,7 @@ def _pattern_blocks(size):
 def pattern_sha256(size):
     """The sha256 of the first `size` bytes of the pattern stream."""
     digest = hashlib.sha256()
-    for block in _pattern_blocks(size):
+    for block in pattern_blocks(size):
         digest.update(block)
     return digest.hexdigest()
 
@@ -706,7 +708,7 @@ def _send_and_receive(sock, size, counters, slot, timeout):
 
     def send():
         try:
-            for block in _pattern_blocks(size):
+            for block in pattern_blocks(size):
                 sock.sendall(block)
             sock.shutdown(socket.SHUT_WR)
         except OSError as e:
@@ -811,3 +813,50 @@ class Transfer:
 def exchange(server_ns, server_address, client_ns, size, *, timeout=60):
     """Send `size` bytes each way between the namespaces and verify them."""
     Transfer(server_ns, server_address, client_ns, size, timeout=timeout).wait()
+
+
+class CallerNetwork:
+    """A namespace for the tool, joined to this one by a veth pair: this
+    side is 10.97.0.1/24 (where a cloudlet may listen), the namespace's side
+    10.97.0.2/24 with its default route here. `readdress()` moves the
+    namespace's side to the other of 10.97.0.2 and .3, as a caller whose
+    address changes. `prefix` runs a command inside."""
+
+    HOST = "10.97.0.1"
+
+    def __init__(self):
+        self.namespace = Namespace("st3cn")
+        self.outside, self.inside = unique_name("st3co"), unique_name("st3ci")
+        try:
+            _run(["ip", "link", "add", self.outside, "type", "veth", "peer", "name",
+                  self.inside, "netns", self.namespace.name])
+            _run(["ip", "address", "add", f"{self.HOST}/24", "dev", self.outside])
+            _run(["ip", "link", "set", self.outside, "up"])
+            # The new address stays when the old one goes (by default the
+            # kernel removes an address's secondaries with it).
+            setting = f"/proc/sys/net/ipv4/conf/{self.inside}/promote_secondaries"
+            self.namespace.run(["sh", "-c", f"echo 1 > {setting}"])
+            self.address = "10.97.0.2/24"
+            self.namespace.add_addresses(self.inside, [self.address])
+            self.namespace.ip("route", "add", "default", "via", self.HOST)
+        except BaseException:
+            self.close()
+            raise
+        self.prefix = ["ip", "netns", "exec", self.namespace.name]
+
+    def readdress(self):
+        new = "10.97.0.3/24" if self.address == "10.97.0.2/24" else "10.97.0.2/24"
+        self.namespace.ip("address", "add", new, "dev", self.inside)
+        self.namespace.ip("address", "del", self.address, "dev", self.inside)
+        self.address = new
+
+    def close(self):
+        """Delete the namespace, and with it the pair (or this side of it)."""
+        self.namespace.close()
+        _run(["ip", "link", "del", self.outside], check=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -12,6 +12,7 @@ import errno
 import os
 import pty
 import pwd
+import queue
 import select
 import shutil
 import signal
@@ -19,8 +20,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
+from checkout import REPO
 from netns import require_programs
 
 USER = "sinfonia-test"
@@ -381,3 +384,148 @@ def wait_until_stopped(pid, timeout=10.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} did not stop")
         time.sleep(0.02)
+
+
+# Sessions whose application keeps asking its backend #########################
+
+# python -c RUN_WITH TOOL SETTINGS ARGS...: the tool, with the module
+# constants in SETTINGS (a Python dict literal) changed first. Test-only:
+# how tests and benchmarks shorten the protocol's clocks and bounds.
+RUN_WITH = """\
+import ast, importlib.util, sys
+spec = importlib.util.spec_from_file_location("sinfonia_tier3", sys.argv.pop(1))
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+for name, value in ast.literal_eval(sys.argv.pop(1)).items():
+    assert hasattr(tool, name), name
+    setattr(tool, name, value)
+sys.exit(tool.main(sys.argv[1:]))
+"""
+
+def start_tool(runner, args, prefix=(), settings=None):
+    """Popen of the tool with `args`, as `runner`'s user, after the command
+    `prefix`, with the module constants `settings` (RUN_WITH); text stdout
+    and stderr piped."""
+    argv = runner.command([runner.python, "-c", RUN_WITH, str(REPO / "sinfonia_tier3.py"),
+                           repr(settings or {}), *args])
+    return subprocess.Popen([*prefix, *argv], env=runner.env(), cwd=runner.scratch,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+# The application needs only the standard library: the system's Python
+# (which any user may run), where there is one.
+APPLICATION_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+# The application: asks URL every 0.1 s for at most LIFETIME seconds; one
+# line per request: "ok" (the helloworld page came), "bad" or "fail", then
+# when the request started and ended (CLOCK_MONOTONIC, which all the
+# machine's processes share).
+ASKING = r"""
+import sys, time, urllib.request
+url, lifetime = sys.argv[1], float(sys.argv[2])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.monotonic() + lifetime
+while time.monotonic() < deadline:
+    start = time.monotonic()
+    try:
+        with opener.open(url, timeout=1.0) as answer:
+            good = answer.read().startswith(b"Hello from the sinfonia test cloudlet")
+        result = "ok" if good else "bad"
+    except OSError:
+        result = "fail"
+    print(result, start, time.monotonic(), flush=True)
+    time.sleep(0.1)
+"""
+
+
+class AskingSession:
+    """The tool (as `runner`'s user, after the command `prefix`) with the
+    module constants `settings` (RUN_WITH), running ASKING on `url` as its
+    application. `after(fault)` times a fault; `end()` stops it all."""
+
+    def __init__(self, runner, args, prefix=(), settings=None, url="http://helloworld/",
+                 lifetime=600):
+        self.process = start_tool(runner, [*args, "--", APPLICATION_PYTHON, "-c", ASKING,
+                                           url, str(lifetime)], prefix, settings)
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            result, start, end = line.split()
+            self._lines.put((result, float(start), float(end)))
+        self._lines.put(None)
+
+    def answers(self, seconds):
+        """(result, start, end) of each request that ends in the next `seconds`."""
+        deadline, answers = time.monotonic() + seconds, []
+        while True:
+            try:
+                answer = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return answers
+            if answer is None:
+                return answers
+            answers.append(answer)
+
+    def first_good(self, since, timeout):
+        """When the first request started after `since` got its good answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no good answer in time"
+            try:
+                answer = self._lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            assert answer is not None, f"the application ended: {self.end()}"
+            result, start, end = answer
+            if result == "ok" and start >= since:
+                return end
+
+    def after(self, fault, timeout=60):
+        """Run `fault()` once the backend answers; the seconds from the fault
+        to the application's first good answer after it."""
+        self.first_good(0, 60)
+        at = time.monotonic()
+        fault()
+        return self.first_good(at, timeout) - at
+
+    def end(self):
+        """Stop the session (SIGTERM reaches the application); its stderr."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = self.process.communicate(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        return stderr
+
+
+def datapath_workers(tool_pid):
+    """The tool's children that stayed in its network namespace: the
+    datapath's workers (the namespace holder has one of its own)."""
+    own = os.stat(f"/proc/{tool_pid}/ns/net").st_ino
+    with open(f"/proc/{tool_pid}/task/{tool_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    return [pid for pid in children if os.stat(f"/proc/{pid}/ns/net").st_ino == own]
+
+
+def kill_a_worker(tool_pid):
+    """SIGKILL one of the tool's two datapath workers."""
+    workers = datapath_workers(tool_pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+
+
+def hosts_file_prefix(hosts):
+    """A command prefix: run in a mount namespace of its own where `hosts`
+    is bind-mounted on /etc/hosts, so that the endpoint's name is a real
+    resolver lookup (glibc reads the file at each one) of a name the
+    caller controls. Needs root."""
+    require_programs("unshare", "mount")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', hosts]

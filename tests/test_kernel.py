@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sessions
 from checkout import REPO
 from netns import generate_keypair, missing_programs, require_programs
 
@@ -958,3 +959,63 @@ def test_auto_turns_to_sudo_when_the_userspace_tunnel_fails_at_run_time(cloudlet
                and "trying the kernel's WireGuard through sudo" in line
                for line in lines), result.stderr
     assert "sudo" in lines[-1] and "Traceback" not in result.stderr, result.stderr
+
+
+# Sessions that last, on the kernel backend ######################################
+
+
+class _SudoUserRunner(sessions.Runner):
+    """sessions.Runner for `uid`, the user with the sudo rule (SUDO_USER)."""
+
+    def __init__(self, uid, scratch):
+        super().__init__([], False, scratch)
+        self.uid = self.gid = uid
+
+    def command(self, argv):
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                *argv]
+
+    def env(self, cache="cache", **extra):
+        return {"PATH": os.environ["PATH"], "HOME": self.scratch,
+                "XDG_CACHE_HOME": os.path.join(self.scratch, cache), **extra}
+
+
+def _kernel_recovery(runner):
+    """A kernel-backend session that keeps asking while the cloudlet drops its
+    deployment (a new address and port come back); the tool's stderr."""
+    import cloudlet
+    with cloudlet.WireGuardServer("sinfonia") as server, \
+            cloudlet.Cloudlet(wireguard=server) as api:
+        session = sessions.AskingSession(
+            runner, ["--tunnel", "kernel", api.url, "helloworld"],
+            settings={"_DATA_LOST_AFTER": 3.0, "_RETRY_FIRST": 2.0})
+        try:
+            session.after(api.expire_all)
+        finally:
+            stderr = session.end()
+    assert "sinfonia-tier3: tunnel lost: no answer for " in stderr, stderr
+    assert "address 10.44.0.3/32" in stderr, stderr
+    assert "sinfonia-tier3: tunnel back after " in stderr, stderr
+
+
+@pytest.mark.recovery
+@needs_kernel_wg
+def test_a_kernel_link_follows_a_dropped_deployment_as_root(tmp_path):
+    _kernel_recovery(sessions.Runner([], False, str(tmp_path)))
+
+
+@pytest.mark.recovery
+@in_guest_only
+@needs_kernel_wg
+def test_a_kernel_link_follows_a_dropped_deployment_through_sudo(sudo_user):
+    # The peer changes over the netlink socket opened inside the namespace:
+    # the caller owns that namespace's user namespace, which is enough.
+    import shutil
+    import tempfile
+    uid, _ = sudo_user
+    scratch = tempfile.mkdtemp(prefix="st3-vm-home-")
+    os.chown(scratch, uid, uid)
+    try:
+        _kernel_recovery(_SudoUserRunner(uid, scratch))
+    finally:
+        shutil.rmtree(scratch)

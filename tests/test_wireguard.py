@@ -506,6 +506,33 @@ def test_new_handshake_when_sent_data_goes_unanswered():
     assert _kinds(pair.take()) == [1]
 
 
+def test_the_shared_counters_tell_how_long_the_peer_has_not_answered():
+    # What Datapath.trouble reads to tell a lost tunnel.
+    pair = Pair()
+    counters = pair.a.peer.counters
+    pair.a.peer.initiate()
+    first = pair.clock.now
+    pair.take()  # lost
+    pair.advance(st3._REKEY_TIMEOUT + 0.5)
+    pair.tick()  # retransmitted: unanswered since the first all the same
+    assert counters[st3._HANDSHAKE_PENDING_SINCE] == first
+    pair.pump()
+    assert counters[st3._HANDSHAKE_PENDING_SINCE] == 0
+    assert counters[st3._UNANSWERED_SINCE] == 0  # the keepalive that confirms is no data
+    pair.advance(1)
+    sent = pair.clock.now
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    pair.advance(1)
+    pair.a.sender.send_packet(_ip_packet(A_IP, B_IP))
+    assert counters[st3._UNANSWERED_SINCE] == sent  # the first data without an answer
+    pair.pump()
+    pair.advance(1)
+    pair.b.sender.send_packet(_ip_packet(B_IP, A_IP))
+    pair.pump()
+    assert counters[st3._UNANSWERED_SINCE] == 0
+    assert counters[st3._LAST_RECEIVED] == pair.clock.now
+
+
 def test_keys_zeroed_after_three_times_reject_after_time():
     pair = Pair()
     pair.handshake()
