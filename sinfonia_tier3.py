@@ -4127,7 +4127,11 @@ def _parse_forward(option, text):
     def bad(why):
         return UsageError(f"{option} {text!r}: {why} (expected {_FORWARD_SYNTAX[option]})")
 
-    parts = re.findall(r"\[[^\[\]]*\]|[^:\[\]]*", text)[::2]  # every other match is empty
+    parts = []
+    for match in re.finditer(r"(\[[^\[\]]*\]|[^:\[\]]*)(:|$)", text):
+        parts.append(match.group(1))
+        if not match.group(2):
+            break
     if ":".join(parts) != text:
         raise bad("brackets only go around a whole IPv6 address")
     sizes = (1, 2) if option == "-D" else (3, 4)
@@ -5280,7 +5284,7 @@ def _argument_parser():
         try:
             return _parse_forward(option, text)
         except UsageError as e:
-            raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+            raise argparse.ArgumentTypeError(str(e)[len(option) + 1:]) from None  # argparse names it
 
     def count(text):
         if not (text.isascii() and text.isdigit()) or int(text) < 1:

@@ -560,8 +560,9 @@ def _namespace_child(control_fd, parent_pid):
 
     Requests on the control socket (JSON, one per datagram):
     {"tun": NAME, "client": ADDRESS, "packet_info": BOOL} -> a TUN device routed
-    to ADDRESS, its fd passed back with {"ok": true}; any failure is
-    {"error": MESSAGE}.
+    to ADDRESS, its fd passed back with {"ok": true}; {"socket": "tcp"} -> a
+    new TCP socket of the namespace, for a test to connect from in here (a
+    backend calling the client); any failure is {"error": MESSAGE}.
     """
     _tool()._die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
@@ -595,6 +596,11 @@ def _namespace_child(control_fd, parent_pid):
             return
         try:
             request = json.loads(request)
+            if request.get("socket") == "tcp":
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as made:
+                    socket.send_fds(control, [json.dumps({"ok": True}).encode()],
+                                    [made.fileno()])
+                continue
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
             if request.get("packet_info"):
                 fd = _open_tun_with_packet_info(name)
@@ -659,9 +665,16 @@ class CloudletNamespace:
 
     def open_tun(self, name, client_address, packet_info=False):
         """A new TUN device `name` in the namespace, routed to `client_address`."""
-        request = json.dumps(
-            {"tun": name, "client": str(client_address), "packet_info": packet_info}
-        ).encode()
+        return self._descriptor(
+            {"tun": name, "client": str(client_address), "packet_info": packet_info})
+
+    def tcp_socket(self):
+        """A TCP socket made in the namespace: what it connects to is
+        reached from the cloudlet's side, as a backend would reach it."""
+        return socket.socket(fileno=self._descriptor({"socket": "tcp"}))
+
+    def _descriptor(self, request):
+        request = json.dumps(request).encode()
         with self._lock:
             self._control.send(request)
             message, fds, _, _ = socket.recv_fds(self._control, 4096, 1)
@@ -669,7 +682,7 @@ class CloudletNamespace:
             os.close(fd)
         self._reply(message)
         if not fds:
-            raise RuntimeError("cloudlet namespace sent no TUN descriptor")
+            raise RuntimeError("cloudlet namespace sent no descriptor")
         return fds[0]
 
     def close(self):
