@@ -3105,10 +3105,15 @@ def _close_private_descriptors(keep):
 
 # What the holder becomes once the network is set up: a fresh,
 # minimal interpreter that only waits for init, so that neither pyroute2 nor
-# the copy of the tool's heap stays in memory for the whole session.
+# the copy of the tool's heap stays in memory for the whole session. Its
+# other child, the relay of the forwards, is reaped too: it is in init's PID
+# namespace, and init's exit waits until every process there has been.
 _INIT_WAITER = """\
 import os, sys
-status = os.waitstatus_to_exitcode(os.waitpid(int(sys.argv[1]), 0)[1])
+pid = None
+while pid != int(sys.argv[1]):
+    pid, status = os.wait()
+status = os.waitstatus_to_exitcode(status)
 os._exit(status if status >= 0 else 128 - status)
 """
 
@@ -3139,11 +3144,19 @@ def _run_holder(channel, parent_pid, interface, mtu):
                 channel.close()
                 _become_init_waiter(init)
                 os.close(network_done)
-                status = _exit_status(os.waitpid(init, 0)[1])
+                status = _wait_for_init(init)
     except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
         _report_failure(channel, e)
     finally:
         os._exit(status)
+
+
+def _wait_for_init(init):
+    """What `_INIT_WAITER` does, where it cannot be exec'd: init's status."""
+    pid = None
+    while pid != init:
+        pid, status = os.wait()
+    return _exit_status(status)
 
 
 def _become_init_waiter(init):

@@ -261,7 +261,7 @@ def test_socks5_connect_on_loopback_with_ipv4_and_ipv6(relay):
 
 TOOL = str(REPO / "sinfonia_tier3.py")
 GREETING = "Hello from the sinfonia test cloudlet!\n"
-FORWARDING = re.compile(r"sinfonia-tier3: forwarding (\S+) ")
+FORWARDING = re.compile(r"sinfonia-tier3: forwarding (\S+) .*\n")
 
 e2e = pytest.mark.skipif(bool(sessions.missing_root()), reason=sessions.missing_root())
 
@@ -294,6 +294,17 @@ def _forwarding_lines(process, count, timeout=30):
             said += chunk
     text = said.decode()
     return FORWARDING.findall(text), text
+
+
+def _said(process):
+    """What the tool has said on stderr so far (for failure messages)."""
+    said = b""
+    while select.select([process.stderr], [], [], 0.5)[0]:
+        chunk = os.read(process.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        said += chunk
+    return said.decode(errors="replace")
 
 
 def _host_port(text):
@@ -389,9 +400,11 @@ def test_curl_through_L_D_and_R_then_sigterm_leaves_nothing(server, tool):
     assert process.returncode == 0, rest
     assert rest.splitlines()[-1] == "sinfonia-tier3: SIGTERM: closing the forwards", rest
     sessions.assert_nothing_left(pids, namespaces)
-    for address in (local, proxy):  # the ports are free again
+    for address in (local, proxy):  # nothing listens there any more
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
             probe.bind(_host_port(address))
+            probe.listen()
     if tool.as_user:
         assert sessions.files_of_user(tool.uid) == []
 
@@ -406,10 +419,10 @@ class Echo(socketserver.BaseRequestHandler):
                 break
             self.request.sendall(data)
         self.request.shutdown(socket.SHUT_WR)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-server = socketserver.ThreadingTCPServer(("127.0.0.1", 7777), Echo)
-server.daemon_threads = True
-server.request_queue_size = 128
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = daemon_threads = True
+    request_queue_size = 128  # the 100 connections come at once
+server = Server(("127.0.0.1", 7777), Echo)
 print("ready", flush=True)
 server.serve_forever()
 '''
@@ -467,7 +480,7 @@ def test_100_connections_at_once_and_200_mib_each_way(server):
             finally:
                 for client in clients:
                     client.close()
-            assert answers == [b"connection %d" % i for i in range(100)]
+            assert answers == [b"connection %d" % i for i in range(100)], _said(process)
             sent, received, count = _echo_through(address, _deterministic_chunks(BULK))
             assert (received, count) == (sent, BULK)
             process.send_signal(signal.SIGTERM)  # goes to the echo server
