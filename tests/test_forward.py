@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
 import cloudlet
 import pytest
@@ -261,7 +260,6 @@ def test_socks5_connect_on_loopback_with_ipv4_and_ipv6(relay):
 
 TOOL = str(REPO / "sinfonia_tier3.py")
 GREETING = "Hello from the sinfonia test cloudlet!\n"
-FORWARDING = re.compile(r"sinfonia-tier3: forwarding (\S+) .*\n")
 
 e2e = pytest.mark.skipif(bool(sessions.missing_root()), reason=sessions.missing_root())
 
@@ -279,21 +277,6 @@ def tool(request):
     """sessions.Runner as root or as the test user."""
     with sessions.tun_open_to_all(), sessions.user_directory() as scratch:
         yield sessions.Runner([TOOL], request.param == "user", scratch)
-
-
-def _forwarding_lines(process, count, timeout=30):
-    """The listening addresses of the first `count` "forwarding" lines on the
-    tool's stderr (read from its descriptor, bounded), and all it said."""
-    said, deadline = b"", time.monotonic() + timeout
-    while len(FORWARDING.findall(said.decode(errors="replace"))) < count:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0 and process.poll() is None, said.decode(errors="replace")
-        if select.select([process.stderr], [], [], remaining)[0]:
-            chunk = os.read(process.stderr.fileno(), 4096)
-            assert chunk, said.decode(errors="replace")
-            said += chunk
-    text = said.decode()
-    return FORWARDING.findall(text), text
 
 
 def _said(process):
@@ -359,7 +342,7 @@ def test_curl_through_L_D_and_R_then_sigterm_leaves_nothing(server, tool):
         process = tool.start("-L", "0:helloworld:80", "-D", "0", "-R",
                              f"0:127.0.0.1:{back}", api.url, "helloworld")
         try:
-            (local, proxy, remote), said = _forwarding_lines(process, 3)
+            (local, proxy, remote), said = sessions.forwarding_addresses(process, 3)
             assert re.search(r"forwarding 127\.0\.0\.1:\d+ -> helloworld:80\n", said), said
             assert re.search(r"forwarding 10\.44\.\d+\.\d+:\d+ in the namespace -> "
                              rf"127\.0\.0\.1:{back}\n", said), said
@@ -468,7 +451,7 @@ def test_100_connections_at_once_and_200_mib_each_way(server):
         process = tool.start("-L", "0:127.0.0.1:7777", api.url, "helloworld",
                              "--", sys.executable, "-c", ECHO_SERVER)
         try:
-            (local,), said = _forwarding_lines(process, 1)
+            (local,), said = sessions.forwarding_addresses(process, 1)
             assert process.stdout.readline() == "ready\n", said
             address = _host_port(local)
             clients = [socket.create_connection(address, timeout=30) for _ in range(100)]
