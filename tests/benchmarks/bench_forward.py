@@ -114,7 +114,9 @@ def main(argv=None):
     setup = {"inside": [], "-L": [], "-D": []}
     with cloudlet.WireGuardServer("sinfonia") as wireguard, \
             cloudlet.Cloudlet(wireguard=wireguard) as api, \
-            tempfile.TemporaryDirectory() as cache:
+            tempfile.TemporaryDirectory() as scratch:
+        # A key (so a tunnel) each: one client key is one peer at the cloudlet.
+        cache, inside_cache = os.path.join(scratch, "forwards"), os.path.join(scratch, "inside")
         bulk_server = _serve_bulk(wireguard)
         forwards = subprocess.Popen(
             [sys.executable, TOOL, "-L", "0:helloworld:80", "-L",
@@ -124,7 +126,7 @@ def main(argv=None):
         try:
             (local, bulk, proxy), _ = sessions.forwarding_addresses(forwards, 3)
             for round_number in range(args.rounds):
-                speed, times = _inside(api.url, cache, size, args.connections)
+                speed, times = _inside(api.url, inside_cache, size, args.connections)
                 speeds["inside"].append(speed)
                 setup["inside"] += times
                 speed, via_l, via_d = _through_forwards(local, bulk, proxy, size,
