@@ -5154,10 +5154,14 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
     fails in the namespace itself gives way to the kernel's through sudo.
     With `forwards` (`_ForwardSpec`s) they serve while `command` runs, or
     without a command until a signal stops them (status 0)."""
+    choice = _choose_tunnel(tunnel, debug=debug)
     forwarding = _Forwards(forwards)  # before deploying: a port in use fails now
     relay = bool(forwards)
-    choice = _choose_tunnel(tunnel, debug=debug)
-    backend = _TUNNELS[choice](mtu=mtu, relay=relay)  # the holder sets up while Tier 1 answers
+    try:
+        backend = _TUNNELS[choice](mtu=mtu, relay=relay)  # sets up while Tier 1 answers
+    except BaseException:
+        forwarding.close()
+        raise
     try:
         keypair = _load_or_create_keypair(uuid)
         deployment = _deploy_verbosely(tier1_url, uuid, keypair, results=results,

@@ -256,6 +256,52 @@ def test_socks5_connect_on_loopback_with_ipv4_and_ipv6(relay):
                     assert server.recv(5) == b"early"
 
 
+@pytest.fixture(scope="module")
+def socks_on_loopback():
+    """A relay in a thread serving SOCKS5 on loopback, and a target there
+    that answers b"up" to every connection (module-wide: hypothesis reuses it)."""
+    relay = st3._Relay()
+    stop, stop_end = socket.socketpair()
+    with _listener() as front, _listener() as target, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        relay.add_socks(front, udp)
+        thread = threading.Thread(target=relay.run, args=(stop_end,), daemon=True)
+        thread.start()
+
+        def answer():
+            while True:
+                try:
+                    connection, _ = target.accept()
+                except OSError:
+                    return
+                with connection:
+                    connection.sendall(b"up")
+
+        threading.Thread(target=answer, daemon=True).start()
+        yield front.getsockname(), target.getsockname()[1]
+        stop.close()
+        thread.join(timeout=5)
+    stop_end.close()
+
+
+@given(s.binary(min_size=1, max_size=600))
+@settings(max_examples=150, deadline=None)
+def test_whatever_a_client_sends_the_proxy_still_serves_the_next(socks_on_loopback, junk):
+    proxy, port = socks_on_loopback
+    with socket.create_connection(proxy, timeout=10) as hostile:
+        try:
+            hostile.sendall(junk)
+            hostile.shutdown(socket.SHUT_WR)
+            hostile.recv(4096)
+        except OSError:  # reset: the proxy gave up on it, as it may
+            pass
+    with socket.create_connection(proxy, timeout=10) as client:
+        client.sendall(b"\x05\x01\x00" + _request(1, st3._SOCKS_IPV4, bytes([127, 0, 0, 1]),
+                                                   port))
+        assert _read_all(client)[-2:] == b"up"
+
+
 # End to end ##################################################################
 
 TOOL = str(REPO / "sinfonia_tier3.py")
@@ -293,6 +339,12 @@ def _said(process):
 def _host_port(text):
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+@pytest.fixture
+def root_tool(tmp_path):
+    """sessions.Runner as root, for what runs the same for every user."""
+    return sessions.Runner([TOOL], False, str(tmp_path))
 
 
 def _namespace(pid, kind):
@@ -444,45 +496,40 @@ def _echo_through(address, chunks):
 
 @e2e
 @pytest.mark.e2e
-def test_100_connections_at_once_and_200_mib_each_way(server):
+def test_100_connections_at_once_and_200_mib_each_way(server, root_tool):
     api, _ = server
-    with sessions.user_directory() as scratch:
-        tool = sessions.Runner([TOOL], False, scratch)
-        process = tool.start("-L", "0:127.0.0.1:7777", api.url, "helloworld",
-                             "--", sys.executable, "-c", ECHO_SERVER)
+    process = root_tool.start("-L", "0:127.0.0.1:7777", api.url, "helloworld",
+                              "--", sys.executable, "-c", ECHO_SERVER)
+    try:
+        (local,), said = sessions.forwarding_addresses(process, 1)
+        assert process.stdout.readline() == "ready\n", said
+        address = _host_port(local)
+        clients = [socket.create_connection(address, timeout=30) for _ in range(100)]
         try:
-            (local,), said = sessions.forwarding_addresses(process, 1)
-            assert process.stdout.readline() == "ready\n", said
-            address = _host_port(local)
-            clients = [socket.create_connection(address, timeout=30) for _ in range(100)]
-            try:
-                for i, client in enumerate(clients):  # all open before any answer
-                    client.sendall(b"connection %d" % i)
-                    client.shutdown(socket.SHUT_WR)
-                answers = [_read_all(client) for client in clients]
-            finally:
-                for client in clients:
-                    client.close()
-            assert answers == [b"connection %d" % i for i in range(100)], _said(process)
-            sent, received, count = _echo_through(address, _deterministic_chunks(BULK))
-            assert (received, count) == (sent, BULK)
-            process.send_signal(signal.SIGTERM)  # goes to the echo server
-            process.communicate(timeout=30)
+            for i, client in enumerate(clients):  # all open before any answer
+                client.sendall(b"connection %d" % i)
+                client.shutdown(socket.SHUT_WR)
+            answers = [_read_all(client) for client in clients]
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            for client in clients:
+                client.close()
+        assert answers == [b"connection %d" % i for i in range(100)], _said(process)
+        sent, received, count = _echo_through(address, _deterministic_chunks(BULK))
+        assert (received, count) == (sent, BULK)
+        process.send_signal(signal.SIGTERM)  # goes to the echo server
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode == 128 + signal.SIGTERM
 
 
 @e2e
 @pytest.mark.e2e
-def test_a_name_that_does_not_resolve_inside_is_one_line(server):
-    api, _ = server
-    with sessions.user_directory() as scratch:
-        tool = sessions.Runner([TOOL], False, scratch)
-        status, _, stderr = tool.run("-L", "0:nosuch.invalid:80", api.url, "helloworld",
-                                     "true")
+def test_a_name_that_does_not_resolve_inside_is_one_line(server, root_tool):
+    status, _, stderr = root_tool.run("-L", "0:nosuch.invalid:80", server[0].url,
+                                      "helloworld", "true")
     assert status == 125
     assert stderr.splitlines()[-1] == (
         "sinfonia-tier3: -L 0:nosuch.invalid:80: nosuch.invalid does not resolve in "
