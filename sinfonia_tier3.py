@@ -4320,6 +4320,7 @@ def _socks_encode_address(address):
 
 
 def _socks_reply(code, address=("0.0.0.0", 0)):
+    """A SOCKS5 reply: `code`, and the address the connection goes out from."""
     return bytes([_SOCKS_VERSION, code, 0]) + _socks_encode_address(address)
 
 
@@ -4433,13 +4434,18 @@ class _Relay:
                     client, _ = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:  # out of descriptors, say: the client waits
+                except OSError:  # out of descriptors, say: clients wait a moment
+                    self.watch(listener, 0, None)
+                    self.at(time.monotonic() + 0.1, resume)
                     return
                 client.setblocking(False)
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 accepted(client)
 
-        self.watch(listener, selectors.EVENT_READ, ready)
+        def resume():
+            self.watch(listener, selectors.EVENT_READ, ready)
+
+        resume()
 
     def run(self, stop):
         """Serve until `stop` is readable (or closed)."""
@@ -4457,7 +4463,8 @@ class _Relay:
                         key.data(mask)
                 now = time.monotonic()
                 for callback, deadline in list(self._deadlines.items()):
-                    if deadline <= now:
+                    # (one called before may have cancelled or moved it)
+                    if deadline <= now and self._deadlines.get(callback) == deadline:
                         del self._deadlines[callback]
                         callback()
         finally:
@@ -4470,6 +4477,7 @@ class _Relay:
 
 
 def _connect_failure(error):
+    """Why a connection to a forward's target failed, for its one line."""
     import socket
 
     if isinstance(error, socket.gaierror):
@@ -4677,7 +4685,7 @@ class _SocksSession:
                      self._connected(target, error, early))
         else:
             self._association = _SocksAssociation(self._relay, self._client, self._udp,
-                                                  host, port)
+                                                  port)
             self._reply(_socks_reply(_SOCKS_SUCCEEDED, self._association.address))
 
     def _connected(self, target, error, early):
@@ -4720,7 +4728,7 @@ class _SocksAssociation:
     until the TCP connection ends. Each association has sockets of its own
     in here, so that answers find their client."""
 
-    def __init__(self, relay, client, udp, host, port):
+    def __init__(self, relay, client, udp, port):
         self._relay, self._udp = relay, udp
         self._client_host = client.getpeername()[0]
         self._client_port = port or None  # 0: known from its first datagram
@@ -4729,6 +4737,7 @@ class _SocksAssociation:
         udp.associations.append(self)
 
     def accepts(self, sender):
+        """Whether a datagram from `sender` (host, port) is this client's."""
         if sender[0] != self._client_host:
             return False
         if self._client_port is None:
@@ -4736,6 +4745,7 @@ class _SocksAssociation:
         return sender[1] == self._client_port
 
     def send(self, data):
+        """Send on the payload of a client's datagram, to where it says."""
         import socket
 
         try:
