@@ -4919,6 +4919,7 @@ class _Forwards:
         self.specs = list(specs)
         self._sockets = []  # for the relay, in the order of the specs
         self._channel = None
+        self._lines = []
         self._thread = None
         self._stop = None
         try:
@@ -4934,7 +4935,7 @@ class _Forwards:
 
     def start(self, channel, tunnel_address):
         """Hand the forwards to the relay over `channel`; returns once they
-        all listen, each told on stderr."""
+        all listen (`tell()` says so)."""
         import socket
         import threading
 
@@ -4961,7 +4962,11 @@ class _Forwards:
             self._thread = threading.Thread(target=_relay_thread, args=(relay, self._stop[1]),
                                             daemon=True, name="sinfonia-tier3 -R relay")
             self._thread.start()
-        for line in message["forwarding"]:
+        self._lines = message["forwarding"]
+
+    def tell(self):
+        """Say on stderr what each forward listens on and where it goes."""
+        for line in self._lines:
             print(f"sinfonia-tier3: forwarding {line}", file=sys.stderr, flush=True)
 
     def serve(self):
@@ -4978,6 +4983,7 @@ class _Forwards:
         handlers = {signum: signal.signal(signum, stop)
                     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
+            self.tell()  # now: a signal from whoever saw it stops the forwards with 0
             message, _ = self._channel.receive()
         except Stop as e:
             print(f"sinfonia-tier3: {signal.Signals(e.args[0]).name}: closing the forwards",
@@ -5191,6 +5197,7 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             forwarding.start(backend.namespace.relay, str(config.addresses[0].ip))
             if not command:
                 return forwarding.serve()
+            forwarding.tell()
         return backend.run(command, _application_environment(deployment, tier1_url))
     finally:
         backend.close()

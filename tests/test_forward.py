@@ -444,6 +444,25 @@ def test_curl_through_L_D_and_R_then_sigterm_leaves_nothing(server, tool):
         assert sessions.files_of_user(tool.uid) == []
 
 
+@e2e
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_stop_the_forwards_too(server, root_tool, signum):
+    process = root_tool.start("-D", "0", server[0].url, "helloworld")
+    try:
+        (proxy,), _ = sessions.forwarding_addresses(process, 1)
+        process.send_signal(signum)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, rest
+    assert rest == f"sinfonia-tier3: {signal.Signals(signum).name}: closing the forwards\n"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(_host_port(proxy), timeout=10).close()
+
+
 ECHO_SERVER = r'''
 import socket, socketserver
 class Echo(socketserver.BaseRequestHandler):
