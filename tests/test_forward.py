@@ -347,6 +347,18 @@ def root_tool(tmp_path):
     return sessions.Runner([TOOL], False, str(tmp_path))
 
 
+def _stop(process, signum):
+    """Send `signum` to the tool and wait (bounded) for its end, killing it
+    after 30 s; the rest of its stderr."""
+    try:
+        process.send_signal(signum)
+        return process.communicate(timeout=30)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _namespace(pid, kind):
     return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
 
@@ -426,12 +438,8 @@ def test_curl_through_L_D_and_R_then_sigterm_leaves_nothing(server, tool):
             holder = next(p for p in pids if _namespace(p, "pid") == _namespace(
                 process.pid, "pid") and _namespace(p, "net") != _namespace(process.pid, "net"))
             namespaces = sessions.namespaces_of(holder)
-            process.send_signal(signal.SIGTERM)
-            _, rest = process.communicate(timeout=30)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            rest = _stop(process, signal.SIGTERM)
     assert process.returncode == 0, rest
     assert rest.splitlines()[-1] == "sinfonia-tier3: SIGTERM: closing the forwards", rest
     sessions.assert_nothing_left(pids, namespaces)
@@ -451,12 +459,8 @@ def test_sigint_and_sighup_stop_the_forwards_too(server, root_tool, signum):
     process = root_tool.start("-D", "0", server[0].url, "helloworld")
     try:
         (proxy,), _ = sessions.forwarding_addresses(process, 1)
-        process.send_signal(signum)
-        _, rest = process.communicate(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        rest = _stop(process, signum)
     assert process.returncode == 0, rest
     assert rest == f"sinfonia-tier3: {signal.Signals(signum).name}: closing the forwards\n"
     with pytest.raises(ConnectionRefusedError):
@@ -535,12 +539,8 @@ def test_100_connections_at_once_and_200_mib_each_way(server, root_tool):
         assert answers == [b"connection %d" % i for i in range(100)], _said(process)
         sent, received, count = _echo_through(address, _deterministic_chunks(BULK))
         assert (received, count) == (sent, BULK)
-        process.send_signal(signal.SIGTERM)  # goes to the echo server
-        process.communicate(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        _stop(process, signal.SIGTERM)  # to the echo server, with a COMMAND
     assert process.returncode == 128 + signal.SIGTERM
 
 
