@@ -3143,6 +3143,7 @@ _READY_RETRY_INTERVAL = 0.25
 _READY_CONNECT_TIMEOUT = 2.0  # per attempt, for an address that drops SYNs
 _MAX_MESSAGE = 1 << 20
 _TICK = 0.2  # seconds between looks at the tunnel while the application runs
+_MAX_FDS = 253  # SCM_MAX_FD: the most descriptors one message carries
 
 
 def _libc_call(name, *args):
@@ -3228,11 +3229,11 @@ class _Channel:
 
         self._sock.settimeout(timeout)
         try:
-            data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+            data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, _MAX_FDS)
         except ConnectionResetError:
             # The other side closed with messages of ours unread; the kernel
             # says so first, then hands over what it had sent (its last words).
-            data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+            data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, _MAX_FDS)
         return (json.loads(data) if data else None), fds
 
     def close(self):
@@ -3445,7 +3446,8 @@ def _place_resolv_conf(text, path=_RESOLV_CONF, hidden_dirs=_RESOLVER_SOCKET_DIR
 
 def _set_up_network(channel, interface, mtu):
     """In the new namespaces, as the tool asks: the interface, its addresses
-    and routes, and resolv.conf. False when the tool gave up."""
+    and routes, resolv.conf, and the relay of the forwards when asked for
+    (its channel goes with {"configured"}). False when the tool gave up."""
     # The interface goes to the tool before pyroute2 is loaded (the longest
     # step here), so that the tool sets up its datapath meanwhile.
     fds = interface.create(channel)
@@ -3476,7 +3478,10 @@ def _set_up_network(channel, interface, mtu):
             f.write(f"{os.getgid()} {os.getgid()}")
     except OSError:
         pass
-    channel.send({"configured": True})
+    relay = [_fork_relay()] if config.get("relay") else []
+    channel.send({"configured": True}, fds=[end.fileno() for end in relay])
+    for end in relay:
+        end.close()
     return True
 
 
@@ -3750,10 +3755,15 @@ def _close_private_descriptors(keep):
 
 # What the holder becomes once the network is set up: a fresh,
 # minimal interpreter that only waits for init, so that neither pyroute2 nor
-# the copy of the tool's heap stays in memory for the whole session.
+# the copy of the tool's heap stays in memory for the whole session. Its
+# other child, the relay of the forwards, is reaped too: it is in init's PID
+# namespace, and init's exit waits until every process there has been.
 _INIT_WAITER = """\
 import os, sys
-status = os.waitstatus_to_exitcode(os.waitpid(int(sys.argv[1]), 0)[1])
+pid = None
+while pid != int(sys.argv[1]):
+    pid, status = os.wait()
+status = os.waitstatus_to_exitcode(status)
 os._exit(status if status >= 0 else 128 - status)
 """
 
@@ -3784,11 +3794,19 @@ def _run_holder(channel, parent_pid, interface, mtu):
                 channel.close()
                 _become_init_waiter(init)
                 os.close(network_done)
-                status = _exit_status(os.waitpid(init, 0)[1])
+                status = _wait_for_init(init)
     except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
         _report_failure(channel, e)
     finally:
         os._exit(status)
+
+
+def _wait_for_init(init):
+    """What `_INIT_WAITER` does, where it cannot be exec'd: init's status."""
+    pid = None
+    while pid != init:
+        pid, status = os.wait()
+    return _exit_status(status)
 
 
 def _become_init_waiter(init):
@@ -3818,12 +3836,14 @@ class _Namespace:
     construction.
 
     `interface` says how the tunnel interface gets in (`_TunInside` or
-    `_LinkMovedIn`). Then: `receive_interface()`, `configure()` it, `run()`
+    `_LinkMovedIn`); with `relay`, the namespace gets a relay for forwards
+    (its `_Channel` is `relay` once configured). Then: `receive_interface()`,
+    `configure()` it, `run()`
     the application (or `start()` it and `wait()` for its exit status);
     `close()` (or leaving the `with` block) kills whatever is left.
     """
 
-    def __init__(self, interface, *, mtu=_DEFAULT_MTU):
+    def __init__(self, interface, *, mtu=_DEFAULT_MTU, relay=False):
         self._channel, holder_end = _Channel.pair()
         parent = os.getpid()
         pid = os.fork()
@@ -3834,6 +3854,8 @@ class _Namespace:
         self.forked = time.monotonic()
         self.pid = pid
         self.interface = interface
+        self._relay_wanted = relay
+        self.relay = None
         self._status = None
         self._terminal = None
         self._handlers = {}  # signal -> the tool's handler, while forwarding
@@ -3940,10 +3962,16 @@ class _Namespace:
         self.network = {"addresses": [str(address) for address in addresses],
                         "routes": [str(route) for route in routes]}
         self.resolv_conf = resolv_conf
-        self.send(dict(self.network, resolv_conf=resolv_conf))
+        self.send(dict(self.network, resolv_conf=resolv_conf, relay=self._relay_wanted))
         if meanwhile is not None:
             meanwhile()
-        self.expect("configured")
+        _, fds = self.expect("configured")
+        if self._relay_wanted:
+            import socket
+
+            if len(fds) != 1:
+                raise TunnelError("the application's namespace sent no relay for the forwards")
+            self.relay = _Channel(socket.socket(fileno=fds[0]))
 
     def reconfigure(self, addresses, routes, resolv_conf):
         """While the application runs: move the interface to new addresses
@@ -4078,6 +4106,16 @@ class _Namespace:
             self._reap()
         self._restore()
         self._channel.close()
+        if self.relay is not None:  # dying with the holder: wait (briefly) for its ports to close
+            import socket
+
+            try:
+                while self.relay.receive(2.0)[0] is not None:
+                    pass
+            except (socket.timeout, OSError):
+                pass
+            self.relay.close()
+            self.relay = None
 
 
 class _InterfaceFailedError(TunnelError):
@@ -4688,8 +4726,8 @@ class _Tunnel:
 
     name = None
 
-    def __init__(self, interface, mtu):
-        self.namespace = _Namespace(interface, mtu=mtu)
+    def __init__(self, interface, mtu, relay):
+        self.namespace = _Namespace(interface, mtu=mtu, relay=relay)
 
     def __enter__(self):
         return self
@@ -4721,8 +4759,8 @@ class _UserspaceTunnel(_Tunnel):
 
     name = "userspace"
 
-    def __init__(self, mtu=_DEFAULT_MTU):
-        super().__init__(_TunInside(), mtu)
+    def __init__(self, mtu=_DEFAULT_MTU, relay=False):
+        super().__init__(_TunInside(), mtu, relay)
         self._mtu = mtu
         self._tun_fd = None
         self._datapath = None
@@ -4787,10 +4825,10 @@ class _KernelTunnel(_Tunnel):
 
     name = "kernel"
 
-    def __init__(self, mtu=_DEFAULT_MTU):
+    def __init__(self, mtu=_DEFAULT_MTU, relay=False):
         import secrets
 
-        super().__init__(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu)
+        super().__init__(_KernelLinkInside("st3" + secrets.token_hex(4)), mtu, relay)
         self._watcher = None
         self._traffic = (0, 0)  # bytes received and sent at the last look
         self._unanswered_since = None
@@ -4876,6 +4914,947 @@ class _KernelTunnel(_Tunnel):
 
 
 _TUNNELS = {tunnel.name: tunnel for tunnel in (_UserspaceTunnel, _KernelTunnel)}
+
+
+# Forwards: -L, -D and -R ####################################################
+#
+# The backend reached from the caller's own namespace, for applications that
+# cannot be started by the tool (a running browser, an IDE, a service):
+#
+#   -L [BIND:]PORT:HOST:HOSTPORT  listen here, connect HOST:HOSTPORT in there
+#   -D [BIND:]PORT                a SOCKS5 server here, connecting in there
+#   -R [BIND:]PORT:HOST:HOSTPORT  listen in there, connect HOST:HOSTPORT here
+#
+# Each connection is carried by a relay that runs where its connections are
+# made, since names resolve and addresses route only there: for -L and -D
+# the relay process, forked by the holder once the namespace's network is
+# set up; for -R a thread of the tool. The listening socket is made on the
+# other side (here before anything is deployed, so that a port in use fails
+# at once; in there by the relay) and crosses over SCM_RIGHTS: a socket
+# keeps its network namespace wherever it is used. This needs nothing per
+# connection from the other side, where handing over connected sockets
+# instead would take a round trip for each one.
+#
+# One selectors loop per relay carries every connection both ways, reading
+# from one side only while the other has taken what came before (a chunk per
+# direction at most in memory), and passing on half-closes.
+
+_RELAY_CHUNK = 256 * 1024
+_RELAY_CONNECT_TIMEOUT = 10.0  # seconds for a target to accept
+_RELAY_RESOLVERS = 4  # threads resolving names, so that no lookup stalls the loop
+_MAX_FORWARDS = 64
+_SOCKS_VERSION = 5
+_SOCKS_NO_AUTHENTICATION, _SOCKS_NO_ACCEPTABLE_METHOD = 0x00, 0xFF
+_SOCKS_CONNECT, _SOCKS_UDP_ASSOCIATE = 1, 3
+_SOCKS_IPV4, _SOCKS_DOMAIN, _SOCKS_IPV6 = 1, 3, 4
+(_SOCKS_SUCCEEDED, _SOCKS_GENERAL_FAILURE, _SOCKS_NETWORK_UNREACHABLE,
+ _SOCKS_HOST_UNREACHABLE, _SOCKS_CONNECTION_REFUSED) = 0, 1, 3, 4, 5
+_SOCKS_COMMAND_NOT_SUPPORTED, _SOCKS_ADDRESS_TYPE_NOT_SUPPORTED = 7, 8
+_FORWARD_SYNTAX = {"-L": "[BIND_ADDRESS:]PORT:HOST:HOSTPORT", "-D": "[BIND_ADDRESS:]PORT",
+                   "-R": "[BIND_ADDRESS:]PORT:HOST:HOSTPORT"}
+
+
+class _ForwardSpec(namedtuple("_ForwardSpec", "option text bind_host bind_port host port")):
+    """One -L, -D or -R as given: bind_host None is the default (loopback
+    here, the tunnel address in there); host and port are None for -D."""
+
+    def as_message(self):
+        return dict(self._asdict())
+
+
+def _address_text(host, port):
+    """host:port, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_host_name(text):
+    """Whether `text` is a DNS name as resolvers take it (letters, digits,
+    hyphens, underscores, dots; nothing else reaches getaddrinfo)."""
+    import re
+
+    return len(text) <= 253 and re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?",
+                                             text) is not None
+
+
+def _parse_forward(option, text):
+    """The `_ForwardSpec` of `option` ("-L", "-D", "-R") `text`, in ssh's
+    syntax with IPv6 literals in brackets; UsageError when it is not one."""
+    import ipaddress
+    import re
+
+    def bad(why):
+        return UsageError(f"{option} {text!r}: {why} (expected {_FORWARD_SYNTAX[option]})")
+
+    parts = []
+    for match in re.finditer(r"(\[[^\[\]]*\]|[^:\[\]]*)(:|$)", text):
+        parts.append(match.group(1))
+        if not match.group(2):
+            break
+    if ":".join(parts) != text:
+        raise bad("brackets only go around a whole IPv6 address")
+    sizes = (1, 2) if option == "-D" else (3, 4)
+    if len(parts) not in sizes:
+        raise bad(f"{len(parts)} parts")
+    if len(parts) == sizes[0]:
+        parts.insert(0, None)
+
+    def port(part, lowest):
+        if not (part.isascii() and part.isdigit()) or not lowest <= int(part) <= 65535:
+            raise bad(f"{part!r} is not a port number")
+        return int(part)
+
+    def literal(part):
+        try:
+            return ipaddress.ip_address(part[1:-1] if part.startswith("[") else part)
+        except ValueError:
+            return None
+
+    bind_host = parts[0]
+    if bind_host is not None:
+        if bind_host == "localhost":
+            bind_host = "127.0.0.1"
+        elif literal(bind_host) is None:
+            raise bad(f"{bind_host!r} is not an IP address to listen on")
+        else:
+            bind_host = str(literal(bind_host))
+    bind_port = port(parts[1], 0)  # 0: any free port, told once listening
+    host = target_port = None
+    if option != "-D":
+        host = parts[2]
+        if literal(host) is not None:
+            host = str(literal(host))
+        elif host.startswith("[") or not _is_host_name(host):
+            raise bad(f"{host!r} is not a host name or IP address")
+        target_port = port(parts[3], 1)
+    return _ForwardSpec(option, text, bind_host, bind_port, host, target_port)
+
+
+def _listen(spec, host, kind=None):
+    """A socket bound to `host` and the spec's port, listening for TCP
+    (`kind` SOCK_DGRAM: a UDP socket on any port of `host`); one line on failure."""
+    import ipaddress
+    import socket
+
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    kind = kind or socket.SOCK_STREAM
+    sock = socket.socket(family, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, spec.bind_port))
+            sock.listen(128)
+        else:
+            sock.bind((host, 0))
+    except OSError as e:
+        sock.close()
+        where = _address_text(host, spec.bind_port if kind == socket.SOCK_STREAM else 0)
+        raise TunnelError(f"{spec.option} {spec.text}: cannot listen on {where}: "
+                          f"{e.strerror}") from None
+    return sock
+
+
+def _bound_text(sock):
+    return _address_text(*sock.getsockname()[:2])
+
+
+def _socks_reply_code(error):
+    """The SOCKS5 reply for a connection that failed with `error`."""
+    import errno
+    import socket
+
+    if isinstance(error, socket.gaierror):
+        return _SOCKS_HOST_UNREACHABLE
+    return {errno.ECONNREFUSED: _SOCKS_CONNECTION_REFUSED,
+            errno.ENETUNREACH: _SOCKS_NETWORK_UNREACHABLE,
+            errno.EHOSTUNREACH: _SOCKS_HOST_UNREACHABLE,
+            errno.ETIMEDOUT: _SOCKS_HOST_UNREACHABLE}.get(error.errno,
+                                                          _SOCKS_GENERAL_FAILURE)
+
+
+class _SocksError(Exception):
+    """A SOCKS5 client said something it may not: `code` is the reply to
+    give it before closing, or None to close without one."""
+
+    def __init__(self, code=None):
+        super().__init__(code)
+        self.code = code
+
+
+def _socks_address(data, offset):
+    """(host, port, end) of the SOCKS5 address at `offset` (ATYP, address,
+    port), None while incomplete; _SocksError when unusable."""
+    import ipaddress
+
+    if len(data) <= offset:
+        return None
+    kind = data[offset]
+    if kind == _SOCKS_IPV4:
+        size, start = 4, offset + 1
+    elif kind == _SOCKS_IPV6:
+        size, start = 16, offset + 1
+    elif kind == _SOCKS_DOMAIN:
+        if len(data) <= offset + 1:
+            return None
+        size, start = data[offset + 1], offset + 2
+    else:
+        raise _SocksError(_SOCKS_ADDRESS_TYPE_NOT_SUPPORTED)
+    end = start + size + 2
+    if len(data) < end:
+        return None
+    raw = bytes(data[start:start + size])
+    port = int.from_bytes(data[end - 2:end], "big")
+    if kind == _SOCKS_DOMAIN:
+        host = raw.decode("ascii", "replace")
+        if not _is_host_name(host):
+            raise _SocksError(_SOCKS_HOST_UNREACHABLE)  # resolves nowhere
+    else:
+        host = str(ipaddress.ip_address(raw))
+    return host, port, end
+
+
+def _socks_greeting(data):
+    """(offers no authentication, length) of the SOCKS5 greeting at the
+    start of `data`, None while incomplete; _SocksError when not one."""
+    if not data:
+        return None
+    if data[0] != _SOCKS_VERSION:
+        raise _SocksError()
+    if len(data) < 2 or len(data) < 2 + data[1]:
+        return None
+    end = 2 + data[1]
+    return _SOCKS_NO_AUTHENTICATION in data[2:end], end
+
+
+def _socks_request(data):
+    """(command, host, port, length) of the SOCKS5 request at the start of
+    `data`, None while incomplete; _SocksError when not one."""
+    if len(data) < 3:
+        if data[:1] not in (b"", bytes([_SOCKS_VERSION])):
+            raise _SocksError()
+        return None
+    if data[0] != _SOCKS_VERSION or data[2] != 0:
+        raise _SocksError()
+    address = _socks_address(data, 3)
+    if address is None:
+        return None
+    host, port, end = address
+    if data[1] not in (_SOCKS_CONNECT, _SOCKS_UDP_ASSOCIATE):
+        raise _SocksError(_SOCKS_COMMAND_NOT_SUPPORTED)
+    return data[1], host, port, end
+
+
+def _socks_udp_datagram(data):
+    """(host, port, payload) of a SOCKS5 UDP request datagram; _SocksError
+    for anything to drop (fragments included, which are optional)."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0:
+        raise _SocksError()
+    address = _socks_address(data, 3)
+    if address is None:
+        raise _SocksError()
+    host, port, end = address
+    return host, port, bytes(data[end:])
+
+
+def _socks_encode_address(address):
+    """ATYP, address and port of a socket address, as SOCKS5 replies carry them."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address[0].partition("%")[0])
+    kind = _SOCKS_IPV4 if ip.version == 4 else _SOCKS_IPV6
+    return bytes([kind]) + ip.packed + address[1].to_bytes(2, "big")
+
+
+def _socks_reply(code, address=("0.0.0.0", 0)):
+    """A SOCKS5 reply: `code`, and the address the connection goes out from."""
+    return bytes([_SOCKS_VERSION, code, 0]) + _socks_encode_address(address)
+
+
+class _Relay:
+    """One event loop carrying the connections of some forwards: call the
+    `add_*` methods, then `run(stop)` until `stop` (a socket) is readable."""
+
+    def __init__(self):
+        import selectors
+        import socket
+
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        self.watch(self._wake_r, selectors.EVENT_READ, self._woken)
+        self._executor = None
+        self._lookups = []  # (future, callback) of names being resolved
+        self._deadlines = {}  # callback -> monotonic time it is called at
+
+    def watch(self, sock, events, callback):
+        """Call `callback(mask)` when `sock` is ready for `events` (0: never)."""
+        key = self._selector.get_map().get(sock)
+        if not events:
+            if key is not None:
+                self._selector.unregister(sock)
+        elif key is None:
+            self._selector.register(sock, events, callback)
+        elif key.events != events or key.data is not callback:
+            self._selector.modify(sock, events, callback)
+
+    def close_socket(self, sock):
+        self.watch(sock, 0, None)
+        sock.close()
+
+    def at(self, deadline, callback):
+        """Call `callback()` at monotonic `deadline` (None: cancel)."""
+        if deadline is None:
+            self._deadlines.pop(callback, None)
+        else:
+            self._deadlines[callback] = deadline
+
+    def resolve(self, host, port, kind, callback):
+        """Call `callback(addresses, error)`: getaddrinfo's answer for `host`,
+        or the socket.gaierror; a name is looked up without stopping the loop."""
+        import socket
+
+        try:
+            callback(socket.getaddrinfo(host, port, type=kind,
+                                        flags=socket.AI_NUMERICHOST), None)
+            return
+        except socket.gaierror:
+            pass  # a name, not an address
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(_RELAY_RESOLVERS)
+        future = self._executor.submit(socket.getaddrinfo, host, port, type=kind)
+        self._lookups.append((future, callback))
+        future.add_done_callback(self._wake)
+
+    def _wake(self, future):
+        try:
+            self._wake_w.send(b".")
+        except OSError:  # full: the loop is woken already
+            pass
+
+    def _woken(self, mask):
+        import socket
+
+        self._wake_r.recv(4096)
+        done = [(f, c) for f, c in self._lookups if f.done()]
+        self._lookups = [(f, c) for f, c in self._lookups if not f.done()]
+        for future, callback in done:
+            try:
+                callback(future.result(), None)
+            except socket.gaierror as e:
+                callback(None, e)
+
+    def add_port_forward(self, listener, host, port, announce):
+        """Carry each connection to `listener` to host:port (-L, -R); a
+        target that fails is told with `announce(line)`."""
+        def accepted(client):
+            def connected(target, error):
+                if error is not None:
+                    announce(f"cannot connect to {_address_text(host, port)}: "
+                             f"{_connect_failure(error)}")
+                    self.close_socket(client)
+                else:
+                    _Splice(self, client, target)
+
+            _Connect(self, host, port, connected)
+
+        self._add_listener(listener, accepted)
+
+    def add_socks(self, listener, udp):
+        """A SOCKS5 server on `listener`; `udp` is the socket its clients
+        send UDP ASSOCIATE datagrams to (on the same address)."""
+        udp_port = _SocksUdpPort(self, udp)
+        self._add_listener(listener, lambda client: _SocksSession(self, client, udp_port))
+
+    def _add_listener(self, listener, accepted):
+        import selectors
+        import socket
+
+        listener.setblocking(False)
+
+        def ready(mask):
+            for _ in range(64):  # then the others' turn
+                try:
+                    client, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:  # out of descriptors, say: clients wait a moment
+                    self.watch(listener, 0, None)
+                    self.at(time.monotonic() + 0.1, resume)
+                    return
+                client.setblocking(False)
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                accepted(client)
+
+        def resume():
+            self.watch(listener, selectors.EVENT_READ, ready)
+
+        resume()
+
+    def run(self, stop):
+        """Serve until `stop` is readable (or closed)."""
+        import selectors
+
+        stopped = []
+        self.watch(stop, selectors.EVENT_READ, stopped.append)
+        try:
+            while not stopped:
+                timeout = None
+                if self._deadlines:
+                    timeout = max(0.0, min(self._deadlines.values()) - time.monotonic())
+                for key, mask in self._selector.select(timeout):
+                    if self._selector.get_map().get(key.fileobj) is key:  # still watched
+                        key.data(mask)
+                now = time.monotonic()
+                for callback, deadline in list(self._deadlines.items()):
+                    # (one called before may have cancelled or moved it)
+                    if deadline <= now and self._deadlines.get(callback) == deadline:
+                        del self._deadlines[callback]
+                        callback()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            for key in list(self._selector.get_map().values()):
+                if key.fileobj is not stop:
+                    key.fileobj.close()
+            self._selector.close()
+
+
+def _connect_failure(error):
+    """Why a connection to a forward's target failed, for its one line."""
+    import socket
+
+    if isinstance(error, socket.gaierror):
+        return f"the name does not resolve: {error.strerror}"
+    return error.strerror or str(error)
+
+
+class _Connect:
+    """A TCP connection being made to host:port, one address after the other;
+    then `done(sock, None)`, or `done(None, error)` with the last failure."""
+
+    def __init__(self, relay, host, port, done):
+        import socket
+
+        self._relay, self._done = relay, done
+        self._sock = None
+        self._error = None
+        self._addresses = []
+        relay.resolve(host, port, socket.SOCK_STREAM, self._resolved)
+
+    def _resolved(self, addresses, error):
+        if error is not None:
+            self._done(None, error)
+        else:
+            self._addresses = list(addresses)
+            self._try_next()
+
+    def _try_next(self):
+        import errno
+        import selectors
+        import socket
+
+        while self._addresses:
+            family, kind, proto, _, address = self._addresses.pop(0)
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            code = sock.connect_ex(address)
+            if code in (0, errno.EINPROGRESS):
+                self._sock = sock
+                self._relay.watch(sock, selectors.EVENT_WRITE, self._ready)
+                self._relay.at(time.monotonic() + _RELAY_CONNECT_TIMEOUT, self._timed_out)
+                return
+            sock.close()
+            self._error = OSError(code, os.strerror(code))
+        self._done(None, self._error)
+
+    def _ready(self, mask):
+        import socket
+
+        self._relay.at(None, self._timed_out)
+        sock, self._sock = self._sock, None
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._relay.close_socket(sock)
+            self._error = OSError(code, os.strerror(code))
+            self._try_next()
+        else:
+            self._relay.watch(sock, 0, None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._done(sock, None)
+
+    def _timed_out(self):
+        import errno
+
+        self._relay.close_socket(self._sock)
+        self._sock = None
+        self._error = OSError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT))
+        self._try_next()
+
+
+class _Splice:
+    """Two connected sockets carried into each other until both directions
+    have ended: what one side sends waits (one chunk at most) until the
+    other takes it, and its end of sending becomes the other's (half-close)."""
+
+    def __init__(self, relay, a, b, to_a=b"", to_b=b""):
+        import functools
+
+        self._relay = relay
+        self._socks = (a, b)
+        self._pending = [memoryview(to_a), memoryview(to_b)]  # to be sent to each side
+        self._ended = [False, False]  # each side has sent all it will
+        self._shut = [False, False]  # each side was told the other's end
+        self._callbacks = [functools.partial(self._ready, 0), functools.partial(self._ready, 1)]
+        self._update()
+
+    def _ready(self, side, mask):
+        import selectors
+
+        other = 1 - side
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._send(side)
+            if mask & selectors.EVENT_READ and not self._pending[other]:
+                data = self._socks[side].recv(_RELAY_CHUNK)
+                if data:
+                    self._pending[other] = memoryview(data)
+                    self._send(other)
+                else:
+                    self._ended[side] = True
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # reset: nothing more goes either way
+            self.close()
+            return
+        self._update()
+
+    def _send(self, side):
+        data = self._pending[side]
+        if data:
+            try:
+                sent = self._socks[side].send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            self._pending[side] = data[sent:]
+
+    def _update(self):
+        import selectors
+        import socket
+
+        for side in (0, 1):
+            if self._ended[1 - side] and not self._pending[side] and not self._shut[side]:
+                self._shut[side] = True
+                try:
+                    self._socks[side].shutdown(socket.SHUT_WR)
+                except OSError:
+                    self.close()
+                    return
+        if all(self._shut):
+            self.close()
+            return
+        for side in (0, 1):
+            events = 0
+            if not self._ended[side] and not self._pending[1 - side]:
+                events |= selectors.EVENT_READ
+            if self._pending[side]:
+                events |= selectors.EVENT_WRITE
+            self._relay.watch(self._socks[side], events, self._callbacks[side])
+
+    def close(self):
+        for sock in self._socks:
+            self._relay.close_socket(sock)
+
+
+class _SocksSession:
+    """One SOCKS5 client (RFC 1928, no authentication): its greeting and
+    request are read as they come (every byte unvalidated until parsed),
+    then CONNECT becomes a `_Splice` and UDP ASSOCIATE a `_SocksAssociation`."""
+
+    _LONGEST = 2 + 255  # a greeting; a request is at most 4 + 1 + 255 + 2
+
+    def __init__(self, relay, client, udp):
+        import selectors
+
+        self._relay, self._client, self._udp = relay, client, udp
+        self._data = b""
+        self._greeted = False
+        self._association = None
+        relay.watch(client, selectors.EVENT_READ, self._readable)
+        relay.at(time.monotonic() + _RELAY_CONNECT_TIMEOUT, self.close)
+
+    def _readable(self, mask):
+        try:
+            data = self._client.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        if self._association is not None:  # nothing more is said on this connection
+            return
+        self._data += data
+        try:
+            self._parse()
+        except _SocksError as e:
+            self._fail(e.code)
+
+    def _parse(self):
+        if not self._greeted:
+            greeting = _socks_greeting(self._data)
+            if greeting is None:
+                if len(self._data) > self._LONGEST:
+                    raise _SocksError()
+                return
+            acceptable, end = greeting
+            if not acceptable:
+                self._fail(_SOCKS_NO_ACCEPTABLE_METHOD, bytes([_SOCKS_VERSION]))
+                return
+            self._data = self._data[end:]
+            self._greeted = True
+            self._reply(bytes([_SOCKS_VERSION, _SOCKS_NO_AUTHENTICATION]))
+        request = _socks_request(self._data)
+        if request is None:
+            if len(self._data) > self._LONGEST + 5:
+                raise _SocksError()
+            return
+        command, host, port, end = request
+        early, self._data = self._data[end:], b""
+        self._relay.at(None, self.close)
+        if command == _SOCKS_CONNECT:
+            self._relay.watch(self._client, 0, None)  # until connected
+            _Connect(self._relay, host, port, lambda target, error:
+                     self._connected(target, error, early))
+        else:
+            self._association = _SocksAssociation(self._relay, self._client, self._udp,
+                                                  port)
+            self._reply(_socks_reply(_SOCKS_SUCCEEDED, self._association.address))
+
+    def _connected(self, target, error, early):
+        if error is not None:
+            self._fail(_socks_reply_code(error))
+            return
+        reply = _socks_reply(_SOCKS_SUCCEEDED, target.getsockname())
+        _Splice(self._relay, self._client, target, to_a=reply, to_b=early)
+
+    def _reply(self, data):
+        """Answer; a client whose buffer does not take a few bytes goes."""
+        try:
+            if self._client.send(data) == len(data):
+                return
+        except OSError:
+            pass
+        raise _SocksError()
+
+    def _fail(self, code, prefix=None):
+        if code is not None:
+            message = prefix + bytes([code]) if prefix else _socks_reply(code)
+            try:
+                self._client.send(message)
+            except OSError:
+                pass
+        self.close()
+
+    def close(self):
+        self._relay.at(None, self.close)
+        if self._association is not None:
+            self._association.close()
+            self._association = None
+        self._relay.close_socket(self._client)
+
+
+class _SocksAssociation:
+    """A UDP ASSOCIATE: datagrams from the client's address (that of its TCP
+    connection, and its port once the first datagram shows it) to the -D
+    socket go out from in here, and answers come back with their sender,
+    until the TCP connection ends. Each association has sockets of its own
+    in here, so that answers find their client."""
+
+    def __init__(self, relay, client, udp, port):
+        self._relay, self._udp = relay, udp
+        self._client_host = client.getpeername()[0]
+        self._client_port = port or None  # 0: known from its first datagram
+        self.address = (client.getsockname()[0], udp.port)
+        self._outgoing = {}  # address family -> socket in here
+        udp.associations.append(self)
+
+    def accepts(self, sender):
+        """Whether a datagram from `sender` (host, port) is this client's."""
+        if sender[0] != self._client_host:
+            return False
+        if self._client_port is None:
+            self._client_port = sender[1]
+        return sender[1] == self._client_port
+
+    def send(self, data):
+        """Send on the payload of a client's datagram, to where it says."""
+        import socket
+
+        try:
+            host, port, payload = _socks_udp_datagram(data)
+        except _SocksError:
+            return
+
+        def resolved(addresses, error):
+            if error is None and addresses:
+                family, _, _, _, address = addresses[0]
+                try:
+                    self._socket(family).sendto(payload, address)
+                except OSError:
+                    pass
+
+        self._relay.resolve(host, port, socket.SOCK_DGRAM, resolved)
+
+    def _socket(self, family):
+        import functools
+        import selectors
+        import socket
+
+        if family not in self._outgoing:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            self._outgoing[family] = sock
+            self._relay.watch(sock, selectors.EVENT_READ,
+                              functools.partial(self._answer, sock))
+        return self._outgoing[family]
+
+    def _answer(self, sock, mask):
+        try:
+            data, sender = sock.recvfrom(65535)
+        except OSError:
+            return
+        self._udp.send_to(b"\0\0\0" + _socks_encode_address(sender) + data,
+                          (self._client_host, self._client_port))
+
+    def close(self):
+        for sock in self._outgoing.values():
+            self._relay.close_socket(sock)
+        self._outgoing = {}
+        self._udp.associations.remove(self)
+
+
+class _SocksUdpPort:
+    """The UDP socket of one -D, shared by its associations: each datagram
+    goes to the association of its sender (dropped if none)."""
+
+    def __init__(self, relay, udp):
+        import selectors
+
+        self.associations = []
+        self.port = udp.getsockname()[1]
+        self._udp = udp
+        udp.setblocking(False)
+        relay.watch(udp, selectors.EVENT_READ, self._datagram)
+
+    def _datagram(self, mask):
+        try:
+            data, sender = self._udp.recvfrom(65535)
+        except OSError:
+            return
+        for association in self.associations:
+            if association.accepts(sender):
+                association.send(data)
+                return
+
+    def send_to(self, data, address):
+        try:
+            self._udp.sendto(data, address)
+        except OSError:
+            pass
+
+
+def _fork_relay():
+    """In the holder, once the network is set up: fork the relay of -L and
+    -D; the tool's end of the channel to it."""
+    tool_end, relay_end = _Channel.pair()
+    pid = os.fork()
+    if pid == 0:
+        tool_end.close()
+        _run_relay(relay_end)
+    relay_end.close()
+    return tool_end
+
+
+def _run_relay(channel):
+    """The relay process, in the application's namespaces: takes its
+    forwards from the tool ({"forwards": [...]}, with the listening sockets
+    made outside), checks that -L's names resolve, makes -R's listening
+    sockets and sends them out ({"forwarding": [...]}), then relays until
+    the tool goes. Never returns."""
+    status = 125
+    try:
+        _die_with_parent(None)  # the holder, outside this PID namespace
+        import gc
+
+        gc.enable()
+        _close_private_descriptors(keep=channel.fileno())
+        message, fds = channel.receive()
+        if message is None:
+            os._exit(0)
+        relay = _Relay()
+        lines, outgoing = _inside_forwards(relay, message, fds)
+        _drop_capabilities()  # after binding: -R may want a port below 1024
+        channel.send({"forwarding": lines}, fds=[sock.fileno() for sock in outgoing])
+        for sock in outgoing:
+            sock.close()
+        relay.run(channel)
+        status = 0
+    except BaseException as e:  # noqa: BLE001 - the tool prints it as one line
+        _report_failure(channel, e)
+    finally:
+        os._exit(status)
+
+
+def _inside_forwards(relay, message, fds):
+    """The relay's side of `message`'s forwards: (lines to show, the -R
+    listening sockets for the tool)."""
+    import socket
+
+    fds = list(fds)
+    lines, outgoing = [], []
+    for spec in (_ForwardSpec(**fields) for fields in message["forwards"]):
+        if spec.option == "-R":
+            sock = _listen(spec, spec.bind_host or message["tunnel_address"])
+            lines.append(f"{_bound_text(sock)} in the namespace -> "
+                         f"{_address_text(spec.host, spec.port)}")
+            outgoing.append(sock)
+            continue
+        listener = socket.socket(fileno=fds.pop(0))
+        if spec.option == "-D":
+            relay.add_socks(listener, socket.socket(fileno=fds.pop(0)))
+            lines.append(f"{_bound_text(listener)} -> SOCKS5 in the namespace")
+            continue
+        try:
+            socket.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise TunnelError(f"-L {spec.text}: {spec.host} does not resolve in the "
+                              f"application's namespace: {e.strerror}") from None
+        relay.add_port_forward(listener, spec.host, spec.port,
+                               lambda line, spec=spec: _announce(spec, line))
+        lines.append(f"{_bound_text(listener)} -> {_address_text(spec.host, spec.port)}")
+    return lines, outgoing
+
+
+def _relay_thread(relay, stop):
+    """The -R relay in a thread of the tool, which leaves signals to the main thread."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    relay.run(stop)
+
+
+def _announce(spec, line):
+    print(f"sinfonia-tier3: {spec.option} {spec.text}: {line}", file=sys.stderr, flush=True)
+
+
+class _Forwards:
+    """The forwards of one session, as the tool holds them: the listening
+    sockets here are made at construction (before deploying), `start()`
+    hands them to the relay in the namespace and starts the -R relay here,
+    `close()` ends them (after the namespace, which takes the relay along)."""
+
+    def __init__(self, specs):
+        import socket
+
+        if len(specs) > _MAX_FORWARDS:
+            raise UsageError(f"at most {_MAX_FORWARDS} forwards")
+        self.specs = list(specs)
+        self._sockets = []  # for the relay, in the order of the specs
+        self._channel = None
+        self._lines = []
+        self._thread = None
+        self._stop = None
+        try:
+            for spec in self.specs:
+                if spec.option != "-R":
+                    host = spec.bind_host or "127.0.0.1"
+                    self._sockets.append(_listen(spec, host))
+                    if spec.option == "-D":
+                        self._sockets.append(_listen(spec, host, socket.SOCK_DGRAM))
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, channel, tunnel_address):
+        """Hand the forwards to the relay over `channel`; returns once they
+        all listen (`tell()` says so)."""
+        import socket
+        import threading
+
+        self._channel = channel
+        channel.send({"forwards": [spec.as_message() for spec in self.specs],
+                      "tunnel_address": tunnel_address},
+                     fds=[sock.fileno() for sock in self._sockets])
+        for sock in self._sockets:  # the relay's now: they close when it ends
+            sock.close()
+        self._sockets = []
+        message, fds = channel.receive(_SETUP_TIMEOUT)
+        if message is None or "error" in message:
+            for fd in fds:
+                os.close(fd)
+            raise TunnelError(message["error"] if message else
+                              "the relay of the forwards ended unexpectedly")
+        remote = [spec for spec in self.specs if spec.option == "-R"]
+        if remote:
+            relay = _Relay()
+            for spec, fd in zip(remote, fds):
+                relay.add_port_forward(socket.socket(fileno=fd), spec.host, spec.port,
+                                       lambda line, spec=spec: _announce(spec, line))
+            self._stop = socket.socketpair()
+            self._thread = threading.Thread(target=_relay_thread, args=(relay, self._stop[1]),
+                                            daemon=True, name="sinfonia-tier3 -R relay")
+            self._thread.start()
+        self._lines = message["forwarding"]
+
+    def tell(self):
+        """Say on stderr what each forward listens on and where it goes."""
+        for line in self._lines:
+            print(f"sinfonia-tier3: forwarding {line}", file=sys.stderr, flush=True)
+
+    def serve(self, tick=None):
+        """Without a COMMAND: keep the forwards until SIGINT, SIGTERM or
+        SIGHUP (then 0), or until the relay fails (its one line); `tick()`,
+        when given, runs every _TICK s meanwhile (`_TunnelKeeper.tick`)."""
+        import select
+        import signal
+
+        class Stop(Exception):
+            pass
+
+        def stop(signum, frame):
+            raise Stop(signum)
+
+        handlers = {signum: signal.signal(signum, stop)
+                    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.tell()  # now: a signal from whoever saw it stops the forwards with 0
+            while tick is not None and not select.select([self._channel], [], [], _TICK)[0]:
+                tick()
+            message, _ = self._channel.receive()
+        except Stop as e:
+            print(f"sinfonia-tier3: {signal.Signals(e.args[0]).name}: closing the forwards",
+                  file=sys.stderr, flush=True)
+            return 0
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        raise TunnelError(message["error"] if message else
+                          "the relay of the forwards ended unexpectedly")
+
+    def close(self):
+        """Stop the -R relay and close what is still open here."""
+        if self._thread is not None:
+            self._stop[0].close()
+            self._thread.join(timeout=5)
+            self._stop[1].close()
+            self._thread = None
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        self._channel = None  # the namespace's, which closes it
 
 
 # Orchestration ###############################################################
@@ -5190,15 +6169,23 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
                  debug=False, mtu=_DEFAULT_MTU, connect_timeout=_DEFAULT_CONNECT_TIMEOUT,
                  tunnel="auto", hints=None, zeroconf=False,
                  zeroconf_timeout=_DEFAULT_ZEROCONF_TIMEOUT, wait_for=(),
-                 ready_timeout=_DEFAULT_READY_TIMEOUT, reconnect=True):
+                 ready_timeout=_DEFAULT_READY_TIMEOUT, reconnect=True, forwards=()):
     """Deploy `uuid` and run `command` behind the tunnel to it, once each
     (host, port) of `wait_for` answers; the application's exit status. Under
     `--tunnel auto`, a userspace tunnel that fails in the namespace itself
     gives way to the kernel's through sudo. With `reconnect` a
     `_TunnelKeeper` keeps the tunnel up meanwhile, deploying again where the
-    chosen deployment came from."""
+    chosen deployment came from. With `forwards` (`_ForwardSpec`s) they
+    serve while `command` runs, or without a command until a signal stops
+    them (status 0)."""
     choice = _choose_tunnel(tunnel, debug=debug)
-    backend = _TUNNELS[choice](mtu=mtu)  # the holder sets up while Tier 1 answers
+    forwarding = _Forwards(forwards)  # before deploying: a port in use fails now
+    relay = bool(forwards)
+    try:
+        backend = _TUNNELS[choice](mtu=mtu, relay=relay)  # sets up while Tier 1 answers
+    except BaseException:
+        forwarding.close()
+        raise
     try:
         keypair = _load_or_create_keypair(uuid)
         chosen = _deploy_verbosely(
@@ -5215,18 +6202,24 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             print(f"sinfonia-tier3: the userspace tunnel failed ({e}); trying the "
                   "kernel's WireGuard through sudo", file=sys.stderr)
             backend.close()
-            backend = _KernelTunnel(mtu=mtu)
+            backend = _KernelTunnel(mtu=mtu, relay=relay)
             backend.connect(config, keypair, connect_timeout=connect_timeout, debug=debug)
         backend.wait_for(wait_for, ready_timeout, debug=debug)
-        keeper = None
+        tick = None
         if reconnect:
-            keeper = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
+            tick = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
                 chosen.source, uuid, keypair, results=1, timeout=timeout, debug=debug,
-                hints=hints)[0])
+                hints=hints)[0]).tick
+        if forwards:
+            forwarding.start(backend.namespace.relay, str(config.addresses[0].ip))
+            if not command:
+                return forwarding.serve(tick)
+            forwarding.tell()
         return backend.run(command, _application_environment(deployment, chosen.source),
-                           keeper and keeper.tick)
+                           tick)
     finally:
         backend.close()
+        forwarding.close()
 
 
 def _application_environment(deployment, tier1_url):
@@ -5311,13 +6304,16 @@ exit status:
   127      COMMAND not found
 
 APPLICATION is a backend uuid or the alias helloworld. Progress goes to
-stderr; stdout belongs to the application (or to --json / --qrcode).
+stderr; stdout belongs to the application (or to --json / --qrcode). With
+-L, -D or -R and no COMMAND no shell starts: the forwards serve until
+SIGINT, SIGTERM or SIGHUP, then the tool exits 0.
 """
 
 
 def _argument_parser():
     """The command line; argparse exits 2 on bad arguments."""
     import argparse
+    import functools
 
     def tier1_url(text):
         if not text.startswith(("http://", "https://")) or len(text) < 9:
@@ -5344,6 +6340,12 @@ def _argument_parser():
             raise argparse.ArgumentTypeError(
                 f"{text!r}: expected a whole number from {_MIN_MTU} to 65535")
         return int(text)
+
+    def forward(option, text):
+        try:
+            return _parse_forward(option, text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)[len(option) + 1:]) from None  # argparse names it
 
     def count(text):
         if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_RESULTS:
@@ -5465,6 +6467,22 @@ def _argument_parser():
         "WireGuard, else userspace when /dev/net/tun opens, else kernel through "
         "sudo (default %(default)s)",
     )
+    def add_forward(option, metavar, help):
+        parser.add_argument(option, dest="forwards", action="append", default=[],
+                            metavar=metavar, type=functools.partial(forward, option),
+                            help=help + "; repeatable")
+
+    add_forward("-L", "[BIND_ADDRESS:]PORT:HOST:HOSTPORT",
+                "listen on BIND_ADDRESS:PORT here (default 127.0.0.1) and carry each "
+                "connection to HOST:HOSTPORT in the application's namespace, HOST "
+                "resolved by the cloudlet's DNS")
+    add_forward("-D", "[BIND_ADDRESS:]PORT",
+                "a SOCKS5 proxy on BIND_ADDRESS:PORT here (default 127.0.0.1) whose "
+                "connections and UDP go out from the application's namespace, names "
+                "resolved there")
+    add_forward("-R", "[BIND_ADDRESS:]PORT:HOST:HOSTPORT",
+                "listen on BIND_ADDRESS:PORT in the application's namespace (default "
+                "the tunnel address) and carry each connection to HOST:HOSTPORT here")
     parser.add_argument(
         "--no-reconnect",
         action="store_true",
@@ -5500,6 +6518,9 @@ def main(argv=None):
                   "zeroconf": options.zeroconf,
                   "zeroconf_timeout": options.zeroconf_timeout}
         if options.json or options.config_debug or options.qrcode:
+            if options.forwards:
+                raise UsageError("-L, -D and -R need a session: not with --json, "
+                                 "--config-debug or --qrcode")
             return _show_deployment(
                 options.tier1_url, options.application, command, as_json=options.json,
                 config_debug=options.config_debug, qrcode=options.qrcode, **common)
@@ -5507,7 +6528,7 @@ def main(argv=None):
             options.tier1_url, options.application, command, mtu=options.mtu,
             tunnel=options.tunnel, wait_for=options.wait_for,
             ready_timeout=options.ready_timeout, reconnect=not options.no_reconnect,
-            **common)
+            forwards=options.forwards, **common)
     except SinfoniaError as e:
         print(f"sinfonia-tier3: {e}", file=sys.stderr)
         if options.json:

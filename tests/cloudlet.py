@@ -605,7 +605,9 @@ def _namespace_child(control_fd, parent_pid):
     {"tun": NAME, "client": ADDRESS, "packet_info": BOOL} -> a TUN device routed
     to ADDRESS, its fd passed back with {"ok": true};
     {"listen": PORT} -> a TCP port of the helloworld address that accepts
-    connections from now on, {"ok": true}; any failure is {"error": MESSAGE}.
+    connections from now on, {"ok": true}; {"socket": "tcp"} -> a
+    new TCP socket of the namespace, for a test to connect from in here (a
+    backend calling the client); any failure is {"error": MESSAGE}.
     """
     _tool()._die_with_parent(parent_pid)
     control = socket.socket(fileno=control_fd)
@@ -644,6 +646,11 @@ def _namespace_child(control_fd, parent_pid):
                 listener = socket.create_server((str(HELLOWORLD_ADDRESS), request["listen"]))
                 listeners.append(listener)  # the kernel accepts into its backlog
                 control.send(json.dumps({"ok": True}).encode())
+                continue
+            if request.get("socket") == "tcp":
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as made:
+                    socket.send_fds(control, [json.dumps({"ok": True}).encode()],
+                                    [made.fileno()])
                 continue
             name, client = str(request["tun"]), ipaddress.ip_address(request["client"])
             if request.get("packet_info"):
@@ -709,9 +716,16 @@ class CloudletNamespace:
 
     def open_tun(self, name, client_address, packet_info=False):
         """A new TUN device `name` in the namespace, routed to `client_address`."""
-        request = json.dumps(
-            {"tun": name, "client": str(client_address), "packet_info": packet_info}
-        ).encode()
+        return self._descriptor(
+            {"tun": name, "client": str(client_address), "packet_info": packet_info})
+
+    def tcp_socket(self):
+        """A TCP socket made in the namespace: what it connects to is
+        reached from the cloudlet's side, as a backend would reach it."""
+        return socket.socket(fileno=self._descriptor({"socket": "tcp"}))
+
+    def _descriptor(self, request):
+        request = json.dumps(request).encode()
         with self._lock:
             self._control.send(request)
             message, fds, _, _ = socket.recv_fds(self._control, 4096, 1)
@@ -719,7 +733,7 @@ class CloudletNamespace:
             os.close(fd)
         self._reply(message)
         if not fds:
-            raise RuntimeError("cloudlet namespace sent no TUN descriptor")
+            raise RuntimeError("cloudlet namespace sent no descriptor")
         return fds[0]
 
     def listen(self, port):

@@ -13,6 +13,7 @@ import os
 import pty
 import pwd
 import queue
+import re
 import select
 import shutil
 import signal
@@ -325,6 +326,25 @@ def _alive_since_before(pid, moment):
         return False
     started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
     return fields[0] != "Z" and started <= moment
+
+
+_FORWARDING = re.compile(r"sinfonia-tier3: forwarding (\S+) .*\n")
+
+
+def forwarding_addresses(process, count, timeout=30):
+    """The listening addresses of the first `count` "forwarding" lines the
+    tool (a Popen) says on stderr, read from its descriptor within
+    `timeout`, and all it said until then."""
+    said, deadline = b"", time.monotonic() + timeout
+    while len(_FORWARDING.findall(said.decode(errors="replace"))) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0 and process.poll() is None, said.decode(errors="replace")
+        if select.select([process.stderr], [], [], remaining)[0]:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, said.decode(errors="replace")
+            said += chunk
+    text = said.decode()
+    return _FORWARDING.findall(text), text
 
 
 def run_in_terminal(argv, typed, timeout=20):

@@ -741,6 +741,31 @@ def test_kernel_backend_holds_the_application_until_the_backend_answers(cloudlet
     assert not marker.exists()
 
 
+@needs_kernel_wg
+@pytest.mark.forward
+def test_kernel_backend_carries_a_forward(cloudlet_url, tmp_path):
+    import sessions
+
+    require_programs("curl")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "sinfonia_tier3.py"), "--tunnel", "kernel", "-L",
+         "0:helloworld:80", cloudlet_url, "helloworld"],
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        (local,), said = sessions.forwarding_addresses(process, 1, timeout=60)
+        page = subprocess.run(["curl", "-sS", "--max-time", "20", f"http://{local}/"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert page.stdout.startswith("Hello from the sinfonia test cloudlet!"), page.stderr
+    assert process.returncode == 0, said
+
+
 @in_guest_only
 @needs_kernel_wg
 def test_kernel_backend_through_sudo_as_a_user(sudo_user, cloudlet_url):
