@@ -3554,7 +3554,10 @@ def _namespace_init(channel, network_ready):
     if start is not None and "wait_for" in start:
         _wait_for_services(channel, start["wait_for"])
         start, _ = channel.receive()
-    if start is None:  # the tool gave up
+    while start is not None and "reconfigure" in start:  # forwards and no application
+        channel.send({"reconfigured": _reconfigure_network(start["reconfigure"])})
+        start, _ = channel.receive()
+    if start is None:  # the tool gave up, or the forwards ended
         return 125
     return _serve_as_init(channel, start)
 
@@ -3973,6 +3976,17 @@ class _Namespace:
                 raise TunnelError("the application's namespace sent no relay for the forwards")
             self.relay = _Channel(socket.socket(fileno=fds[0]))
 
+    @property
+    def channel(self):
+        """The channel to the holder, for a loop that waits on it and others."""
+        return self._channel
+
+    def tell_reconfigured(self, message):
+        """The holder's answer to `reconfigure()`: a failure is one line."""
+        if message["reconfigured"]:
+            print(f"sinfonia-tier3: cannot change the application's network: "
+                  f"{_printable(message['reconfigured'])}", file=sys.stderr)
+
     def reconfigure(self, addresses, routes, resolv_conf):
         """While the application runs: move the interface to new addresses
         and routes, and rewrite resolv.conf (None: leave it) where they
@@ -4036,9 +4050,7 @@ class _Namespace:
                 if "stopped" in message:
                     self._suspend()
                 elif "reconfigured" in message:
-                    if message["reconfigured"]:
-                        print(f"sinfonia-tier3: cannot change the application's network: "
-                              f"{message['reconfigured']}", file=sys.stderr)
+                    self.tell_reconfigured(message)
                 elif "error" in message:  # exec failed (with a status), or init
                     failure = message
             status = self._reap()
@@ -5814,10 +5826,11 @@ class _Forwards:
         for line in self._lines:
             print(f"sinfonia-tier3: forwarding {line}", file=sys.stderr, flush=True)
 
-    def serve(self, tick=None):
+    def serve(self, namespace, tick=None):
         """Without a COMMAND: keep the forwards until SIGINT, SIGTERM or
-        SIGHUP (then 0), or until the relay fails (its one line); `tick()`,
-        when given, runs every _TICK s meanwhile (`_TunnelKeeper.tick`)."""
+        SIGHUP (then 0), or until the relay or the `namespace` fails (its
+        one line); `tick()`, when given, runs every _TICK s meanwhile
+        (`_TunnelKeeper.tick`), and the namespace's answers to it are told."""
         import select
         import signal
 
@@ -5831,9 +5844,19 @@ class _Forwards:
                     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             self.tell()  # now: a signal from whoever saw it stops the forwards with 0
-            while tick is not None and not select.select([self._channel], [], [], _TICK)[0]:
-                tick()
-            message, _ = self._channel.receive()
+            while True:
+                readable = select.select([self._channel, namespace.channel], [], [],
+                                         None if tick is None else _TICK)[0]
+                if self._channel in readable:
+                    message, _ = self._channel.receive()
+                    break
+                if namespace.channel in readable:
+                    message, _ = namespace.channel.receive()
+                    if message is None or "reconfigured" not in message:
+                        break
+                    namespace.tell_reconfigured(message)
+                elif tick is not None:
+                    tick()
         except Stop as e:
             print(f"sinfonia-tier3: {signal.Signals(e.args[0]).name}: closing the forwards",
                   file=sys.stderr, flush=True)
@@ -6213,7 +6236,7 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
         if forwards:
             forwarding.start(backend.namespace.relay, str(config.addresses[0].ip))
             if not command:
-                return forwarding.serve(tick)
+                return forwarding.serve(backend.namespace, tick)
             forwarding.tell()
         return backend.run(command, _application_environment(deployment, chosen.source),
                            tick)

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.recovery, pytest.mark.e2e]
 if sessions.missing_root():
     pytest.skip(sessions.missing_root(), allow_module_level=True)
 
+HELLO = "Hello from the sinfonia test cloudlet!"
 QUICK_LOSS = {"_DATA_LOST_AFTER": 3.0, "_HANDSHAKE_LOST_AFTER": 3.0, "_RETRY_FIRST": 2.0}
 
 
@@ -135,3 +136,42 @@ def test_a_shortened_soak_loses_nothing_and_keeps_its_memory():
     assert result["rekeys"] >= 5, result
     (pss_start, _), (pss_end, _) = result["memory_start"], result["memory_end"]
     assert pss_end <= pss_start + 2048, result  # KiB: warming up, not growing
+
+
+@pytest.mark.forward
+def test_a_forward_without_command_recovers_a_dropped_deployment(scratch):
+    # No application: the tunnel keeper runs while the tool serves -L alone,
+    # and the connections through the forward are what finds the loss.
+    import signal
+    import time
+    import urllib.request
+
+    def page(local):
+        try:
+            with urllib.request.urlopen(f"http://{local}/", timeout=3) as response:
+                return response.read().decode()
+        except OSError:
+            return None
+
+    with cloudlet.WireGuardServer() as server, \
+            cloudlet.Cloudlet(wireguard=server, host=server.host) as api:
+        runner = sessions.Runner([], False, scratch)
+        process = sessions.start_tool(runner, ["-L", "0:helloworld:80", api.url, "helloworld"],
+                                      settings=QUICK_LOSS)
+        try:
+            (local,), _ = sessions.forwarding_addresses(process, 1, timeout=60)
+            assert page(local).startswith(HELLO)
+            api.expire_all()
+            deadline, back = time.monotonic() + 60, None
+            while back is None and time.monotonic() < deadline:
+                back = page(local)
+                time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert back is not None and back.startswith(HELLO), stderr
+    assert process.returncode == 0, stderr
+    _check_lost_and_back(stderr)
