@@ -3051,11 +3051,8 @@ class _JoinedCommands:
 
     def serve(self, readable):
         """Take new connections, start what they ask, pass their signals on."""
-        if self._listener in readable:
-            self._accept()
-        for connection in [c for c in self._waiting if c in readable]:
-            self._waiting.remove(connection)
-            self._start(connection)
+        # In this order: each step only reads what select found readable
+        # before the step before it added to what it looks at.
         for pid, connection in list(self._commands.items()):
             if connection is None or connection not in readable:
                 continue
@@ -3069,6 +3066,11 @@ class _JoinedCommands:
                 pass
             except (OSError, ValueError, TypeError, KeyError, OverflowError):
                 self._abandon(pid)  # its joiner is gone
+        for connection in [c for c in self._waiting if c in readable]:
+            self._waiting.remove(connection)
+            self._start(connection)
+        if self._listener in readable:
+            self._accept()
 
     def _accept(self):
         try:
