@@ -3028,9 +3028,9 @@ class _JoinedCommands:
     invocations of the tool for the same backend run here, each asked for
     over a connection to the session's socket (`_SessionSocket`).
 
-    A request is {"join": {"command": [...], "env": {...}}} with the
-    joiner's stdin, stdout, stderr and current directory as descriptors; the
-    answer {"joined": true} once the command runs, then {"ended": status}.
+    A request is {"join": {"command": [...], "env": {...}, "cwd": path}}
+    with the joiner's stdin, stdout and stderr as descriptors; the answer
+    {"joined": true} once the command runs, then {"ended": status}.
     Meanwhile the joiner may send {"signal": N} for its command; a joiner
     that goes away (or says anything else) takes its command's process
     group with it. Nothing a joiner sends, however wrong, disturbs the rest
@@ -3088,11 +3088,12 @@ class _JoinedCommands:
             message, fds = connection.receive()
             if message is None:  # a look, not a request (--json asking if we run)
                 raise ValueError("no request")
-            command, env = _join_request(message, fds)
+            command, env, cwd = _join_request(message, fds)
             command, env = _application_command(command, env, self._env_extra)
             pid = os.fork()
             if pid == 0:
-                _exec_application(_ErrorsToStderr(), command, env, None, joined=fds)
+                _exec_application(_ErrorsToStderr(), command, env, None, joined=fds,
+                                  cwd=cwd)
         except (OSError, ValueError, TypeError, KeyError):
             connection.close()
             return
@@ -3137,17 +3138,19 @@ class _JoinedCommands:
 
 
 def _join_request(message, fds):
-    """(command, environment) of a join request, checked to be what
-    `_join_session` sends: ValueError or TypeError if not."""
+    """(command, environment, directory) of a join request, checked to be
+    what `_SessionSocket` sends: ValueError or TypeError if not."""
     request = message["join"]
-    command, env = request["command"], request["env"]
-    if len(fds) != 4:
-        raise ValueError("expected stdin, stdout, stderr and a directory")
+    command, env, cwd = request["command"], request["env"], request["cwd"]
+    if len(fds) != 3:
+        raise ValueError("expected stdin, stdout and stderr")
     if type(command) is not list or not all(type(word) is str for word in command):
         raise TypeError("command")
     if type(env) is not dict or not all(type(v) is str for v in env.values()):
         raise TypeError("env")
-    return command, env
+    if type(cwd) is not str:
+        raise TypeError("cwd")
+    return command, env, cwd
 
 
 class _ErrorsToStderr:
@@ -3179,13 +3182,13 @@ def _drop_capabilities():
     _libc_call("capset", ctypes.c_char_p(header), ctypes.create_string_buffer(24))
 
 
-def _exec_application(channel, command, env, terminal, joined=None):
+def _exec_application(channel, command, env, terminal, joined=None, cwd=None):
     """In the application's own process: take the terminal when the tool had
     it, restore default signal handling, exec. Never returns.
 
     A `joined` command (a later invocation's, `_JoinedCommands`) gets the
-    descriptors its joiner sent instead: stdin, stdout, stderr and its
-    current directory; and a session of its own, away from the first
+    descriptors its joiner sent instead (stdin, stdout, stderr), the
+    joiner's directory `cwd`, and a session of its own, away from the first
     invocation's terminal."""
     import signal
 
@@ -3194,13 +3197,16 @@ def _exec_application(channel, command, env, terminal, joined=None):
         if joined is None:
             os.setpgid(0, 0)
         else:
-            for target, fd in enumerate(joined[:3]):
+            for target, fd in enumerate(joined):
                 os.dup2(fd, target)
-            os.fchdir(joined[3])
             for fd in joined:
                 if fd > 2:
                     os.close(fd)
             os.setsid()
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                raise TunnelError(f"cannot enter {cwd}: {e.strerror}") from None
         if terminal is not None:
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
             os.tcsetpgrp(terminal, os.getpgrp())
@@ -3695,10 +3701,12 @@ class _SessionSocket:
         import signal
         import socket
 
-        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            channel.send({"join": {"command": list(command), "env": dict(os.environ)}},
-                         fds=[0, 1, 2, cwd])
+            # The directory by name: a descriptor of it would lead into this
+            # mount namespace from the session's, where getcwd() fails.
+            request = {"command": list(command), "env": dict(os.environ),
+                       "cwd": os.getcwd()}
+            channel.send({"join": request}, fds=[0, 1, 2])
             try:
                 message, _ = channel.receive(2)
             except socket.timeout:
@@ -3709,8 +3717,6 @@ class _SessionSocket:
             message = None
         except OSError as e:
             raise TunnelError(f"cannot join the running session: {e.strerror}") from None
-        finally:
-            os.close(cwd)
         if message != {"joined": True}:
             channel.close()
             return None

@@ -12,6 +12,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 
 import cloudlet
 import pytest
@@ -30,15 +31,20 @@ FETCH = ('fetch() { curl -sS --max-time 5 -o /dev/null http://helloworld/ '
 WHERE = 'echo "$SINFONIA_ADDRESS $(readlink /proc/self/ns/net)"; '
 
 # The first command: requests until the joined command says it runs (the
-# file `joined`, in the directory both share), five more, then it ends.
-FIRST = (FETCH + WHERE + 'echo $$ > first-pid; i=0; while [ ! -e joined ] && [ $i -lt 200 ]; '
-         'do fetch; i=$((i+1)); sleep 0.1; done; for i in 1 2 3 4 5; do fetch; done; exit 3')
-# The joined command: requests while the first runs, and five more once the
-# first command has ended (init has reaped it), through the tunnel that must
-# still be up.
-JOINED = (FETCH + WHERE + 'fetch; fetch; touch joined; i=0; '
-          'while kill -0 "$(cat first-pid)" 2>/dev/null && [ $i -lt 200 ]; do fetch; '
+# file `joined` in the directory $1 both share), five more, then it ends.
+FIRST = (FETCH + WHERE + 'echo $$ > "$1/first-pid"; i=0; '
+         'while [ ! -e "$1/joined" ] && [ $i -lt 200 ]; do fetch; i=$((i+1)); sleep 0.1; '
+         'done; for i in 1 2 3 4 5; do fetch; done; exit 3')
+# The joined command, in the joiner's directory: requests while the first
+# runs, and five more once the first command has ended (init has reaped
+# it), through the tunnel that must still be up.
+JOINED = (FETCH + WHERE + 'pwd -P; fetch; fetch; touch "$1/joined"; i=0; '
+          'while kill -0 "$(cat "$1/first-pid")" 2>/dev/null && [ $i -lt 200 ]; do fetch; '
           'i=$((i+1)); sleep 0.1; done; for i in 1 2 3 4 5; do fetch; done; exit 5')
+
+# sessions.SIGNAL_TRAP in sh (the test user's Python may be out of an
+# application's reach, which has no capability to pass directories).
+TRAP = ('trap \'echo got 15; kill $!; exit 55\' TERM; echo ready; sleep 60 & wait')
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +79,11 @@ def stop(*processes):
 
 @pytest.mark.e2e
 def test_a_second_invocation_joins_and_the_session_ends_with_its_last_command(
-        cloudlet_url, tool):
-    first = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", FIRST)
+        cloudlet_url, tool, tmp_path):
+    # Root's applications have no CAP_DAC_OVERRIDE: the directory both
+    # commands write to is the running user's own.
+    shared = tool.scratch if tool.as_user else str(tmp_path)
+    first = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", FIRST, "sh", shared)
     joiners = []
     try:
         where = first.stdout.readline()
@@ -82,8 +91,7 @@ def test_a_second_invocation_joins_and_the_session_ends_with_its_last_command(
         namespaces = application_namespaces(first.pid)
 
         # Signals to a joiner reach its command; its exit status is the command's.
-        trap = tool.start(cloudlet_url, "helloworld", "--", tool.python, "-c",
-                          sessions.SIGNAL_TRAP)
+        trap = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", TRAP)
         joiners.append(trap)
         stdout, stderr = sessions.signal_when_ready(trap, signal.SIGTERM, timeout=30)
         assert (trap.returncode, stdout) == (40 + signal.SIGTERM, "got 15\n"), stderr
@@ -91,9 +99,11 @@ def test_a_second_invocation_joins_and_the_session_ends_with_its_last_command(
         assert (code, stderr.splitlines()[-1]) == (
             127, "sinfonia-tier3: sinfonia-no-such-command: command not found"), stderr
 
-        joined = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", JOINED)
+        joined = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", JOINED, "sh",
+                            shared)
         joiners.append(joined)
         assert joined.stdout.readline() == where, "same tunnel address, same namespace"
+        assert joined.stdout.readline() == os.path.realpath(tool.scratch) + "\n"
         pids = sessions.descendants(first.pid) + sessions.descendants(joined.pid)
         first_out, first_err = first.communicate(timeout=60)
         joined_out, joined_err = joined.communicate(timeout=60)
@@ -159,39 +169,43 @@ def test_a_killed_sessions_socket_is_replaced_and_other_key_caches_stay_apart(
         assert sessions.files_of_user(tool.uid) == []
 
 
-# A request to join: one message and four descriptors, as the tool sends it.
+# A request to join: one message and three descriptors, as the tool sends it.
 ASK_TO_JOIN = r'''
-import json, os, socket, sys
+import json, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect(sys.argv[1])
-request = {"join": {"command": ["true"], "env": {}}}
-socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2, os.open("/", os.O_RDONLY)])
-print("answer:", sock.recv(4096).decode() or "none", flush=True)
+request = {"join": {"command": ["true"], "env": {}, "cwd": "/"}}
+socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+try:
+    answer = sock.recv(4096).decode()
+except ConnectionResetError:  # closed with our request unread
+    answer = ""
+print("answer:", answer or "none", flush=True)
 '''
 
 
 @pytest.mark.skipif(bool(sessions.missing_root()), reason=sessions.missing_root() or "ok")
-def test_only_the_sessions_own_user_may_join(tmp_path):
+def test_only_the_sessions_own_user_may_join():
     # The session's socket is in a 0700 directory of its user; here it is
-    # opened to all, so that another user reaches it and init's own check
+    # open to all, so that another user reaches it and init's own check
     # (the peer's credentials) is the one that refuses.
-    os.chmod(tmp_path, 0o755)
-    path = str(tmp_path / "session")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(4)
-    os.chmod(path, 0o777)
-    joined = st3._JoinedCommands(listener, {})
-    asker = subprocess.Popen(sessions.as_user([sessions.user_python(), "-c", ASK_TO_JOIN,
-                                               path]),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert select.select([listener], [], [], 20)[0], asker.stderr.read()
-        joined.serve([listener])
-        stdout, stderr = asker.communicate(timeout=20)
-    finally:
-        stop(asker)
-        listener.close()
+    with tempfile.TemporaryDirectory() as directory, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "session")
+        listener.bind(path)
+        listener.listen(4)
+        os.chmod(path, 0o777)
+        joined = st3._JoinedCommands(listener, {})
+        asker = subprocess.Popen(
+            sessions.as_user([sessions.user_python(), "-c", ASK_TO_JOIN, path]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert select.select([listener], [], [], 20)[0], asker.stderr.read()
+            joined.serve([listener])
+            stdout, stderr = asker.communicate(timeout=20)
+        finally:
+            stop(asker)
     assert stdout == "answer: none\n", stderr
     assert joined.descriptors() == [listener] and joined.running() == 0
 
