@@ -4697,7 +4697,9 @@ exit status:
   127      COMMAND not found
 
 APPLICATION is a backend uuid or the alias helloworld. Progress goes to
-stderr; stdout belongs to the application (or to --json / --qrcode).
+stderr; stdout belongs to the application (or to --json / --qrcode). Where
+a session of APPLICATION runs already, COMMAND joins it: it runs through
+that session's tunnel, which stays up until its last command ends.
 """
 
 
