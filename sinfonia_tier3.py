@@ -3064,8 +3064,8 @@ class _JoinedCommands:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
-            except (OSError, ValueError, TypeError, KeyError, OverflowError):
-                self._abandon(pid)  # its joiner is gone
+            except Exception:  # noqa: BLE001 - its joiner is gone, or talks nonsense
+                self._abandon(pid)
         for connection in [c for c in self._waiting if c in readable]:
             self._waiting.remove(connection)
             self._start(connection)
@@ -3094,7 +3094,7 @@ class _JoinedCommands:
             if pid == 0:
                 _exec_application(_ErrorsToStderr(), command, env, None, joined=fds,
                                   cwd=cwd)
-        except (OSError, ValueError, TypeError, KeyError):
+        except Exception:  # noqa: BLE001 - no request, however wrong, ends the session
             connection.close()
             return
         finally:
@@ -3659,7 +3659,7 @@ class _SessionSocket:
         """Whether a session of this backend runs (a look, which init ignores)."""
         try:
             channel = self.connect()
-        except SinfoniaError:
+        except (SinfoniaError, OSError):
             return False
         finally:
             self.close()
@@ -3670,11 +3670,18 @@ class _SessionSocket:
 
     def join(self, command):
         """`command`'s exit status once it ran in the running session; None
-        when there is none, and this invocation's `listener` is bound."""
+        when there is none, and this invocation's `listener` is bound (or,
+        where no socket can be made, such as in a read-only key cache, this
+        session runs unjoinable, with a warning)."""
         import socket
 
         for _attempt in range(3):  # a session may end just as it is joined
-            lock = self._locked()
+            try:
+                lock = self._locked()
+            except OSError as e:
+                _warn(f"no later invocation can join this session: cannot lock "
+                      f"{os.path.join(self._directory, self._name)}.lock: {e.strerror}")
+                return None
             try:
                 channel = self.connect()
                 if channel is None:
@@ -3687,6 +3694,9 @@ class _SessionSocket:
                     self.listener.listen(16)
                     self._inode = os.stat(self._name, dir_fd=self._dir_fd).st_ino
                     return None
+            except OSError as e:
+                raise TunnelError(f"cannot make the session socket in {self._directory}: "
+                                  f"{e.strerror}") from None
             finally:
                 os.close(lock)
             status = self._run_joined(channel, command)
@@ -3741,7 +3751,7 @@ class _SessionSocket:
             channel.close()
         status = message.get("ended") if type(message) is dict else None
         if type(status) is not int or not 0 <= status <= 255:
-            raise TunnelError("the session this command joined ended before the command")
+            raise TunnelError("the joined session ended before its command did")
         return status
 
     def close(self):
@@ -3749,14 +3759,15 @@ class _SessionSocket:
         if self.listener is not None:
             self.listener.close()
         if self._inode is not None:
-            lock = self._locked()
             try:
-                if os.stat(self._name, dir_fd=self._dir_fd).st_ino == self._inode:
-                    os.unlink(self._name, dir_fd=self._dir_fd)
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(lock)
+                lock = self._locked()
+                try:
+                    if os.stat(self._name, dir_fd=self._dir_fd).st_ino == self._inode:
+                        os.unlink(self._name, dir_fd=self._dir_fd)
+                finally:
+                    os.close(lock)
+            except OSError:
+                pass  # gone already, or never to be removed: a stale one is replaced
             self._inode = None
         if self._dir_fd is not None:
             os.close(self._dir_fd)

@@ -60,6 +60,15 @@ def sockets_under(directory):
             for name in names if stat.S_ISSOCK(os.lstat(os.path.join(path, name)).st_mode)]
 
 
+def shared_directory(tool, tmp_path):
+    """A new directory that the runner's applications may write to: the
+    runner's user's own (root's applications have no CAP_DAC_OVERRIDE)."""
+    path = os.path.join(tool.scratch if tool.as_user else str(tmp_path), "shared")
+    os.mkdir(path)
+    os.chown(path, tool.uid, tool.gid)
+    return path
+
+
 def application_namespaces(tool_pid):
     """{kind: inode} of the net, mnt and pid namespaces of the application
     below the tool `tool_pid` (the first process in another PID namespace)."""
@@ -80,9 +89,7 @@ def stop(*processes):
 @pytest.mark.e2e
 def test_a_second_invocation_joins_and_the_session_ends_with_its_last_command(
         cloudlet_url, tool, tmp_path):
-    # Root's applications have no CAP_DAC_OVERRIDE: the directory both
-    # commands write to is the running user's own.
-    shared = tool.scratch if tool.as_user else str(tmp_path)
+    shared = shared_directory(tool, tmp_path)
     first = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", FIRST, "sh", shared)
     joiners = []
     try:
@@ -167,6 +174,28 @@ def test_a_killed_sessions_socket_is_replaced_and_other_key_caches_stay_apart(
     assert sockets_under(runtime) == []
     if tool.as_user:
         assert sessions.files_of_user(tool.uid) == []
+
+
+# Each command says it runs (a file in $1), waits until two do, fetches once.
+TOGETHER = ('mktemp "$1/started.XXXXXX" >/dev/null; i=0; '
+            'while [ "$(ls "$1" | wc -l)" -lt 2 ] && [ $i -lt 200 ]; do sleep 0.1; '
+            'i=$((i+1)); done; curl -sS --max-time 5 -o /dev/null http://helloworld/ && echo ok')
+
+
+@pytest.mark.e2e
+def test_two_first_starts_at_once_make_one_session(cloudlet_url, tool, tmp_path):
+    shared = shared_directory(tool, tmp_path)
+    both = [tool.start(cloudlet_url, "helloworld", "--", "sh", "-c", TOGETHER, "sh", shared)
+            for _ in range(2)]
+    try:
+        outputs = [process.communicate(timeout=60) for process in both]
+    finally:
+        stop(*both)
+    assert [process.returncode for process in both] == [0, 0], outputs
+    assert [stdout for stdout, _ in outputs] == ["ok\n", "ok\n"]
+    errors = sorted(stderr for _, stderr in outputs)
+    assert ["deploying" in e for e in errors] == [True, False], errors
+    assert "joined the running session" in errors[1], errors
 
 
 # A request to join: one message and three descriptors, as the tool sends it.
