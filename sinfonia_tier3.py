@@ -3028,8 +3028,10 @@ class _JoinedCommands:
     invocations of the tool for the same backend run here, each asked for
     over a connection to the session's socket (`_SessionSocket`).
 
-    A request is {"join": {"command": [...], "env": {...}, "cwd": path}}
-    with the joiner's stdin, stdout and stderr as descriptors; the answer
+    A request is {"join": {"command": [...], "env": {...}, "cwd": path,
+    "terminal": bool}} with the joiner's stdin, stdout and stderr as
+    descriptors (with "terminal", a pseudo-terminal that becomes the
+    command's controlling terminal: `_PseudoTerminal`); the answer
     {"joined": true} once the command runs, then {"ended": status}.
     Meanwhile the joiner may send {"signal": N} for its command; a joiner
     that goes away (or says anything else) takes its command's process
@@ -3088,12 +3090,12 @@ class _JoinedCommands:
             message, fds = connection.receive()
             if message is None:  # a look, not a request (--json asking if we run)
                 raise ValueError("no request")
-            command, env, cwd = _join_request(message, fds)
+            command, env, cwd, terminal = _join_request(message, fds)
             command, env = _application_command(command, env, self._env_extra)
             pid = os.fork()
             if pid == 0:
-                _exec_application(_ErrorsToStderr(), command, env, None, joined=fds,
-                                  cwd=cwd)
+                _exec_application(_ErrorsToStderr(), command, env, 0 if terminal else None,
+                                  joined=fds, cwd=cwd)
         except Exception:  # noqa: BLE001 - no request, however wrong, ends the session
             connection.close()
             return
@@ -3138,19 +3140,20 @@ class _JoinedCommands:
 
 
 def _join_request(message, fds):
-    """(command, environment, directory) of a join request, checked to be
-    what `_SessionSocket` sends: ValueError or TypeError if not."""
+    """(command, environment, directory, terminal) of a join request,
+    checked to be what `_SessionSocket` sends: ValueError or TypeError if not."""
     request = message["join"]
     command, env, cwd = request["command"], request["env"], request["cwd"]
+    terminal = request["terminal"]
     if len(fds) != 3:
         raise ValueError("expected stdin, stdout and stderr")
     if type(command) is not list or not all(type(word) is str for word in command):
         raise TypeError("command")
     if type(env) is not dict or not all(type(v) is str for v in env.values()):
         raise TypeError("env")
-    if type(cwd) is not str:
-        raise TypeError("cwd")
-    return command, env, cwd
+    if type(cwd) is not str or type(terminal) is not bool:
+        raise TypeError("cwd or terminal")
+    return command, env, cwd, terminal
 
 
 class _ErrorsToStderr:
@@ -3189,7 +3192,8 @@ def _exec_application(channel, command, env, terminal, joined=None, cwd=None):
     A `joined` command (a later invocation's, `_JoinedCommands`) gets the
     descriptors its joiner sent instead (stdin, stdout, stderr), the
     joiner's directory `cwd`, and a session of its own, away from the first
-    invocation's terminal."""
+    invocation's terminal; its controlling terminal is `terminal` then, the
+    joiner's pseudo-terminal on stdin, if any."""
     import signal
 
     status = 126
@@ -3203,6 +3207,10 @@ def _exec_application(channel, command, env, terminal, joined=None, cwd=None):
                 if fd > 2:
                     os.close(fd)
             os.setsid()
+            if terminal is not None:  # the joiner's pseudo-terminal: ours to control
+                import termios
+
+                fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
             try:
                 os.chdir(cwd)
             except OSError as e:
@@ -3711,12 +3719,15 @@ class _SessionSocket:
         import signal
         import socket
 
+        at_terminal = _foreground_terminal() == 0 and os.isatty(1)
+        terminal = _PseudoTerminal() if at_terminal else None
         try:
             # The directory by name: a descriptor of it would lead into this
             # mount namespace from the session's, where getcwd() fails.
             request = {"command": list(command), "env": dict(os.environ),
-                       "cwd": os.getcwd()}
-            channel.send({"join": request}, fds=[0, 1, 2])
+                       "cwd": os.getcwd(), "terminal": terminal is not None}
+            channel.send({"join": request},
+                         fds=[0, 1, 2] if terminal is None else [terminal.inner] * 3)
             try:
                 message, _ = channel.receive(2)
             except socket.timeout:
@@ -3727,8 +3738,13 @@ class _SessionSocket:
             message = None
         except OSError as e:
             raise TunnelError(f"cannot join the running session: {e.strerror}") from None
+        finally:
+            if terminal is not None:
+                os.close(terminal.inner)
         if message != {"joined": True}:
             channel.close()
+            if terminal is not None:
+                os.close(terminal.outer)
             return None
         print(f"sinfonia-tier3: joined the running session of {self._uuid}",
               file=sys.stderr, flush=True)
@@ -3742,6 +3758,8 @@ class _SessionSocket:
         handlers = {signum: signal.signal(signum, forward)
                     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
+            if terminal is not None:
+                terminal.relay(channel)
             message, _ = channel.receive()
         except OSError:
             message = None
@@ -3772,6 +3790,72 @@ class _SessionSocket:
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+
+
+class _PseudoTerminal:
+    """A joined command's own terminal, when the joiner is its terminal's
+    foreground job: a pseudo-terminal whose `inner` end becomes the
+    command's controlling terminal in the session, and whose `outer` end
+    this process relays to and from its own terminal, raw meanwhile (as
+    ssh -t does), so that Ctrl-C, Ctrl-Z and the window size reach the
+    command as they would at a terminal of its own."""
+
+    def __init__(self):
+        import termios
+
+        self.outer, self.inner = os.openpty()
+        termios.tcsetattr(self.inner, termios.TCSANOW, termios.tcgetattr(0))
+        self._pass_window_size()
+
+    def _pass_window_size(self, *signal_args):
+        import termios
+
+        size = fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8))
+        fcntl.ioctl(self.outer, termios.TIOCSWINSZ, size)
+
+    def relay(self, channel):
+        """Relay until `channel` has something to say (the command ended),
+        then the command's last output; the terminal is as it was after."""
+        import select
+        import signal
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(0)
+        previous = signal.signal(signal.SIGWINCH, self._pass_window_size)
+        tty.setraw(0, termios.TCSANOW)
+        try:
+            sources = {0: self.outer, self.outer: 1}  # what is copied where
+            while True:
+                readable = select.select([*sources, channel], [], [])[0]
+                for source in [s for s in sources if s in readable]:
+                    if not self._copy(source, sources[source]):
+                        del sources[source]  # our terminal, or the command's, hung up
+                if channel in readable:
+                    while self._copy(self.outer, 1, drain=True):
+                        pass
+                    return
+        finally:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            signal.signal(signal.SIGWINCH, previous)
+            os.close(self.outer)
+
+    @staticmethod
+    def _copy(source, target, drain=False):
+        """Copy what `source` has to `target`; False at its end (or, with
+        `drain`, once it has nothing more right now)."""
+        import select
+
+        if drain and not select.select([source], [], [], 0)[0]:
+            return False
+        try:
+            data = os.read(source, 65536)
+        except OSError:  # EIO: the command's side is closed
+            return False
+        view = memoryview(data)
+        while view:
+            view = view[os.write(target, view):]
+        return bool(data)
 
 
 # Kernel backend and root helper ##############################################

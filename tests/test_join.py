@@ -176,6 +176,37 @@ def test_a_killed_sessions_socket_is_replaced_and_other_key_caches_stay_apart(
         assert sessions.files_of_user(tool.uid) == []
 
 
+@pytest.mark.e2e
+def test_a_joiner_at_a_terminal_gives_its_command_a_terminal_of_its_own(
+        cloudlet_url, tool, tmp_path):
+    # /dev/tty opens only for a process with a controlling terminal.
+    shared = shared_directory(tool, tmp_path)
+    first = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c",
+                       'echo started; i=0; while [ ! -e "$1/done" ] && [ $i -lt 600 ]; '
+                       'do sleep 0.1; i=$((i+1)); done', "sh", shared)
+    try:
+        assert first.stdout.readline() == "started\n", first.stderr.read()
+        env = tool.env(SHELL="/bin/sh", TERM="dumb")
+        status, shown = sessions.run_in_terminal([
+            "env", "-i", *(f"{name}={env[name]}" for name in
+                           ("XDG_CACHE_HOME", "HOME", "SHELL", "PATH", "TERM") if name in env),
+            *tool.argv(cloudlet_url, "helloworld"),
+        ], [
+            ("sinfonia$ ", "curl -sS --max-time 10 http://helloworld/\n"),
+            ("tunnel address is", '(: </dev/tty) && echo "ctty-$((6*7))"\n'),
+            # Ctrl-C ends the job in the foreground (once it runs), not the shell.
+            ("ctty-42", "sh -c 'echo nap$((1+1)); exec sleep 100'\n"),
+            ("nap2", "\x03"),
+            ("sinfonia$ ", f"touch {shared}/done; exit 3\n"),
+        ], timeout=60)
+        first.communicate(timeout=30)
+    finally:
+        stop(first)
+    assert status == 3, shown
+    assert "joined the running session" in shown, shown
+    assert GREETING.search(shown.replace("\r\n", "\n")), shown
+    assert first.returncode == 0
+
 # Each command says it runs (a file in $1), waits until two do, fetches once.
 TOGETHER = ('mktemp "$1/started.XXXXXX" >/dev/null; i=0; '
             'while [ "$(ls "$1" | wc -l)" -lt 2 ] && [ $i -lt 200 ]; do sleep 0.1; '
