@@ -3719,8 +3719,12 @@ class _SessionSocket:
         import signal
         import socket
 
-        at_terminal = _foreground_terminal() == 0 and os.isatty(1)
-        terminal = _PseudoTerminal() if at_terminal else None
+        terminal = None
+        if _foreground_terminal() == 0 and os.isatty(1):
+            try:
+                terminal = _PseudoTerminal()
+            except OSError:  # no pseudo-terminals here: the command gets ours as it is
+                pass
         try:
             # The directory by name: a descriptor of it would lead into this
             # mount namespace from the session's, where getcwd() fails.
