@@ -141,6 +141,7 @@ def test_a_killed_sessions_socket_is_replaced_and_other_key_caches_stay_apart(
 
     first = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c",
                        'echo "$SINFONIA_ADDRESS"; exec sleep 60', env=env("one"))
+    joiners = []
     try:
         address = first.stdout.readline().strip()
         assert address, first.stderr.read()
@@ -159,11 +160,19 @@ def test_a_killed_sessions_socket_is_replaced_and_other_key_caches_stay_apart(
         assert "deploying" in stderr and "joined" not in stderr
         assert GREETING.fullmatch(stdout).group(1) != address, "its own key and tunnel"
 
+        joiner = tool.start(cloudlet_url, "helloworld", "--", "sh", "-c",
+                            "echo joined; exec sleep 60", env=env("one"))
+        joiners.append(joiner)
+        assert joiner.stdout.readline() == "joined\n", joiner.stderr.read()
+        pids += sessions.descendants(first.pid)
         first.kill()
         first.wait()
+        _, stderr = joiner.communicate(timeout=30)
+        assert (joiner.returncode, stderr.splitlines()[-1]) == (
+            125, "sinfonia-tier3: the joined session ended before its command did"), stderr
         sessions.assert_nothing_left(pids, namespaces)
     finally:
-        stop(first)
+        stop(first, *joiners)
     assert len(sockets_under(runtime)) == 1, "the killed session's socket stays"
     again = tool.start(cloudlet_url, "helloworld", "--", "curl", "-sS", "--max-time", "10",
                        "http://helloworld/", env=env("one"))
