@@ -243,11 +243,11 @@ ASK_TO_JOIN = r'''
 import json, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect(sys.argv[1])
-request = {"join": {"command": ["true"], "env": {}, "cwd": "/"}}
-socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+request = {"join": {"command": ["true"], "env": {}, "cwd": "/", "terminal": False}}
 try:
+    socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
     answer = sock.recv(4096).decode()
-except ConnectionResetError:  # closed with our request unread
+except (BrokenPipeError, ConnectionResetError):  # closed before or after the request
     answer = ""
 print("answer:", answer or "none", flush=True)
 '''
