@@ -3750,8 +3750,9 @@ class _SessionSocket:
             if terminal is not None:
                 os.close(terminal.outer)
             return None
-        print(f"sinfonia-tier3: joined the running session of {self._uuid}",
-              file=sys.stderr, flush=True)
+        # One write: the command may be writing to the same stderr already.
+        sys.stderr.write(f"sinfonia-tier3: joined the running session of {self._uuid}\n")
+        sys.stderr.flush()
 
         def forward(signum, frame):
             try:
