@@ -3714,8 +3714,9 @@ class _SessionSocket:
 
     def _run_joined(self, channel, command):
         """The joiner's side of `_JoinedCommands`: `command`'s exit status, or
-        None when the session ended before taking it. Until then SIGINT,
-        SIGTERM and SIGHUP go to the command."""
+        None when the session ended before taking it. From the request on,
+        SIGINT, SIGTERM and SIGHUP go to the command (after the request,
+        never before it: they wait, blocked, until it is sent)."""
         import signal
         import socket
 
@@ -3725,34 +3726,6 @@ class _SessionSocket:
                 terminal = _PseudoTerminal()
             except OSError:  # no pseudo-terminals here: the command gets ours as it is
                 pass
-        try:
-            # The directory by name: a descriptor of it would lead into this
-            # mount namespace from the session's, where getcwd() fails.
-            request = {"command": list(command), "env": dict(os.environ),
-                       "cwd": os.getcwd(), "terminal": terminal is not None}
-            channel.send({"join": request},
-                         fds=[0, 1, 2] if terminal is None else [terminal.inner] * 3)
-            try:
-                message, _ = channel.receive(2)
-            except socket.timeout:
-                print(f"sinfonia-tier3: waiting for the session of {self._uuid} to start",
-                      file=sys.stderr, flush=True)
-                message, _ = channel.receive()
-        except (BrokenPipeError, ConnectionResetError):
-            message = None
-        except OSError as e:
-            raise TunnelError(f"cannot join the running session: {e.strerror}") from None
-        finally:
-            if terminal is not None:
-                os.close(terminal.inner)
-        if message != {"joined": True}:
-            channel.close()
-            if terminal is not None:
-                os.close(terminal.outer)
-            return None
-        # One write: the command may be writing to the same stderr already.
-        sys.stderr.write(f"sinfonia-tier3: joined the running session of {self._uuid}\n")
-        sys.stderr.flush()
 
         def forward(signum, frame):
             try:
@@ -3760,14 +3733,46 @@ class _SessionSocket:
             except OSError:
                 pass
 
-        handlers = {signum: signal.signal(signum, forward)
-                    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        forwarded = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+        handlers = {signum: signal.signal(signum, forward) for signum in forwarded}
         try:
-            if terminal is not None:
-                terminal.relay(channel)
-            message, _ = channel.receive()
-        except OSError:
-            message = None
+            try:
+                # The directory by name: a descriptor of it would lead into
+                # this mount namespace from the session's, where getcwd() fails.
+                request = {"command": list(command), "env": dict(os.environ),
+                           "cwd": os.getcwd(), "terminal": terminal is not None}
+                channel.send({"join": request},
+                             fds=[0, 1, 2] if terminal is None else [terminal.inner] * 3)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+                try:
+                    message, _ = channel.receive(2)
+                except socket.timeout:
+                    print(f"sinfonia-tier3: waiting for the session of {self._uuid} to "
+                          "start", file=sys.stderr, flush=True)
+                    message, _ = channel.receive()
+            except (BrokenPipeError, ConnectionResetError):
+                message = None
+            except OSError as e:
+                raise TunnelError(f"cannot join the running session: {e.strerror}") \
+                    from None
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+                if terminal is not None:
+                    os.close(terminal.inner)
+            if message != {"joined": True}:
+                if terminal is not None:
+                    os.close(terminal.outer)
+                return None
+            # One write: the command may be writing to the same stderr already.
+            sys.stderr.write(f"sinfonia-tier3: joined the running session of {self._uuid}\n")
+            sys.stderr.flush()
+            try:
+                if terminal is not None:
+                    terminal.relay(channel)
+                message, _ = channel.receive()
+            except OSError:
+                message = None
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)

@@ -44,7 +44,8 @@ JOINED = (FETCH + WHERE + 'pwd -P; fetch; fetch; touch "$1/joined"; i=0; '
 
 # sessions.SIGNAL_TRAP in sh (the test user's Python may be out of an
 # application's reach, which has no capability to pass directories).
-TRAP = ('trap \'echo got 15; kill $!; exit 55\' TERM; echo ready; sleep 60 & wait')
+TRAP = ('trap \'echo got 15; exit 55\' TERM; echo ready; i=0; '
+        'while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done')
 
 
 @pytest.fixture(scope="module")
