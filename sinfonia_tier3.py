@@ -334,7 +334,7 @@ def _parse_key_file(text):
     return keypair
 
 
-def _prepare_key_cache_dir(directory):
+def _prepare_private_dir(directory, what="key cache"):
     """Create `directory` if missing, make it 0700, refuse one that is not ours.
 
     Missing parents (such as `~/.cache`) are created 0700 too, as the XDG
@@ -344,13 +344,13 @@ def _prepare_key_cache_dir(directory):
         _make_private_dir(directory)
         info = os.lstat(directory)
         if not stat.S_ISDIR(info.st_mode):
-            raise KeyCacheError(f"key cache {directory}: not a directory (or a symlink)")
+            raise KeyCacheError(f"{what} {directory}: not a directory (or a symlink)")
         if info.st_uid != os.geteuid():
-            raise KeyCacheError(f"key cache {directory}: owned by uid {info.st_uid}")
+            raise KeyCacheError(f"{what} {directory}: owned by uid {info.st_uid}")
         if stat.S_IMODE(info.st_mode) != 0o700:
             os.chmod(directory, 0o700)
     except OSError as e:
-        raise KeyCacheError(f"key cache {directory}: {e.strerror}") from None
+        raise KeyCacheError(f"{what} {directory}: {e.strerror}") from None
 
 
 def _make_private_dir(path):
@@ -483,7 +483,7 @@ def _load_or_create_keypair(uuid):
     be canonical (it names a file).
     """
     directory = _key_cache_dir()
-    _prepare_key_cache_dir(directory)
+    _prepare_private_dir(directory)
     path = os.path.join(directory, uuid)
     for _attempt in range(3):
         text = _read_key_file(path)
@@ -3550,16 +3550,18 @@ def _namespace_init(channel, network_ready):
             f"cannot mount /proc for the application's PID namespace: {e.strerror} "
             "(a container that hides parts of /proc forbids it; run on the host)"
         ) from None
-    start, _ = channel.receive()
+    start, fds = channel.receive()
     if start is not None and "wait_for" in start:
         _wait_for_services(channel, start["wait_for"])
-        start, _ = channel.receive()
-    while start is not None and "reconfigure" in start:  # forwards and no application
-        channel.send({"reconfigured": _reconfigure_network(start["reconfigure"])})
-        start, _ = channel.receive()
-    if start is None:  # the tool gave up, or the forwards ended
+        start, fds = channel.receive()
+    if start is None:  # the tool gave up
         return 125
-    return _serve_as_init(channel, start)
+    joined = None
+    if fds:  # the session's socket: later invocations join through it
+        import socket
+
+        joined = _JoinedCommands(socket.socket(fileno=fds[0]), start["join_env"])
+    return _serve_as_init(channel, start, joined)
 
 
 def _wait_for_services(channel, targets):
@@ -3602,11 +3604,13 @@ def _connect_refusal(host, port):
     return why
 
 
-def _serve_as_init(channel, start):
-    """Start the application, then do init's job until it ends: reap every
-    orphan, pass on the signals the tool forwards, tell the tool when the
-    application stops (Ctrl-Z) and continue it when told. The rest of the PID
-    namespace dies when this returns."""
+def _serve_as_init(channel, start, joined=None):
+    """Start the application (none for forwards alone: `start`'s command is
+    None), then do init's job until it ends, and the `joined` commands too:
+    reap every orphan, pass on the signals the tool forwards (to the joined
+    commands once the application has ended), tell the tool when the
+    application stops (Ctrl-Z) and continue it when told. Returns the
+    application's status; the rest of the PID namespace dies then."""
     import select
     import signal
 
@@ -3614,14 +3618,16 @@ def _serve_as_init(channel, start):
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # to hand the terminal over
-    application = os.fork()
+    application = None if start["command"] is None else os.fork()
     if application == 0:
         _exec_application(channel, start["command"], start["env"], start["terminal"])
     import gc
 
     gc.enable()  # off since the fork from the tool
-    while True:
-        readable, _, _ = select.select([channel, wakeup_r], [], [])
+    status = None  # the application's, once it has ended
+    while status is None or (joined and joined.running()):
+        waited = [channel, wakeup_r, *(joined.descriptors() if joined else ())]
+        readable, _, _ = select.select(waited, [], [])
         if channel in readable:
             message, _ = channel.receive()
             if message is None:  # the tool is gone: so is everything here
@@ -3634,24 +3640,183 @@ def _serve_as_init(channel, start):
                     if message["continue"] is not None:
                         os.tcsetpgrp(message["continue"], application)
                     os.killpg(application, signal.SIGCONT)
-                else:
+                elif status is None and application is not None:
                     os.kill(application, message["signal"])
+                elif joined:
+                    joined.signal_all(message["signal"])
             except ProcessLookupError:
                 pass
+        if joined:
+            joined.serve(readable)
         if wakeup_r in readable:
             os.read(wakeup_r, 4096)
             while True:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
+                    pid, wait_status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
                 if pid == application:
-                    if os.WIFSTOPPED(status):
-                        channel.send({"stopped": os.WSTOPSIG(status)})
-                    else:
-                        return _exit_status(status)
+                    if os.WIFSTOPPED(wait_status):
+                        channel.send({"stopped": os.WSTOPSIG(wait_status)})
+                        continue
+                    status = _exit_status(wait_status)
+                    if joined and joined.running():
+                        channel.send({"lasting": joined.running()})
+                elif joined and not os.WIFSTOPPED(wait_status):
+                    joined.ended(pid, wait_status)
+    return status
+
+
+def _peer_uid(sock):
+    """The user id of the process at the other end of Unix socket `sock`."""
+    import socket
+
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                  struct.calcsize("3i"))
+    return struct.unpack("3i", credentials)[1]
+
+
+class _JoinedCommands:
+    """Init's side of joining a running session: the commands that later
+    invocations of the tool for the same backend run here, each asked for
+    over a connection to the session's socket (`_SessionSocket`).
+
+    A request is {"join": {"command": [...], "env": {...}, "cwd": path,
+    "terminal": bool}} with the joiner's stdin, stdout and stderr as
+    descriptors (with "terminal", a pseudo-terminal that becomes the
+    command's controlling terminal: `_PseudoTerminal`); the answer
+    {"joined": true} once the command runs, then {"ended": status}.
+    Meanwhile the joiner may send {"signal": N} for its command; a joiner
+    that goes away (or says anything else) takes its command's process
+    group with it. Nothing a joiner sends, however wrong, disturbs the rest
+    of the session."""
+
+    def __init__(self, listener, env_extra):
+        self._listener = listener
+        self._env_extra = env_extra
+        self._waiting = []   # connections whose request has not come yet
+        self._commands = {}  # pid -> the connection of its joiner (None: gone)
+
+    def running(self):
+        return len(self._commands)
+
+    def descriptors(self):
+        return [self._listener, *self._waiting,
+                *(c for c in self._commands.values() if c is not None)]
+
+    def serve(self, readable):
+        """Take new connections, start what they ask, pass their signals on."""
+        # In this order: each step only reads what select found readable
+        # before the step before it added to what it looks at.
+        for pid, connection in list(self._commands.items()):
+            if connection is None or connection not in readable:
+                continue
+            try:
+                message, _ = connection.receive()
+                signum = message["signal"]
+                if type(signum) is not int:
+                    raise TypeError(signum)
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+            except Exception:  # noqa: BLE001 - its joiner is gone, or talks nonsense
+                self._abandon(pid)
+        for connection in [c for c in self._waiting if c in readable]:
+            self._waiting.remove(connection)
+            self._start(connection)
+        if self._listener in readable:
+            self._accept()
+
+    def _accept(self):
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:
+            return
+        if _peer_uid(sock) != os.geteuid():
+            sock.close()  # only the session's own user may join it
+            return
+        self._waiting.append(_Channel(sock))
+
+    def _start(self, connection):
+        fds = []
+        try:
+            message, fds = connection.receive()
+            if message is None:  # a look, not a request (--json asking if we run)
+                raise ValueError("no request")
+            command, env, cwd, terminal = _join_request(message, fds)
+            command, env = _application_command(command, env, self._env_extra)
+            pid = os.fork()
+            if pid == 0:
+                _exec_application(_ErrorsToStderr(), command, env, 0 if terminal else None,
+                                  joined=fds, cwd=cwd)
+        except Exception:  # noqa: BLE001 - no request, however wrong, ends the session
+            connection.close()
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._commands[pid] = connection
+        try:
+            connection.send({"joined": True})
+        except OSError:
+            self._abandon(pid)
+
+    def _abandon(self, pid):
+        """The joiner of `pid` is gone: end its command (and its process group)."""
+        for kill in (os.kill, os.killpg):  # the group may not be made yet
+            try:
+                kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        self._commands[pid].close()
+        self._commands[pid] = None  # until reaped
+
+    def ended(self, pid, wait_status):
+        """Tell the joiner of `pid` how its command ended."""
+        if pid not in self._commands:
+            return  # an orphan, reaped as init does
+        connection = self._commands.pop(pid)
+        if connection is None:
+            return
+        try:
+            connection.send({"ended": _exit_status(wait_status)})
+        except OSError:
+            pass
+        connection.close()
+
+    def signal_all(self, signum):
+        for pid in self._commands:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _join_request(message, fds):
+    """(command, environment, directory, terminal) of a join request,
+    checked to be what `_SessionSocket` sends: ValueError or TypeError if not."""
+    request = message["join"]
+    command, env, cwd = request["command"], request["env"], request["cwd"]
+    terminal = request["terminal"]
+    if len(fds) != 3:
+        raise ValueError("expected stdin, stdout and stderr")
+    if type(command) is not list or not all(type(word) is str for word in command):
+        raise TypeError("command")
+    if type(env) is not dict or not all(type(v) is str for v in env.values()):
+        raise TypeError("env")
+    if type(cwd) is not str or type(terminal) is not bool:
+        raise TypeError("cwd or terminal")
+    return command, env, cwd, terminal
+
+
+class _ErrorsToStderr:
+    """Where a joined command's process reports that it could not start:
+    its own stderr, the joiner's, as the one line the tool prints."""
+
+    def send(self, message):
+        os.write(2, f"sinfonia-tier3: {message['error']}\n".encode())
 
 
 def _drop_capabilities():
@@ -3675,14 +3840,36 @@ def _drop_capabilities():
     _libc_call("capset", ctypes.c_char_p(header), ctypes.create_string_buffer(24))
 
 
-def _exec_application(channel, command, env, terminal):
+def _exec_application(channel, command, env, terminal, joined=None, cwd=None):
     """In the application's own process: take the terminal when the tool had
-    it, restore default signal handling, exec. Never returns."""
+    it, restore default signal handling, exec. Never returns.
+
+    A `joined` command (a later invocation's, `_JoinedCommands`) gets the
+    descriptors its joiner sent instead (stdin, stdout, stderr), the
+    joiner's directory `cwd`, and a session of its own, away from the first
+    invocation's terminal; its controlling terminal is `terminal` then, the
+    joiner's pseudo-terminal on stdin, if any."""
     import signal
 
     status = 126
     try:
-        os.setpgid(0, 0)
+        if joined is None:
+            os.setpgid(0, 0)
+        else:
+            for target, fd in enumerate(joined):
+                os.dup2(fd, target)
+            for fd in joined:
+                if fd > 2:
+                    os.close(fd)
+            os.setsid()
+            if terminal is not None:  # the joiner's pseudo-terminal: ours to control
+                import termios
+
+                fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                raise TunnelError(f"cannot enter {cwd}: {e.strerror}") from None
         if terminal is not None:
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
             os.tcsetpgrp(terminal, os.getpgrp())
@@ -3709,6 +3896,7 @@ def _exec_application(channel, command, env, terminal):
                 message = f"{name}: cannot execute: {e.strerror}"
         channel.send({"error": message, "status": status})
     except BaseException as e:  # noqa: BLE001 - the parent prints it as one line
+        status = 125
         _report_failure(channel, e)
     finally:
         os._exit(status)
@@ -3834,6 +4022,19 @@ def _foreground_terminal():
     return None
 
 
+def _application_command(command, environ, env_extra):
+    """(command, environment) of an application: `command`, or for none the
+    user's shell, prompting `sinfonia$ `; `environ` plus `env_extra`."""
+    env = dict(environ)
+    env.update(env_extra)
+    if not command:
+        command = [env.get("SHELL") or "/bin/sh"]
+        env["PS1"] = _SHELL_PROMPT
+        # bash sets PS1 in its rc files; this sets it back each time
+        env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
+    return command, env
+
+
 class _Namespace:
     """The application's namespaces, kept by the holder, a child forked at
     construction.
@@ -3869,9 +4070,9 @@ class _Namespace:
     def __exit__(self, *exc_info):
         self.close()
 
-    def send(self, message):
+    def send(self, message, fds=()):
         try:
-            self._channel.send(message)
+            self._channel.send(message, fds)
         except (BrokenPipeError, ConnectionResetError):  # its last message says why
             self.expect("error")
         except OSError as e:  # e.g. an environment too large for one message
@@ -4005,24 +4206,31 @@ class _Namespace:
         if resolv_conf is not None:
             self.resolv_conf = resolv_conf
 
-    def run(self, command, env_extra, tick=None):
-        """Start `command` (empty: the user's shell, prompting `sinfonia$ `)
-        with the tool's environment plus `env_extra`; its exit status.
-        `tick()`, when given, runs every _TICK s while the application does."""
-        env = dict(os.environ)
-        env.update(env_extra)
-        if not command:
-            command = [env.get("SHELL") or "/bin/sh"]
-            env["PS1"] = _SHELL_PROMPT
-            # bash sets PS1 in its rc files; this sets it back each time
-            env["PROMPT_COMMAND"] = f"PS1='{_SHELL_PROMPT}'"
-        self.start(command, env)
+    def run(self, command, env_extra, tick=None, listener=None):
+        """Start `command` (`_application_command`) with the tool's
+        environment plus `env_extra`; its exit status. `tick()`, when given,
+        runs every _TICK s meanwhile. With the session's `listener` socket,
+        later invocations join the session through it (`_JoinedCommands`),
+        and the session lasts until the last of their commands has ended too."""
+        command, env = _application_command(command, os.environ, env_extra)
+        join_env = env_extra if listener is not None else None
+        self.start(command, env, listener, join_env)
         return self.wait(tick)
 
-    def start(self, command, env):
+    def serve_without_application(self, listener, join_env):
+        """For forwards alone: init serves with no application, letting later
+        invocations join through the session's `listener` (if any) for as
+        long as the namespace lasts; its answers come to `channel`."""
+        self.send({"command": None, "join_env": join_env},
+                  fds=() if listener is None else [listener.fileno()])
+        if listener is not None:
+            listener.close()
+
+    def start(self, command, env, listener=None, join_env=None):
         """Let the application run: exec `command` (found on env's PATH).
         From now until `wait()` returns, SIGINT, SIGTERM and SIGHUP to the
-        tool go to the application."""
+        tool go to the application. The `listener` socket, if any, goes to
+        the namespace's init, where joiners' commands get `join_env`."""
         import signal
 
         try:
@@ -4031,8 +4239,11 @@ class _Namespace:
         except ValueError:  # not the main thread: signals stay as they are
             pass
         self._terminal = _foreground_terminal()
-        self.send({"command": list(command), "env": dict(env),
-                   "terminal": self._terminal})
+        message = {"command": list(command), "env": dict(env), "terminal": self._terminal,
+                   "join_env": join_env}
+        self.send(message, fds=() if listener is None else [listener.fileno()])
+        if listener is not None:
+            listener.close()  # init's now: the session's socket ends with init
 
     def wait(self, tick=None):
         """The application's exit status; `tick()` runs every _TICK s meanwhile."""
@@ -4051,6 +4262,11 @@ class _Namespace:
                     self._suspend()
                 elif "reconfigured" in message:
                     self.tell_reconfigured(message)
+                elif "lasting" in message:  # the application ended, joined ones run
+                    self._give_back_terminal()
+                    print(f"sinfonia-tier3: the application has ended; the session "
+                          f"goes on until its {message['lasting']} joined "
+                          "command(s) end", file=sys.stderr, flush=True)
                 elif "error" in message:  # exec failed (with a status), or init
                     failure = message
             status = self._reap()
@@ -4133,6 +4349,298 @@ class _Namespace:
 class _InterfaceFailedError(TunnelError):
     """The namespace never got its tunnel interface: this backend cannot work
     here, where another one might."""
+
+
+# Sessions of one backend share one tunnel: a later invocation for a backend
+# whose session runs here joins it (its command runs in that session's
+# namespaces, started by their init), rather than make a second tunnel with
+# the same key, which would take the cloudlet's one peer from the first.
+#
+# Why init starts joined commands, rather than the joiner entering the
+# namespaces with setns(): init already starts, reaps and signals the
+# application, and decides when the PID namespace (the session) ends; a
+# command it starts is one more child, dropped of capabilities by the same
+# code, with the same environment rules, for either backend (also behind
+# the sudo root helper, which never sees a join). A joiner using setns()
+# would need the namespaces' owner's privileges (root's, for a root
+# session), would enter a mount namespace only single-threaded, and its
+# command would be no child of init, which could then neither reap it nor
+# know that the session must last. The joiner only sends its descriptors
+# and waits.
+
+
+class _SessionSocket:
+    """Where the sessions of one backend meet: a Unix socket named after the
+    backend's uuid and the key cache (another cache means another key and
+    another session), in `$XDG_RUNTIME_DIR/sinfonia` when that runtime
+    directory is the user's, else in the key cache directory; 0700 both.
+
+    `join(command)` runs `command` in the session listening there, or, when
+    none does (no socket, or the stale one of a killed session), binds this
+    invocation's `listener` in its place, for `_Namespace.run` to hand to
+    init. Both happen under an flock on a lock file beside the socket, so
+    that of two first starts at once one makes the session and one joins
+    it. `close()` removes the socket if it is still this one's.
+    """
+
+    def __init__(self, uuid):
+        import hashlib
+
+        cache = _key_cache_dir()
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        try:
+            info = os.stat(runtime) if os.path.isabs(runtime) else None
+        except OSError:
+            info = None
+        if info is not None and stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
+            self._directory = os.path.join(runtime, "sinfonia")
+        else:
+            self._directory = cache
+        digest = hashlib.sha256(os.path.realpath(cache).encode()).hexdigest()[:16]
+        self._name = f"session-{uuid}-{digest}"
+        self._uuid = uuid
+        self._dir_fd = None
+        self._inode = None  # of the socket file this invocation bound
+        self.listener = None
+
+    def _address(self):
+        """The socket's address, through a descriptor of its directory: no
+        path length limit, and the directory checked is the one used."""
+        if self._dir_fd is None:
+            _prepare_private_dir(self._directory, "session directory")
+            self._dir_fd = os.open(self._directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._dir_fd}/{self._name}"
+
+    def _locked(self):
+        """The lock file's descriptor, locked (closing it unlocks)."""
+        self._address()
+        fd = os.open(f"{self._name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def connect(self):
+        """A channel to the running session's init, or None when none listens."""
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(self._address())
+            if _peer_uid(sock) != os.geteuid():
+                raise TunnelError(f"the session socket in {self._directory} is "
+                                  "another user's")
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            return None
+        except OSError as e:
+            sock.close()
+            raise TunnelError(f"cannot reach the session socket in {self._directory}: "
+                              f"{e.strerror}") from None
+        return _Channel(sock)
+
+    def running(self):
+        """Whether a session of this backend runs (a look, which init ignores)."""
+        try:
+            channel = self.connect()
+        except (SinfoniaError, OSError):
+            return False
+        finally:
+            self.close()
+        if channel is None:
+            return False
+        channel.close()
+        return True
+
+    def join(self, command):
+        """`command`'s exit status once it ran in the running session; None
+        when there is none, and this invocation's `listener` is bound (or,
+        where no socket can be made, such as in a read-only key cache, this
+        session runs unjoinable, with a warning)."""
+        import socket
+
+        for _attempt in range(3):  # a session may end just as it is joined
+            try:
+                lock = self._locked()
+            except OSError as e:
+                _warn(f"no later invocation can join this session: cannot lock "
+                      f"{os.path.join(self._directory, self._name)}.lock: {e.strerror}")
+                return None
+            try:
+                channel = self.connect()
+                if channel is None:
+                    try:
+                        os.unlink(self._name, dir_fd=self._dir_fd)
+                    except FileNotFoundError:
+                        pass
+                    self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    self.listener.bind(self._address())
+                    self.listener.listen(16)
+                    self._inode = os.stat(self._name, dir_fd=self._dir_fd).st_ino
+                    return None
+            except OSError as e:
+                raise TunnelError(f"cannot make the session socket in {self._directory}: "
+                                  f"{e.strerror}") from None
+            finally:
+                os.close(lock)
+            status = self._run_joined(channel, command)
+            if status is not None:
+                return status
+        raise TunnelError(f"the running session of {self._uuid} did not take the command")
+
+    def _run_joined(self, channel, command):
+        """The joiner's side of `_JoinedCommands`: `command`'s exit status, or
+        None when the session ended before taking it. From the request on,
+        SIGINT, SIGTERM and SIGHUP go to the command (after the request,
+        never before it: they wait, blocked, until it is sent)."""
+        import signal
+        import socket
+
+        terminal = None
+        if _foreground_terminal() == 0 and os.isatty(1):
+            try:
+                terminal = _PseudoTerminal()
+            except OSError:  # no pseudo-terminals here: the command gets ours as it is
+                pass
+
+        def forward(signum, frame):
+            try:
+                channel.send({"signal": signum})
+            except OSError:
+                pass
+
+        forwarded = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+        handlers = {signum: signal.signal(signum, forward) for signum in forwarded}
+        try:
+            try:
+                # The directory by name: a descriptor of it would lead into
+                # this mount namespace from the session's, where getcwd() fails.
+                request = {"command": list(command), "env": dict(os.environ),
+                           "cwd": os.getcwd(), "terminal": terminal is not None}
+                channel.send({"join": request},
+                             fds=[0, 1, 2] if terminal is None else [terminal.inner] * 3)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+                try:
+                    message, _ = channel.receive(2)
+                except socket.timeout:
+                    print(f"sinfonia-tier3: waiting for the session of {self._uuid} to "
+                          "start", file=sys.stderr, flush=True)
+                    message, _ = channel.receive()
+            except (BrokenPipeError, ConnectionResetError):
+                message = None
+            except OSError as e:
+                raise TunnelError(f"cannot join the running session: {e.strerror}") \
+                    from None
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+                if terminal is not None:
+                    os.close(terminal.inner)
+            if message != {"joined": True}:
+                if terminal is not None:
+                    os.close(terminal.outer)
+                return None
+            # One write: the command may be writing to the same stderr already.
+            sys.stderr.write(f"sinfonia-tier3: joined the running session of {self._uuid}\n")
+            sys.stderr.flush()
+            try:
+                if terminal is not None:
+                    terminal.relay(channel)
+                message, _ = channel.receive()
+            except OSError:
+                message = None
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            channel.close()
+        status = message.get("ended") if type(message) is dict else None
+        if type(status) is not int or not 0 <= status <= 255:
+            raise TunnelError("the joined session ended before its command did")
+        return status
+
+    def close(self):
+        """Remove the socket file if it is still the one this invocation bound."""
+        if self.listener is not None:
+            self.listener.close()
+        if self._inode is not None:
+            try:
+                lock = self._locked()
+                try:
+                    if os.stat(self._name, dir_fd=self._dir_fd).st_ino == self._inode:
+                        os.unlink(self._name, dir_fd=self._dir_fd)
+                finally:
+                    os.close(lock)
+            except OSError:
+                pass  # gone already, or never to be removed: a stale one is replaced
+            self._inode = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+class _PseudoTerminal:
+    """A joined command's own terminal, when the joiner is its terminal's
+    foreground job: a pseudo-terminal whose `inner` end becomes the
+    command's controlling terminal in the session, and whose `outer` end
+    this process relays to and from its own terminal, raw meanwhile (as
+    ssh -t does), so that Ctrl-C, Ctrl-Z and the window size reach the
+    command as they would at a terminal of its own."""
+
+    def __init__(self):
+        import termios
+
+        self.outer, self.inner = os.openpty()
+        termios.tcsetattr(self.inner, termios.TCSANOW, termios.tcgetattr(0))
+        self._pass_window_size()
+
+    def _pass_window_size(self, *signal_args):
+        import termios
+
+        size = fcntl.ioctl(0, termios.TIOCGWINSZ, bytes(8))
+        fcntl.ioctl(self.outer, termios.TIOCSWINSZ, size)
+
+    def relay(self, channel):
+        """Relay until `channel` has something to say (the command ended),
+        then the command's last output; the terminal is as it was after."""
+        import select
+        import signal
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(0)
+        previous = signal.signal(signal.SIGWINCH, self._pass_window_size)
+        tty.setraw(0, termios.TCSANOW)
+        try:
+            sources = {0: self.outer, self.outer: 1}  # what is copied where
+            while True:
+                readable = select.select([*sources, channel], [], [])[0]
+                for source in [s for s in sources if s in readable]:
+                    if not self._copy(source, sources[source]):
+                        del sources[source]  # our terminal, or the command's, hung up
+                if channel in readable:
+                    while self._copy(self.outer, 1, drain=True):
+                        pass
+                    return
+        finally:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            signal.signal(signal.SIGWINCH, previous)
+            os.close(self.outer)
+
+    @staticmethod
+    def _copy(source, target, drain=False):
+        """Copy what `source` has to `target`; False at its end (or, with
+        `drain`, once it has nothing more right now)."""
+        import select
+
+        if drain and not select.select([source], [], [], 0)[0]:
+            return False
+        try:
+            data = os.read(source, 65536)
+        except OSError:  # EIO: the command's side is closed
+            return False
+        view = memoryview(data)
+        while view:
+            view = view[os.write(target, view):]
+        return bool(data)
 
 
 # Kernel backend and root helper ##############################################
@@ -4756,10 +5264,11 @@ class _Tunnel:
         """Return once the backend answers at each (host, port) of `targets`."""
         self.namespace.wait_for(targets, timeout, debug=debug)
 
-    def run(self, command, env_extra, tick=None):
-        """The application's exit status, once it has run behind the tunnel;
-        `tick()` runs every _TICK s meanwhile (`_TunnelKeeper.tick`)."""
-        return self.namespace.run(command, env_extra, tick)
+    def run(self, command, env_extra, tick=None, listener=None):
+        """The application's exit status, once it has run behind the tunnel
+        (and the commands that joined through `listener` with it); `tick()`
+        runs every _TICK s meanwhile (`_TunnelKeeper.tick`)."""
+        return self.namespace.run(command, env_extra, tick, listener)
 
     def close(self):
         self.namespace.close()
@@ -6174,6 +6683,10 @@ def _show_deployment(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TI
         _check_android_packages(command)
         _segno()  # before deploying: the deployment would be wasted
     keypair = _load_or_create_keypair(uuid)
+    if _SessionSocket(uuid).running():
+        print(f"sinfonia-tier3: a session of {uuid} runs here with this key: a "
+              "tunnel made from this deployment takes its peer from that session",
+              file=sys.stderr)
     candidates = _deploy_verbosely(
         tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug,
         hints=hints, zeroconf=zeroconf, zeroconf_timeout=zeroconf_timeout,
@@ -6200,7 +6713,15 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
     `_TunnelKeeper` keeps the tunnel up meanwhile, deploying again where the
     chosen deployment came from. With `forwards` (`_ForwardSpec`s) they
     serve while `command` runs, or without a command until a signal stops
-    them (status 0)."""
+    them (status 0). Where a session of `uuid` runs already, `command`
+    joins it instead."""
+    sessions = _SessionSocket(uuid)
+    if forwards and sessions.running():
+        raise SinfoniaError(f"a session of {uuid} runs here already: -L, -D and -R "
+                            "are set up by the session that deploys, not by one that joins")
+    joined = sessions.join(command)
+    if joined is not None:
+        return joined
     choice = _choose_tunnel(tunnel, debug=debug)
     forwarding = _Forwards(forwards)  # before deploying: a port in use fails now
     relay = bool(forwards)
@@ -6233,16 +6754,18 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
             tick = _TunnelKeeper(backend, deployment, lambda: _request_deployments(
                 chosen.source, uuid, keypair, results=1, timeout=timeout, debug=debug,
                 hints=hints)[0]).tick
+        environment = _application_environment(deployment, chosen.source)
         if forwards:
             forwarding.start(backend.namespace.relay, str(config.addresses[0].ip))
             if not command:
+                backend.namespace.serve_without_application(sessions.listener, environment)
                 return forwarding.serve(backend.namespace, tick)
             forwarding.tell()
-        return backend.run(command, _application_environment(deployment, chosen.source),
-                           tick)
+        return backend.run(command, environment, tick, sessions.listener)
     finally:
         backend.close()
         forwarding.close()
+        sessions.close()
 
 
 def _application_environment(deployment, tier1_url):
@@ -6329,7 +6852,9 @@ exit status:
 APPLICATION is a backend uuid or the alias helloworld. Progress goes to
 stderr; stdout belongs to the application (or to --json / --qrcode). With
 -L, -D or -R and no COMMAND no shell starts: the forwards serve until
-SIGINT, SIGTERM or SIGHUP, then the tool exits 0.
+SIGINT, SIGTERM or SIGHUP, then the tool exits 0. Where a session of
+APPLICATION runs already, COMMAND joins it: it runs through that session's
+tunnel, which stays up until its last command ends.
 """
 
 

@@ -13,9 +13,11 @@ from cloudlet import Cloudlet
 @pytest.fixture(autouse=True)
 def key_cache(tmp_path, monkeypatch):
     """Every test (and every CLI it starts) gets its own $XDG_CACHE_HOME, so
-    no test reads or writes the user's real keys."""
+    no test reads or writes the user's real keys; and no $XDG_RUNTIME_DIR,
+    so that sessions meet in that cache, not in the user's runtime directory."""
     cache = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     return cache / "sinfonia"
 
 

@@ -123,8 +123,8 @@ class Runner:
     test user (`as_user`), with a key cache of its own under `scratch`.
 
     `start(*args)` gives a Popen (stdin /dev/null, text stdout and stderr
-    piped, unless told otherwise), `run(*args)` its (status, stdout, stderr)
-    once it ended (killed after `timeout`).
+    piped, the `env()` of `cache`, unless told otherwise), `run(*args)` its
+    (status, stdout, stderr) once it ended (killed after `timeout`).
     """
 
     def __init__(self, program, as_user, scratch):
@@ -152,8 +152,8 @@ class Runner:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(*args), env=self.env(cache), cwd=self.scratch,
-                                text=True, **kwargs)
+        kwargs.setdefault("env", self.env(cache))
+        return subprocess.Popen(self.argv(*args), cwd=self.scratch, text=True, **kwargs)
 
     def run(self, *args, timeout=60, cache="cache"):
         process = self.start(*args, cache=cache)
