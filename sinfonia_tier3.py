@@ -5483,11 +5483,6 @@ class _ForwardSpec(namedtuple("_ForwardSpec", "option text bind_host bind_port h
         return dict(self._asdict())
 
 
-def _address_text(host, port):
-    """host:port, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _is_host_name(text):
     """Whether `text` is a DNS name as resolvers take it (letters, digits,
     hyphens, underscores, dots; nothing else reaches getaddrinfo)."""
@@ -5568,14 +5563,14 @@ def _listen(spec, host, kind=None):
             sock.bind((host, 0))
     except OSError as e:
         sock.close()
-        where = _address_text(host, spec.bind_port if kind == socket.SOCK_STREAM else 0)
+        where = str(_Endpoint(host, spec.bind_port if kind == socket.SOCK_STREAM else 0))
         raise TunnelError(f"{spec.option} {spec.text}: cannot listen on {where}: "
                           f"{e.strerror}") from None
     return sock
 
 
 def _bound_text(sock):
-    return _address_text(*sock.getsockname()[:2])
+    return str(_Endpoint(*sock.getsockname()[:2]))
 
 
 def _socks_reply_code(error):
@@ -5772,7 +5767,7 @@ class _Relay:
         def accepted(client):
             def connected(target, error):
                 if error is not None:
-                    announce(f"cannot connect to {_address_text(host, port)}: "
+                    announce(f"cannot connect to {_Endpoint(host, port)}: "
                              f"{_connect_failure(error)}")
                     self.close_socket(client)
                 else:
@@ -6240,7 +6235,7 @@ def _inside_forwards(relay, message, fds):
         if spec.option == "-R":
             sock = _listen(spec, spec.bind_host or message["tunnel_address"])
             lines.append(f"{_bound_text(sock)} in the namespace -> "
-                         f"{_address_text(spec.host, spec.port)}")
+                         f"{_Endpoint(spec.host, spec.port)}")
             outgoing.append(sock)
             continue
         listener = socket.socket(fileno=fds.pop(0))
@@ -6255,7 +6250,7 @@ def _inside_forwards(relay, message, fds):
                               f"application's namespace: {e.strerror}") from None
         relay.add_port_forward(listener, spec.host, spec.port,
                                lambda line, spec=spec: _announce(spec, line))
-        lines.append(f"{_bound_text(listener)} -> {_address_text(spec.host, spec.port)}")
+        lines.append(f"{_bound_text(listener)} -> {_Endpoint(spec.host, spec.port)}")
     return lines, outgoing
 
 
