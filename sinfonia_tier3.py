@@ -6710,6 +6710,8 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
     serve while `command` runs, or without a command until a signal stops
     them (status 0). Where a session of `uuid` runs already, `command`
     joins it instead."""
+    import contextlib
+
     sessions = _SessionSocket(uuid)
     if forwards and sessions.running():
         raise SinfoniaError(f"a session of {uuid} runs here already: -L, -D and -R "
@@ -6717,15 +6719,14 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
     joined = sessions.join(command)
     if joined is not None:
         return joined
-    choice = _choose_tunnel(tunnel, debug=debug)
-    forwarding = _Forwards(forwards)  # before deploying: a port in use fails now
-    relay = bool(forwards)
-    try:
+    with contextlib.ExitStack() as cleanup:  # on the way out: backend, forwards, socket
+        cleanup.callback(sessions.close)
+        choice = _choose_tunnel(tunnel, debug=debug)
+        forwarding = _Forwards(forwards)  # before deploying: a port in use fails now
+        cleanup.callback(forwarding.close)
+        relay = bool(forwards)
         backend = _TUNNELS[choice](mtu=mtu, relay=relay)  # sets up while Tier 1 answers
-    except BaseException:
-        forwarding.close()
-        raise
-    try:
+        cleanup.callback(lambda: backend.close())  # the backend the session ends with
         keypair = _load_or_create_keypair(uuid)
         chosen = _deploy_verbosely(
             tier1_url, uuid, keypair, results=results, timeout=timeout, debug=debug,
@@ -6757,10 +6758,6 @@ def _run_session(tier1_url, uuid, command, *, results=1, timeout=_DEFAULT_TIMEOU
                 return forwarding.serve(backend.namespace, tick)
             forwarding.tell()
         return backend.run(command, environment, tick, sessions.listener)
-    finally:
-        backend.close()
-        forwarding.close()
-        sessions.close()
 
 
 def _application_environment(deployment, tier1_url):

@@ -101,6 +101,10 @@ def test_a_port_in_use_is_one_line_before_deploying(capsys):
     assert capsys.readouterr().err == (
         f"sinfonia-tier3: -L {port}:helloworld:80: cannot listen on 127.0.0.1:{port}: "
         "Address already in use\n")
+    # Nor is the session's socket left behind for a later invocation to find.
+    cache = st3._key_cache_dir()
+    assert not [name for name in os.listdir(cache) if name.startswith("session-")
+                and not name.endswith(".lock")]
 
 
 # SOCKS5 parsing: every byte hostile ############################################
